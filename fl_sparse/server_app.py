@@ -1,0 +1,272 @@
+"""The fl-sparse ServerApp: builds the strategy from the run config, evaluates centrally.
+
+``flwr run .`` starts :data:`app`; ``fl-sparse simulate`` builds the same
+:func:`run_server` with its own config. Per round it prints one progress line
+and, when ``out`` is set, rewrites ``out/metrics.json`` and ``out/metrics.csv``
+(so a long run can be watched and an interrupted one keeps its rounds); at the
+end it saves the final global model as ``out/model.pt`` (a torch state_dict).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fl_sparse.flat import FlatLayout
+from fl_sparse.strategies import STRATEGY_NAMES, build_strategy
+
+__all__ = ["RunConfig", "app", "run_server", "write_metrics"]
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; field names match the CLI flags and pyproject run config."""
+
+    strategy: str = "bidirectional-topk"
+    dataset: str = "fashion-mnist"
+    model: str = "mlp-784-64-10"
+    clients: int = 10
+    fraction: float = 1.0
+    partition: str = "iid"
+    alpha: float = 0.5
+    rounds: int = 20
+    local_steps: int = 5
+    batch_size: int = 10
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    ratio: float = 0.01
+    downlink_ratio: float | None = None
+    threshold: float | None = None
+    value_bits: int = 32
+    add_drop_ratio: float = 0.001
+    positions: str = "raw"
+    seed: int = 0
+    out: str | None = None
+    diagnostics: bool = False
+    eval_every: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    state_dir: str | None = None
+    quiet: bool = False
+
+    def validate(self) -> "RunConfig":
+        if self.strategy not in STRATEGY_NAMES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGY_NAMES)}")
+        checks = [
+            (self.clients >= 1, "clients must be >= 1"),
+            (0.0 < self.fraction <= 1.0, "fraction must be in (0, 1]"),
+            (self.rounds >= 1, "rounds must be >= 1"),
+            (self.local_steps >= 1, "local-steps must be >= 1"),
+            (self.batch_size >= 1, "batch-size must be >= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive finite number"),
+            (0.0 < self.ratio <= 1.0, "ratio must be in (0, 1]"),
+            (self.downlink_ratio is None or 0.0 < self.downlink_ratio <= 1.0, "downlink-ratio must be in (0, 1]"),
+            (self.alpha > 0, "alpha must be > 0"),
+            (self.partition in ("iid", "dirichlet", "shards"), "partition must be iid, dirichlet or shards"),
+            (2 <= self.value_bits <= 32, "value-bits must be in [2, 32]"),
+            (0.0 <= self.num_gpus, "num-gpus must be >= 0"),
+            (self.eval_every >= 1, "eval-every must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> "RunConfig":
+        """From Flower's run config (pyproject keys use dashes)."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name == "num_rounds":
+                name = "rounds"
+            if name == "num_supernodes":
+                name = "clients"
+            if name in known:
+                values[name] = value
+        if values.get("downlink_ratio") is not None and float(values["downlink_ratio"]) < 0:
+            values["downlink_ratio"] = None
+        if values.get("threshold") is not None and float(values["threshold"]) <= 0:
+            values["threshold"] = None
+        if values.get("out") == "":
+            values["out"] = None
+        return cls(**values).validate()
+
+
+# ------------------------------------------------------------------ metrics
+METRIC_COLUMNS = (
+    "round",
+    "test_accuracy",
+    "test_loss",
+    "train_loss",
+    "uplink_bytes",
+    "downlink_bytes",
+    "downlink_update_bytes",
+    "density",
+    "downlink_density",
+    "client_error_norm",
+    "server_error_norm",
+    "cumulative_total_error",
+    "rho",
+    "rho_hat",
+    "accepted",
+    "failures",
+    "round_seconds",
+)
+
+
+def write_metrics(rows: list[dict[str, Any]], out: str | Path) -> None:
+    """``out/metrics.json`` (a list, one object per round) and ``out/metrics.csv``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(rows, indent=1, default=_jsonable))
+    tmp.replace(out / "metrics.json")
+    columns = list(METRIC_COLUMNS) + sorted({k for r in rows for k in r} - set(METRIC_COLUMNS))
+    with open(out / "metrics.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()})
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+# ------------------------------------------------------------------ running
+def _initial_model(cfg: RunConfig):
+    from fl_sparse.clients.task import _dataset_shape
+    from fl_sparse.simulations.models import build_model
+
+    return build_model(cfg.model, num_classes=10, seed=cfg.seed, **_dataset_shape(cfg.dataset))
+
+
+def _train_config(cfg: RunConfig, state_dir: str) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            "dataset": cfg.dataset,
+            "model": cfg.model,
+            "partition": cfg.partition,
+            "alpha": float(cfg.alpha),
+            "num-partitions": int(cfg.clients),
+            "seed": int(cfg.seed),
+            "local-steps": int(cfg.local_steps),
+            "batch-size": int(cfg.batch_size),
+            "lr": float(cfg.lr),
+            "momentum": float(cfg.momentum),
+            "weight-decay": float(cfg.weight_decay),
+            "state-dir": state_dir,
+        }
+    )
+
+
+def run_server(grid: Grid, cfg: RunConfig, strategy=None) -> list[dict[str, Any]]:
+    """Run ``cfg`` on ``grid``; returns (and writes, if ``cfg.out``) the per-round metrics.
+
+    ``strategy`` overrides the one ``cfg.strategy`` names (e.g. your own
+    :class:`~fl_sparse.strategies.SparseFedAvg` subclass).
+    """
+    from fl_sparse.clients.task import test_split
+    from fl_sparse.simulations.training import evaluate
+
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    model = _initial_model(cfg)
+    initial = ArrayRecord(model.state_dict())
+    layout = FlatLayout.from_arrayrecord(initial)
+    strategy = strategy or build_strategy(
+        cfg.strategy,
+        ratio=cfg.ratio,
+        downlink_ratio=cfg.downlink_ratio,
+        threshold=cfg.threshold,
+        num_rounds=cfg.rounds,
+        value_bits=cfg.value_bits,
+        add_drop_ratio=cfg.add_drop_ratio,
+        positions=cfg.positions,
+        lr=cfg.lr,
+        fraction_train=cfg.fraction,
+        seed=cfg.seed,
+        diagnostics=cfg.diagnostics,
+    )
+    test = test_split(cfg.dataset)
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.num_gpus > 0 else "cpu")
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        row = dict(strategy.state.round_metrics.get(server_round, {"round": server_round}))
+        if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
+            model.load_state_dict(layout.to_state_dict(layout.flatten(arrays)), strict=True)
+            loss, acc = evaluate(model, test.images, test.labels, device=device)
+            row["test_loss"], row["test_accuracy"] = float(loss), float(acc)
+        rows.append(row)
+        if cfg.out:
+            write_metrics(rows, cfg.out)
+        if not cfg.quiet:
+            _progress(row, cfg.rounds, time.perf_counter() - started)
+        keep = {k: v for k, v in row.items() if k in ("test_loss", "test_accuracy")}
+        return MetricRecord(keep) if keep else None
+
+    own_state_dir = cfg.state_dir is None
+    state_dir = cfg.state_dir or tempfile.mkdtemp(prefix="fl-sparse-state-")
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=cfg.rounds,
+            train_config=_train_config(cfg, state_dir),
+            evaluate_fn=evaluate_fn,
+        )
+    finally:
+        if own_state_dir:
+            shutil.rmtree(state_dir, ignore_errors=True)
+    if cfg.out and strategy.state.model is not None:
+        final = layout.to_state_dict(strategy.state.model.clone())
+        torch.save(dict(final), Path(cfg.out) / "model.pt")
+    return rows
+
+
+def _progress(row: dict[str, Any], total: int, elapsed: float) -> None:
+    r = int(row["round"])
+    width = 20
+    done = int(width * r / total)
+    eta = elapsed / r * (total - r)
+    acc = row.get("test_accuracy")
+    acc_s = f"acc {acc:6.2%}" if isinstance(acc, float) else "acc   -   "
+    print(
+        f"[{'#' * done}{'.' * (width - done)}] round {r}/{total}  {acc_s}  "
+        f"loss {row.get('train_loss', float('nan')):.4f}  "
+        f"up {row.get('uplink_bytes', 0) / 1e3:,.1f} kB  down {row.get('downlink_bytes', 0) / 1e3:,.1f} kB  "
+        f"{elapsed / r:.2f} s/round  ETA {eta:,.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run .``: the run config comes from pyproject / --run-config."""
+    cfg = RunConfig.from_run_config(dict(context.run_config))
+    run_server(grid, cfg)

@@ -1,0 +1,494 @@
+"""The base strategy: FedAvg whose uplink and downlink carry compressed sparse updates.
+
+One round of :class:`SparseFedAvg` (sign convention of the seed papers: a
+client's update is the *descent step* ``a = w_before - w_after``, so the
+model moves by ``w <- w - update``)::
+
+    server, configure_train(t):
+        sample clients S_t
+        for q in S_t: send sync_q (brings q's model copy to w_{t-1}, exactly)
+                      + the uplink compressor spec C_up,t
+    client q:
+        w <- apply(sync_q);  assert hash(w) == hash(w_{t-1})
+        Δ_q = w - SGD_H(w)                 H local steps
+        a_q = e_q + Δ_q                    error compensation
+        s_q = C_up,t(a_q)                  top-K / rTop-k / threshold / ...
+        e_q <- a_q - decode(encode(s_q))   error keeps what was not sent
+        reply encode(s_q)
+    server, aggregate_train(t):
+        g_t = Σ_q p_q s_q,   p_q = n_q / Σ n                    (uplink aggregate)
+        ĝ_t = C_down(g_t + δ_{t-1});  δ_t = g_t + δ_{t-1} - ĝ_t   (server error, optional)
+        w_t = w_{t-1} - ĝ_t
+
+Without a downlink compressor ``ĝ_t = g_t`` (the sparse union of the uplink
+updates): that is the paper's *unidirectional* top-K SGD (Algorithm 1); with
+``C_down = TopK`` it is *bidirectional* top-K SGD (Algorithm 2).
+
+**Keeping clients in sync.** Every client keeps its own copy of the model
+and the server never sends the dense model after a client's first round.
+The server remembers which model version each client holds and sends
+
+* nothing, if the client already holds ``w_{t-1}``;
+* ``ĝ_{t-1}`` itself (``sync-mode = "delta"``), if it holds ``w_{t-2}``;
+* the current values of ``w_{t-1}`` on the union of positions changed since
+  the client's version (``"set"``), if that is smaller than the dense model:
+  overwriting values rather than summing deltas keeps the client's copy
+  bit-for-bit equal to the server's;
+* the dense model (``"dense"``) otherwise, and to any client it knows
+  nothing about (first contact, a failed reply, a lost state).
+
+The client checks the version it holds against the one the sync assumes
+and refuses (error reply) instead of training on a wrong model; it reports
+the hash of the model it trained from, which the server checks.
+
+**Nothing lost on failure.** A reply that fails to decode, has NaN, the
+wrong size, or is missing never touches the global model: it is dropped and
+logged, and the client is told next round that its update was not
+accepted, so it puts the update back into its error memory.
+
+Subclass and override the hooks :meth:`uplink_spec`,
+:meth:`aggregate_updates` and :meth:`compress_downlink` to build new
+methods; the named strategies in this package are small subclasses. Example,
+a strategy that sends top-K with a ratio that halves every 10 rounds::
+
+    from fl_sparse.strategies import SparseFedAvg
+
+    class DecayingTopK(SparseFedAvg):
+        def uplink_spec(self, server_round, num_clients):
+            ratio = self.ratio * 0.5 ** ((server_round - 1) // 10)
+            return {"name": "topk", "ratio": ratio}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fl_sparse import codec
+from fl_sparse.compressors import build_compressor
+from fl_sparse.flat import FlatLayout, vector_hash
+from fl_sparse.memory import ErrorFeedback
+from fl_sparse.sparse import SparseTensor
+
+__all__ = ["SparseFedAvg", "ServerState", "UPDATE_KEY", "SYNC_KEY"]
+
+UPDATE_KEY = "update"  # ArrayRecord in a client's reply: the encoded sparse update
+SYNC_KEY = "sync"  # ArrayRecord in a train message: brings the client's model up to date
+DIAG_KEY = "diagnostics"  # ArrayRecord in a reply when diagnostics are on (dense a, step)
+CLIENT_KEY = "client"  # ConfigRecord in a reply: model hash, version
+METRICS_KEY = "metrics"  # MetricRecord in a reply
+
+
+@dataclass
+class ServerState:
+    """What the server remembers between rounds (cf. powerSGD_hook's PowerSGDState).
+
+    ``model`` is w_t, ``version`` the round that produced it (0 = initial),
+    ``server_error`` is δ_t, ``history`` holds the positions changed by each
+    applied update (to build catch-up payloads), ``client_versions`` the
+    version each client holds and ``accepted`` the last round whose update
+    from that client was aggregated.
+    """
+
+    layout: FlatLayout | None = None
+    model: torch.Tensor | None = None
+    version: int = 0
+    server_error: ErrorFeedback = field(default_factory=ErrorFeedback)
+    last_update: SparseTensor | None = None
+    last_update_record: ArrayRecord | None = None
+    history: "OrderedDict[int, torch.Tensor]" = field(default_factory=OrderedDict)
+    client_versions: dict[int, int] = field(default_factory=dict)
+    accepted: dict[int, int] = field(default_factory=dict)
+    cumulative_total_error: float = 0.0
+    round_metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+class SparseFedAvg(FedAvg):
+    """FedAvg with compressed uplink, optional compressed downlink, error feedback.
+
+    Parameters
+    ----------
+    uplink : dict
+        Uplink compressor spec, built on every client with
+        :func:`fl_sparse.compressors.build_compressor`, e.g.
+        ``{"name": "topk", "ratio": 0.001}``.
+    downlink : callable, optional
+        Downlink compressor (any compressor of :mod:`fl_sparse.compressors`),
+        applied to the aggregate plus the server error. ``None`` sends the
+        aggregate as it is (still sparse: a union of uplink supports).
+    uplink_values, uplink_positions, downlink_values, downlink_positions : str
+        Wire codes (:mod:`fl_sparse.codec`): values "fp32" | "fp16" | "q<bits>",
+        positions "raw" | "block" | "rice".
+    server_error_feedback : bool
+        Keep the server error δ (Algorithm 2). Only used with a downlink
+        compressor.
+    client_error_feedback : bool
+        Clients keep their error memory e between rounds (default). ``False``
+        drops what was not sent (e.g. AdapTop-K without error compensation).
+    seed : int
+        Seeds client sampling (a fixed seed gives the same run).
+    diagnostics : bool
+        Ask clients for their dense ``a_q`` and step ``Δ_q`` (not counted as
+        traffic) to estimate ρ and ρ̂ of the bidirectional paper each round.
+    fraction_train, min_train_nodes, min_available_nodes, ... :
+        As in :class:`flwr.serverapp.strategy.FedAvg`. Federated evaluation is
+        off by default (``fraction_evaluate=0``): evaluate centrally instead.
+    """
+
+    def __init__(
+        self,
+        *,
+        uplink: dict[str, Any] | None = None,
+        downlink=None,
+        uplink_values: str = "fp32",
+        uplink_positions: str = "raw",
+        downlink_values: str = "fp32",
+        downlink_positions: str = "raw",
+        server_error_feedback: bool = True,
+        client_error_feedback: bool = True,
+        seed: int = 0,
+        diagnostics: bool = False,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 0.0,
+        min_train_nodes: int = 1,
+        min_evaluate_nodes: int = 0,
+        min_available_nodes: int = 1,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            **fedavg_kwargs,
+        )
+        if not 0.0 < fraction_train <= 1.0:
+            raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
+        self.uplink = dict(uplink or {"name": "none"})
+        # Fail at construction, not on the clients, if the spec is wrong.
+        build_compressor(**_with_defaults(self.uplink))
+        self.downlink = downlink
+        for code in (uplink_values, downlink_values):
+            if code not in codec.VALUE_CODES:
+                raise ValueError(f"unknown value code {code!r}; expected one of {codec.VALUE_CODES}")
+        for code in (uplink_positions, downlink_positions):
+            if code not in codec.POSITION_CODES:
+                raise ValueError(f"unknown position code {code!r}; expected one of {codec.POSITION_CODES}")
+        self.uplink_values = uplink_values
+        self.uplink_positions = uplink_positions
+        self.downlink_values = downlink_values
+        self.downlink_positions = downlink_positions
+        self.server_error_feedback = server_error_feedback
+        self.client_error_feedback = client_error_feedback
+        self.seed = seed
+        self.diagnostics = diagnostics
+        self.state = ServerState()
+        self._sampled: list[int] = []
+        self._round_compressor = None
+        self._round_started = 0.0
+
+    # ----------------------------------------------------------------- hooks
+    def uplink_spec(self, server_round: int, num_clients: int) -> dict[str, Any]:
+        """The uplink compressor spec for this round (override to vary it)."""
+        return dict(self.uplink)
+
+    def aggregate_updates(
+        self, server_round: int, updates: list[SparseTensor], weights: list[float]
+    ) -> SparseTensor:
+        """g_t = Σ_q p_q s_q (override for other aggregation rules)."""
+        return SparseTensor.sum(updates, weights)
+
+    def compress_downlink(self, server_round: int, aggregate: SparseTensor) -> SparseTensor:
+        """ĝ_t from g_t; keeps δ_t when a downlink compressor is set."""
+        if self.downlink is None:
+            return codec.lossy_roundtrip(aggregate, values=self.downlink_values)
+        error = self.state.server_error
+        compensated = error.compensate(aggregate.to_dense()) if self.server_error_feedback else aggregate.to_dense()
+        sent = codec.lossy_roundtrip(self.downlink(compensated), values=self.downlink_values)
+        if self.server_error_feedback:
+            error.update(compensated, sent)
+        return sent
+
+    # --------------------------------------------------------------- summary
+    def summary(self) -> None:
+        super().summary()
+        log(INFO, "\t├──> Uplink: %s  values=%s positions=%s", self.uplink, self.uplink_values, self.uplink_positions)
+        log(
+            INFO,
+            "\t└──> Downlink: %s  values=%s positions=%s  server error feedback=%s",
+            type(self.downlink).__name__ if self.downlink is not None else "aggregate as is",
+            self.downlink_values,
+            self.downlink_positions,
+            self.server_error_feedback,
+        )
+
+    # ------------------------------------------------------------- sampling
+    def sample(self, server_round: int, grid: Grid) -> list[int]:
+        """Seeded sample of connected nodes (Flower's default uses the global RNG)."""
+        while len(all_nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
+            log(INFO, "Waiting for nodes: %d connected, %d required", len(all_nodes), self.min_available_nodes)
+            time.sleep(0.5)
+        size = max(int(len(all_nodes) * self.fraction_train), self.min_train_nodes)
+        size = min(size, len(all_nodes))
+        rng = random.Random(self.seed * 1_000_003 + server_round)
+        return sorted(rng.sample(all_nodes, size))
+
+    # -------------------------------------------------------- configure_train
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample clients; send each the sync payload it needs and the uplink spec."""
+        st = self.state
+        if st.model is None:
+            self._init_state(arrays)
+        self._round_started = time.perf_counter()
+        node_ids = self.sample(server_round, grid)
+        self._sampled = node_ids
+        spec = _with_defaults(self.uplink_spec(server_round, len(node_ids)))
+        self._round_compressor = build_compressor(**spec)  # validate before sending anything
+        base = ConfigRecord(dict(config))
+        base["server-round"] = server_round
+        base["uplink"] = json.dumps(spec, sort_keys=True)
+        base["uplink-values"] = self.uplink_values
+        base["uplink-positions"] = self.uplink_positions
+        base["diagnostics"] = self.diagnostics
+        base["error-feedback"] = self.client_error_feedback
+        base["model-version"] = st.version
+        base["model-hash"] = vector_hash(st.model)
+
+        messages, downlink_bytes, modes = [], 0, {}
+        sync_cache: dict[int | None, tuple[str, ArrayRecord | None]] = {}
+        for node in node_ids:
+            have = st.client_versions.get(node)
+            if have not in sync_cache:
+                sync_cache[have] = self._sync_payload(have)
+            mode, payload = sync_cache[have]
+            cfg = ConfigRecord(dict(base))
+            cfg["sync-mode"] = mode
+            cfg["base-version"] = -1 if have is None else have
+            cfg["accepted-round"] = st.accepted.get(node, -1)
+            content = RecordDict({self.configrecord_key: cfg})
+            if payload is not None:
+                content[SYNC_KEY] = payload
+                downlink_bytes += codec.wire_size(payload).total_bytes
+            modes[mode] = modes.get(mode, 0) + 1
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        st.round_metrics.setdefault(server_round, {}).update({
+            "round": server_round,
+            "clients": len(node_ids),
+            "downlink_bytes": downlink_bytes,
+            "sync_modes": modes,
+        })
+        log(INFO, "configure_train: %d clients, downlink %s B, sync %s", len(node_ids), downlink_bytes, modes)
+        return messages
+
+    def _init_state(self, arrays: ArrayRecord) -> None:
+        st = self.state
+        st.layout = FlatLayout.from_arrayrecord(arrays)
+        st.model = st.layout.flatten(arrays).clone()
+        st.version = 0
+        st.server_error = ErrorFeedback(st.model.numel())
+
+    def _sync_payload(self, have: int | None) -> tuple[str, ArrayRecord | None]:
+        """The cheapest exact way to bring a client from version ``have`` to now."""
+        st = self.state
+        if have == st.version:
+            return "none", None
+        if have is None or have < 0:
+            return "dense", codec.encode_dense(st.model)
+        if have == st.version - 1 and st.last_update_record is not None:
+            return "delta", st.last_update_record
+        dense = codec.encode_dense(st.model)
+        missed = range(have + 1, st.version + 1)
+        if all(v in st.history for v in missed):
+            positions = torch.unique(torch.cat([st.history[v] for v in missed]))
+            overwrite = SparseTensor(positions, st.model[positions].clone(), st.model.numel())
+            record = codec.encode(overwrite, values="fp32", positions=self.downlink_positions)
+            if codec.wire_size(record).total_bytes < codec.wire_size(dense).total_bytes:
+                return "set", record
+        return "dense", dense
+
+    # -------------------------------------------------------- aggregate_train
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode, validate, aggregate, compress the downlink, update w."""
+        st = self.state
+        assert st.model is not None and st.layout is not None, "configure_train runs first"
+        numel = st.model.numel()
+        updates, weights, metrics, dense_diag = [], [], [], []
+        failures = 0
+        expected_hash = vector_hash(st.model)
+        max_nnz = self._max_uplink_nnz(server_round, numel)
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                failures += 1
+                st.client_versions.pop(node, None)  # unknown: dense sync next time
+                log(WARNING, "round %d: client %d failed: %s", server_round, node, msg.error.reason)
+                continue
+            try:
+                update, m, client_cfg = self._read_reply(msg, numel, max_nnz)
+            except codec.PayloadError as exc:
+                failures += 1
+                st.client_versions.pop(node, None)
+                log(WARNING, "round %d: rejected reply from client %d: %s", server_round, node, exc)
+                continue
+            st.client_versions[node] = int(client_cfg.get("model-version", -1))
+            if client_cfg.get("model-hash") != expected_hash:
+                failures += 1
+                st.client_versions.pop(node, None)
+                log(WARNING, "round %d: client %d trained from a different model; dropped", server_round, node)
+                continue
+            updates.append(update)
+            weights.append(float(m["num-examples"]))
+            metrics.append(m)
+            st.accepted[node] = server_round
+            if self.diagnostics and DIAG_KEY in msg.content.array_records:
+                dense_diag.append(msg.content.array_records[DIAG_KEY])
+
+        rm = st.round_metrics.setdefault(server_round, {"round": server_round})
+        rm["failures"] = failures
+        rm["accepted"] = len(updates)
+        if not updates:
+            log(WARNING, "round %d: no valid update; global model unchanged", server_round)
+            rm.update(self._empty_round_metrics())
+            return None, MetricRecord({"accepted": 0, "failures": failures})
+
+        total = sum(weights)
+        p = [w / total for w in weights]
+        aggregate = self.aggregate_updates(server_round, updates, p)
+        delta_before = st.server_error.error.clone() if (self.diagnostics and self.downlink is not None) else None
+        sent = self.compress_downlink(server_round, aggregate)
+        record = codec.encode(sent, values=self.downlink_values, positions=self.downlink_positions)
+        # The server applies exactly what the clients will decode.
+        sent = codec.decode(record, numel)
+        sent.add_(st.model, alpha=-1.0)
+        st.version = server_round
+        st.last_update = sent
+        st.last_update_record = record
+        st.history[server_round] = sent.indices
+        self._prune_history()
+
+        server_error_norm = st.server_error.norm() if self.downlink is not None else 0.0
+        client_sq = sum(float(m["error-norm"]) ** 2 * pq for m, pq in zip(metrics, p))
+        st.cumulative_total_error += sum(float(m["compression-error"]) * pq for m, pq in zip(metrics, p))
+        rm.update(
+            {
+                "train_loss": sum(float(m["train-loss"]) * pq for m, pq in zip(metrics, p)),
+                "uplink_bytes": int(sum(int(m["uplink-bytes"]) for m in metrics)),
+                "downlink_update_bytes": codec.wire_size(record).total_bytes,
+                "density": sum(float(m["density"]) for m in metrics) / len(metrics),
+                "downlink_density": sent.density,
+                "aggregate_density": aggregate.density,
+                "client_error_norm": math.sqrt(client_sq),
+                "server_error_norm": server_error_norm,
+                "cumulative_total_error": st.cumulative_total_error,
+                "num_examples": int(total),
+                "round_seconds": time.perf_counter() - self._round_started,
+            }
+        )
+        if dense_diag:
+            rm.update(self._rho_estimates(dense_diag, p, delta_before, aggregate))
+        agg = MetricRecord(
+            {k: v for k, v in rm.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        )
+        return st.layout.unflatten(st.model), agg
+
+    # ---------------------------------------------------------------- helpers
+    def _max_uplink_nnz(self, server_round: int, numel: int) -> int:
+        """Cap on entries a client may declare (guards allocation on decode)."""
+        k_for = getattr(self._round_compressor, "k_for", None)
+        return numel if k_for is None else min(numel, int(k_for(numel)))
+
+    def _read_reply(self, msg: Message, numel: int, max_nnz: int):
+        content = msg.content
+        if UPDATE_KEY not in content.array_records:
+            raise codec.PayloadError(f"reply has no '{UPDATE_KEY}' ArrayRecord")
+        if METRICS_KEY not in content.metric_records:
+            raise codec.PayloadError(f"reply has no '{METRICS_KEY}' MetricRecord")
+        if CLIENT_KEY not in content.config_records:
+            raise codec.PayloadError(f"reply has no '{CLIENT_KEY}' ConfigRecord")
+        m = content.metric_records[METRICS_KEY]
+        for key in ("num-examples", "train-loss", "uplink-bytes", "density", "error-norm", "compression-error"):
+            if key not in m:
+                raise codec.PayloadError(f"reply metrics lack '{key}'")
+        n = m["num-examples"]
+        if not isinstance(n, (int, float)) or not math.isfinite(float(n)) or float(n) <= 0:
+            raise codec.PayloadError(f"num-examples must be a positive number, got {n!r}")
+        update = codec.decode(content.array_records[UPDATE_KEY], numel, max_nnz=max_nnz)
+        return update, m, content.config_records[CLIENT_KEY]
+
+    def _prune_history(self) -> None:
+        """Forget positions older than any client could use cheaply.
+
+        Once the union of changed positions covers the model, a catch-up is no
+        smaller than the dense model, so older entries can go.
+        """
+        st = self.state
+        numel = st.model.numel()
+        total = 0
+        keep_from = None
+        for v in reversed(st.history):
+            total += st.history[v].numel()
+            if total > numel:
+                keep_from = v
+                break
+        if keep_from is not None:
+            for v in list(st.history):
+                if v <= keep_from:
+                    del st.history[v]
+
+    def _empty_round_metrics(self) -> dict[str, Any]:
+        st = self.state
+        return {
+            "train_loss": float("nan"),
+            "uplink_bytes": 0,
+            "downlink_update_bytes": 0,
+            "density": 0.0,
+            "client_error_norm": float("nan"),
+            "server_error_norm": st.server_error.norm() if self.downlink is not None else 0.0,
+            "cumulative_total_error": st.cumulative_total_error,
+        }
+
+    def _rho_estimates(self, diag: list[ArrayRecord], p, delta_before, aggregate) -> dict[str, float]:
+        """ρ (Assumption 3.5) and ρ̂ (Assumption 3.6) of the bidirectional paper.
+
+        ρ  = ‖Top_K(δ + Σ p a) − Top_K(δ + Σ Top_K(p a))‖ / ‖Σ p α g‖
+        ρ̂ = ‖Top_K(Σ p a) − Σ Top_K(p a)‖ / ‖Σ p α g‖
+        with Top_K the downlink compressor (or the uplink one if none) and
+        Σ Top_K(p a) = g_t, the aggregate of what was actually sent.
+        """
+        a = sum(pq * torch.from_numpy(d["a"].numpy()).float() for d, pq in zip(diag, p))
+        step = sum(pq * torch.from_numpy(d["step"].numpy()).float() for d, pq in zip(diag, p))
+        step_norm = float(step.norm())
+        if step_norm == 0.0:
+            return {}
+        top = self.downlink or build_compressor(**_with_defaults(self.uplink))
+        g = aggregate.to_dense()
+        rho_hat = float((top(a).to_dense() - g).norm()) / step_norm
+        out = {"rho_hat": rho_hat}
+        if delta_before is not None:
+            rho = float((top(delta_before + a).to_dense() - top(delta_before + g).to_dense()).norm()) / step_norm
+            out["rho"] = rho
+        return out
+
+
+def _with_defaults(spec: dict[str, Any]) -> dict[str, Any]:
+    spec = dict(spec)
+    spec.setdefault("name", "none")
+    return spec

@@ -1,0 +1,202 @@
+"""The seed papers' methods as small subclasses of :class:`SparseFedAvg`.
+
+* :class:`TopKSGD` – unidirectional top-K SGD (bidirectional paper, Algorithm 1).
+* :class:`BidirectionalTopKSGD` – Algorithm 2: the server keeps δ and sends Top_K(g + δ).
+* :class:`RTopKSGD` – rTop-k: top-r then a uniformly random k of them, k/r = 1/n.
+* :class:`HardThresholdSGD` – send every entry with |a| ≥ λ.
+* :class:`AdaptiveTopKSGD` – AdapTop-K: k_t varies per round under a fixed total budget.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fl_sparse.compressors import TopK, adaptive_k_schedule, adaptive_k_t_hat, hard_threshold_for_topk
+from fl_sparse.strategies.base import SparseFedAvg
+
+__all__ = [
+    "DenseFedAvg",
+    "TopKSGD",
+    "BidirectionalTopKSGD",
+    "RTopKSGD",
+    "HardThresholdSGD",
+    "AdaptiveTopKSGD",
+]
+
+
+def _budget(ratio: float | None, k: int | None) -> dict[str, Any]:
+    if (ratio is None) == (k is None):
+        raise ValueError("give exactly one of ratio or k")
+    return {"ratio": float(ratio)} if ratio is not None else {"k": int(k)}
+
+
+class DenseFedAvg(SparseFedAvg):
+    """Uncompressed baseline: clients send their whole update, the server the whole aggregate.
+
+    Runs through the same client and wire path as the sparse strategies, so
+    per-round costs compare like with like.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(uplink={"name": "none"}, downlink=None, **kwargs)
+
+
+class TopKSGD(SparseFedAvg):
+    """Unidirectional top-K SGD (Algorithm 1 of the bidirectional paper).
+
+    Worker q: a_q = ε_q + α g_q; ε_q ← a_q − Top_K(a_q); send Top_K(a_q).
+    Server:   g_t = Σ_q p_q Top_K(a_q); send g_t (a union of supports) to all.
+    """
+
+    def __init__(self, *, ratio: float | None = 0.001, k: int | None = None, **kwargs: Any) -> None:
+        if k is not None:
+            ratio = None
+        super().__init__(uplink={"name": "topk", **_budget(ratio, k)}, downlink=None, **kwargs)
+
+
+class BidirectionalTopKSGD(SparseFedAvg):
+    """Bidirectional top-K SGD (Algorithm 2 of the bidirectional paper).
+
+    Server: g_t = Σ_q p_q Top_K(a_q) + δ_{t−1};  δ_t = g_t − Top_K(g_t);
+    send Top_K(g_t). The downlink K defaults to the uplink K.
+    """
+
+    def __init__(
+        self,
+        *,
+        ratio: float | None = 0.001,
+        k: int | None = None,
+        downlink_ratio: float | None = None,
+        downlink_k: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if k is not None:
+            ratio = None
+        if downlink_ratio is None and downlink_k is None:
+            downlink_ratio, downlink_k = ratio, k
+        elif downlink_k is not None:
+            downlink_ratio = None
+        downlink = TopK(downlink_k, ratio=downlink_ratio) if downlink_k is not None else TopK(ratio=downlink_ratio)
+        kwargs.setdefault("server_error_feedback", True)
+        super().__init__(uplink={"name": "topk", **_budget(ratio, k)}, downlink=downlink, **kwargs)
+
+
+class RTopKSGD(SparseFedAvg):
+    """rTop-k with error compensation (rTop-k paper, Algorithm 1).
+
+    Each worker takes its top-r entries, then sends a uniformly random k of
+    them. With ``r=None`` the paper's choice k/r = 1/n is used, n being the
+    number of clients sampled this round.
+    """
+
+    def __init__(
+        self, *, ratio: float | None = 0.001, k: int | None = None, r: int | None = None, **kwargs: Any
+    ) -> None:
+        if k is not None:
+            ratio = None
+        self.r = r
+        super().__init__(uplink={"name": "rtopk", **_budget(ratio, k), "n_workers": 1}, downlink=None, **kwargs)
+
+    def uplink_spec(self, server_round: int, num_clients: int) -> dict[str, Any]:
+        spec = dict(self.uplink)
+        if self.r is not None:
+            spec.pop("n_workers", None)
+            spec["r"] = int(self.r)
+        else:
+            spec["n_workers"] = max(1, int(num_clients))
+        return spec
+
+
+class HardThresholdSGD(SparseFedAvg):
+    """Hard-threshold sparsifier with error feedback: send every |a_i| ≥ λ.
+
+    ``threshold=None`` uses the hard-threshold paper's rule for matching a
+    top-K budget, λ = 1/(2√k) with k = ⌈ratio·d⌉
+    (:func:`fl_sparse.compressors.hard_threshold_for_topk`), fixed once the
+    model size is known.
+    """
+
+    def __init__(self, *, threshold: float | None = None, ratio: float = 0.001, **kwargs: Any) -> None:
+        if threshold is not None and not (threshold >= 0.0 and math.isfinite(threshold)):
+            raise ValueError(f"threshold must be a finite number >= 0, got {threshold}")
+        self.threshold = None if threshold is None else float(threshold)
+        self.ratio = float(ratio)
+        super().__init__(uplink={"name": "hard-threshold", "lam": self.threshold or 0.0}, downlink=None, **kwargs)
+
+    def uplink_spec(self, server_round: int, num_clients: int) -> dict[str, Any]:
+        if self.threshold is None and self.state.model is not None:
+            k = TopK(ratio=self.ratio).k_for(self.state.model.numel())
+            self.threshold = hard_threshold_for_topk(k)
+        return {"name": "hard-threshold", "lam": self.threshold or 0.0}
+
+
+class AdaptiveTopKSGD(SparseFedAvg):
+    """AdapTop-K (adaptive-topk paper, Algorithms 1 and 2): k_t under a fixed budget T·k.
+
+    Round t = 0..T−1 sends k_t = (1+γ)k for t < t̂/2 and t ≥ (t̂+T)/2, and
+    (1−γ)k in between (:func:`fl_sparse.compressors.adaptive_k_schedule`;
+    Σ_t k_t = T·k exactly). ``t_hat`` is the paper's hyper-parameter; when it
+    is ``None`` it is estimated after round 1 with the paper's formula
+    (:func:`fl_sparse.compressors.adaptive_k_t_hat`, Lemma 3 / Lemma 8) from
+    F(w_0) ≈ the clients' mean round-1 training loss, η = ``lr`` and the
+    problem constants ``mu``, ``L``, ``sigma_sq`` (defaults are rough guesses
+    for small networks; pass your own or pass ``t_hat``). Round 1 is in the
+    early high phase either way. With ``error_feedback=False`` clients keep
+    no error memory (Algorithm 1, "without error compensation").
+    """
+
+    def __init__(
+        self,
+        *,
+        ratio: float = 0.001,
+        num_rounds: int,
+        gamma: float = 0.5,
+        t_hat: int | None = None,
+        error_feedback: bool = True,
+        lr: float = 0.05,
+        mu: float = 0.01,
+        L: float = 1.0,
+        sigma_sq: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        if num_rounds < 1:
+            raise ValueError("num_rounds must be >= 1")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        if t_hat is not None and not 0 <= t_hat <= num_rounds:
+            raise ValueError(f"t_hat must be in [0, num_rounds], got {t_hat}")
+        self.ratio = float(ratio)
+        self.num_rounds = int(num_rounds)
+        self.gamma = float(gamma)
+        self.t_hat = t_hat
+        self.estimate = {"eta": float(lr), "mu": float(mu), "L": float(L), "sigma_sq": float(sigma_sq)}
+        super().__init__(
+            uplink={"name": "topk", "ratio": self.ratio},
+            downlink=None,
+            client_error_feedback=error_feedback,
+            **kwargs,
+        )
+
+    def _t_hat(self, server_round: int, numel: int, k: int) -> int:
+        if self.t_hat is not None:
+            return self.t_hat
+        first = self.state.round_metrics.get(1, {})
+        f0 = first.get("train_loss")
+        if server_round == 1 or f0 is None or f0 != f0:
+            return self.num_rounds  # before F(w_0) is known: round 1 is early-phase anyway
+        self.t_hat = adaptive_k_t_hat(
+            d=numel, k=k, f0=float(f0), T=self.num_rounds,
+            error_compensation=self.client_error_feedback, **self.estimate,
+        )
+        self.state.round_metrics.setdefault(server_round, {"round": server_round})["t_hat"] = self.t_hat
+        return self.t_hat
+
+    def uplink_spec(self, server_round: int, num_clients: int) -> dict[str, Any]:
+        if self.state.model is None:
+            return dict(self.uplink)
+        numel = self.state.model.numel()
+        k = TopK(ratio=self.ratio).k_for(numel)
+        t = min(server_round - 1, self.num_rounds - 1)
+        k_t = adaptive_k_schedule(t, self.num_rounds, k, self.gamma, self._t_hat(server_round, numel, k))
+        return {"name": "topk", "k": int(max(1, min(numel, k_t)))}

@@ -1,0 +1,367 @@
+"""Dataset loading, IDX parsing, federated partitions and the seeded batch order."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fl_sparse.simulations import data
+from fl_sparse.simulations.data import (
+    BatchStream,
+    DatasetUnavailableError,
+    IdxFormatError,
+    batch_indices,
+    load_dataset,
+    partition_indices,
+    read_idx,
+)
+
+SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    try:
+        return load_dataset("fashion-mnist")
+    except DatasetUnavailableError as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"Fashion-MNIST not available: {exc}")
+
+
+@pytest.fixture
+def isolated(monkeypatch, tmp_path):
+    """No system dir, no env dir, an empty cache, a fresh dataset cache, no downloads."""
+    import torchvision.datasets as tvd
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("simulated: no internet")
+
+    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", {})
+    monkeypatch.delenv("FL_SPARSE_DATA", raising=False)
+    monkeypatch.setenv("FL_SPARSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_DATASET_CACHE", {})
+    for name in ("FashionMNIST", "MNIST", "CIFAR10"):
+        monkeypatch.setattr(tvd, name, refuse)
+    return tmp_path
+
+
+def _idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
+    header = bytes([0, 0, type_code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(">u1" if type_code == 0x08 else array.dtype).tobytes()
+
+
+# ------------------------------------------------------------------ IDX
+
+
+def test_read_idx_round_trip(tmp_path):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    gz = tmp_path / "x-idx3-ubyte.gz"
+    gz.write_bytes(gzip.compress(_idx_bytes(arr)))
+    raw = tmp_path / "x-idx3-ubyte"
+    raw.write_bytes(_idx_bytes(arr))
+    for path in (gz, raw):
+        out = read_idx(path, expected_ndim=3)
+        assert out.dtype == np.uint8 and out.flags.writeable
+        np.testing.assert_array_equal(out, arr)
+    # big-endian int32 payloads come back in native order
+    ints = np.array([1, -2, 70000], dtype=">i4")
+    p = tmp_path / "i.idx"
+    p.write_bytes(bytes([0, 0, 0x0C, 1]) + struct.pack(">I", 3) + ints.tobytes())
+    np.testing.assert_array_equal(read_idx(p), [1, -2, 70000])
+
+
+@pytest.mark.parametrize(
+    "payload, match",
+    [
+        (b"\x00\x00", "too short"),
+        (b"\x00\x01\x08\x01" + struct.pack(">I", 1) + b"\x00", "magic"),
+        (b"\x00\x00\x07\x01" + struct.pack(">I", 1) + b"\x00", "magic"),
+        (b"\x00\x00\x08\x01" + struct.pack(">I", 5) + b"\x00\x01", "payload"),
+        (b"\x00\x00\x08\x01" + struct.pack(">I", 1) + b"\x00\x01", "payload"),
+        (b"\x00\x00\x08\x03" + struct.pack(">I", 1), "header"),
+    ],
+)
+def test_read_idx_rejects_malformed(tmp_path, payload, match):
+    path = tmp_path / "bad-idx.gz"
+    path.write_bytes(gzip.compress(payload))
+    with pytest.raises(IdxFormatError, match=match):
+        read_idx(path)
+
+
+def test_read_idx_rejects_corrupt_gzip_and_wrong_ndim(tmp_path):
+    good = gzip.compress(_idx_bytes(np.zeros((4, 2, 2), np.uint8)))
+    truncated = tmp_path / "trunc.gz"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(IdxFormatError, match="decompress"):
+        read_idx(truncated)
+    garbage = tmp_path / "garbage.gz"
+    garbage.write_bytes(b"this is not gzip at all")
+    with pytest.raises(IdxFormatError):
+        read_idx(garbage)
+    ok = tmp_path / "ok.gz"
+    ok.write_bytes(good)
+    with pytest.raises(IdxFormatError, match="dimensions"):
+        read_idx(ok, expected_ndim=1)
+
+
+# ------------------------------------------------------------------ loading
+
+
+def test_load_fashion_mnist(fmnist):
+    train, test = fmnist
+    assert train.images.shape == (60_000, 1, 28, 28) and test.images.shape == (10_000, 1, 28, 28)
+    assert train.images.dtype == torch.float32 and train.labels.dtype == torch.int64
+    assert abs(train.images.mean().item()) < 0.01 and abs(train.images.std().item() - 1) < 0.01
+    assert torch.bincount(train.labels).tolist() == [6000] * 10
+    assert torch.bincount(test.labels).tolist() == [1000] * 10
+    assert train.num_examples == 60_000
+    # cached per process: the very same tensors come back
+    again = load_dataset("fashion-mnist")
+    assert again[0].images is train.images and again[1].labels is test.labels
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("imagenet")
+
+
+def test_missing_data_raises_clear_error(isolated):
+    empty = isolated / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetUnavailableError) as info:
+        load_dataset("fashion-mnist", root=empty)
+    msg = str(info.value)
+    assert "apt-get install dataset-fashion-mnist" in msg
+    assert str(empty) in msg and "no internet" in msg and "FL_SPARSE_DATA" in msg
+    with pytest.raises(DatasetUnavailableError, match="cifar-10"):
+        load_dataset("cifar10", root=empty)
+
+
+def test_corrupt_files_found_are_reported(isolated):
+    root = isolated / "fm"
+    root.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (root / f"{name}.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01" + struct.pack(">I", 3) + b"\x01"))
+    with pytest.raises(IdxFormatError):
+        load_dataset("fashion-mnist", root=root)
+    # right format, wrong size: a 3-image file is not Fashion-MNIST's training set
+    (root / "train-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress(_idx_bytes(np.zeros((3, 28, 28), np.uint8)))
+    )
+    (root / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(np.zeros(3, np.uint8))))
+    with pytest.raises(IdxFormatError, match="expected"):
+        load_dataset("fashion-mnist", root=root)
+
+
+@pytest.mark.skipif(not SYSTEM_FMNIST.is_dir(), reason="dataset-fashion-mnist not installed")
+def test_env_var_and_torchvision_layout_are_searched(isolated, fmnist, monkeypatch):
+    # $FL_SPARSE_DATA/FashionMNIST/raw/ (torchvision's layout) with the system files linked in
+    raw = isolated / "env" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in SYSTEM_FMNIST.glob("*-ubyte.gz"):
+        (raw / f.name).symlink_to(f)
+    monkeypatch.setenv("FL_SPARSE_DATA", str(isolated / "env"))
+    train, test = load_dataset("fashion-mnist")
+    assert torch.equal(train.labels, fmnist[0].labels)
+    assert torch.equal(test.images[:5], fmnist[1].images[:5])
+
+
+# --------------------------------------------------------------- partitions
+
+
+def _all_parts(labels, scheme, k=100, **kw):
+    return [partition_indices("fashion-mnist", labels, scheme, k, i, **kw) for i in range(k)]
+
+
+def _check_disjoint(parts, n, expect_cover=True):
+    cat = torch.cat(parts)
+    assert cat.dtype == torch.int64
+    assert cat.unique().numel() == cat.numel(), "partitions overlap"
+    assert int(cat.min()) >= 0 and int(cat.max()) < n
+    if expect_cover:
+        assert cat.numel() == n, "partitions do not cover the data"
+    assert all(p.numel() > 0 for p in parts)
+
+
+def _label_tv_from_uniform(labels, parts):
+    """Mean total-variation distance of each partition's label histogram from the global one."""
+    glob = torch.bincount(labels, minlength=10).double()
+    glob /= glob.sum()
+    tv = []
+    for p in parts:
+        h = torch.bincount(labels[p], minlength=10).double()
+        tv.append(0.5 * (h / h.sum() - glob).abs().sum().item())
+    return float(np.mean(tv))
+
+
+def test_iid_partitions(fmnist):
+    labels = fmnist[0].labels
+    parts = _all_parts(labels, "iid", seed=0)
+    _check_disjoint(parts, 60_000)
+    assert {p.numel() for p in parts} == {600}
+    assert _label_tv_from_uniform(labels, parts) < 0.12
+    # seeded: a random split, not contiguous blocks
+    assert not torch.equal(parts[0].sort().values, torch.arange(600))
+
+
+def test_dirichlet_partitions_are_skewed_disjoint_and_cover(fmnist):
+    labels = fmnist[0].labels
+    parts = _all_parts(labels, "dirichlet", alpha=0.3, seed=0)
+    _check_disjoint(parts, 60_000)
+    sizes = [p.numel() for p in parts]
+    assert min(sizes) >= data.dirichlet_min_partition_size(60_000, 100)
+    assert len(set(sizes)) > 10  # unequal sizes
+    iid_tv = _label_tv_from_uniform(labels, _all_parts(labels, "iid", seed=0))
+    dir_tv = _label_tv_from_uniform(labels, parts)
+    assert dir_tv > 0.4 > iid_tv
+    # more concentrated alpha -> less skew
+    assert _label_tv_from_uniform(labels, _all_parts(labels, "dirichlet", alpha=100.0, seed=0)) < 0.15
+
+
+def test_shard_partitions(fmnist):
+    labels = fmnist[0].labels
+    parts = _all_parts(labels, "shards", seed=0)
+    _check_disjoint(parts, 60_000)
+    # two label-sorted shards of 300 (each within one class) per partition
+    assert {p.numel() for p in parts} == {600}
+    assert max(labels[p].unique().numel() for p in parts) <= 2
+
+
+def test_shards_leave_out_only_the_remainder():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (1003,), generator=g)
+    parts = [partition_indices("fashion-mnist", labels, "shards", 10, i) for i in range(10)]
+    _check_disjoint(parts, 1003, expect_cover=False)
+    assert torch.cat(parts).numel() == 1003 - 1003 % 20
+
+
+def test_partitions_deterministic_and_seed_dependent(fmnist):
+    labels = fmnist[0].labels
+    for scheme in ("iid", "dirichlet", "shards"):
+        a = partition_indices("fashion-mnist", labels, scheme, 20, 7, alpha=0.5, seed=3)
+        data.clear_caches(datasets=False)  # recomputed from scratch, not served from the cache
+        b = partition_indices("fashion-mnist", labels, scheme, 20, 7, alpha=0.5, seed=3)
+        c = partition_indices("fashion-mnist", labels, scheme, 20, 7, alpha=0.5, seed=4)
+        assert torch.equal(a, b), scheme
+        assert not torch.equal(a, c), scheme
+
+
+def test_partitions_computed_once_per_partitioner(monkeypatch):
+    calls = []
+    real = data._compute_partitions
+
+    def counting(*args):
+        calls.append(args[1:])
+        return real(*args)
+
+    monkeypatch.setattr(data, "_compute_partitions", counting)
+    labels = torch.arange(500) % 10
+    for i in range(25):
+        partition_indices("fashion-mnist", labels, "dirichlet", 25, i, alpha=0.7, seed=11)
+    assert len(calls) == 1
+    partition_indices("fashion-mnist", labels, "dirichlet", 25, 0, alpha=0.8, seed=11)
+    partition_indices("fashion-mnist", labels[:-10], "dirichlet", 25, 0, alpha=0.7, seed=11)
+    assert len(calls) == 3  # new alpha, new labels -> new partitioner
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(scheme="random"), "unknown partition scheme"),
+        (dict(partition_id=10), "partition_id"),
+        (dict(partition_id=-1), "partition_id"),
+        (dict(num_partitions=0, partition_id=0), "num_partitions"),
+        (dict(num_partitions=101, partition_id=0), "cannot split"),
+        (dict(alpha=0.0), "alpha"),
+        (dict(alpha=-1.0), "alpha"),
+        (dict(alpha=float("nan")), "alpha"),
+        (dict(dataset_name="svhn"), "unknown dataset"),
+    ],
+)
+def test_partition_validation(kwargs, match):
+    args = dict(dataset_name="fashion-mnist", labels=torch.arange(100) % 10, scheme="dirichlet",
+                num_partitions=10, partition_id=0, alpha=0.5, seed=0)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        partition_indices(args.pop("dataset_name"), args.pop("labels"), args.pop("scheme"),
+                          args.pop("num_partitions"), args.pop("partition_id"), **args)
+
+
+# --------------------------------------------------------------- batch order
+
+
+def test_each_epoch_is_a_permutation():
+    n, bs = 103, 10
+    per_epoch = data.batches_per_epoch(n, bs)
+    assert per_epoch == 11
+    epochs = []
+    for e in range(3):
+        batches = [batch_indices(n, bs, 5, 2, e * per_epoch + b) for b in range(per_epoch)]
+        assert [len(b) for b in batches] == [10] * 10 + [3]
+        cat = torch.cat(batches)
+        assert torch.equal(cat.sort().values, torch.arange(n))
+        epochs.append(cat)
+    assert not torch.equal(epochs[0], epochs[1]) and not torch.equal(epochs[1], epochs[2])
+
+
+def test_batch_order_is_a_pure_function():
+    first = [batch_indices(600, 10, 0, 3, s) for s in range(200)]
+    data.clear_caches(datasets=False, partitions=False)
+    backwards = [batch_indices(600, 10, 0, 3, s) for s in reversed(range(200))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(first, backwards))
+    # returned tensors are copies: mutating one does not change later answers
+    first[0].zero_()
+    assert torch.equal(batch_indices(600, 10, 0, 3, 0), backwards[0])
+    # depends on seed and partition id
+    assert not torch.equal(batch_indices(600, 10, 1, 3, 0), backwards[0])
+    assert not torch.equal(batch_indices(600, 10, 0, 4, 0), backwards[0])
+
+
+def test_batch_stream_maps_through_partition_indices():
+    part = torch.tensor([50, 7, 9, 1000, 3, 42, 11])
+    stream = BatchStream(part, 3, seed=9, partition_id=4)
+    assert stream.batches_per_epoch == 3
+    for step in range(10):
+        pos = batch_indices(7, 3, 9, 4, step)
+        assert torch.equal(stream.positions(step), pos)
+        assert torch.equal(stream(step), part[pos])
+    win = stream.window(5)
+    assert all(torch.equal(win(h), stream(5 + h)) for h in range(6))
+    counted = BatchStream(7, 3, seed=9, partition_id=4)
+    assert torch.equal(counted(4), stream.positions(4))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    bs=st.integers(1, 64),
+    step=st.integers(0, 10_000),
+    seed=st.integers(-(2**31), 2**31),
+    pid=st.integers(0, 1000),
+)
+def test_batch_indices_properties(n, bs, step, seed, pid):
+    idx = batch_indices(n, bs, seed, pid, step)
+    per_epoch = -(-n // bs)
+    b = step % per_epoch
+    expected_len = min(bs, n - b * bs)
+    assert idx.dtype == torch.int64 and idx.numel() == expected_len
+    assert idx.unique().numel() == expected_len
+    assert int(idx.min()) >= 0 and int(idx.max()) < n
+    assert torch.equal(idx, batch_indices(n, bs, seed, pid, step))
+
+
+@pytest.mark.parametrize(
+    "args", [(0, 10, 0, 0, 0), (10, 0, 0, 0, 0), (10, 10, 0, 0, -1), (10, 2.5, 0, 0, 0)]
+)
+def test_batch_indices_validation(args):
+    with pytest.raises(ValueError):
+        batch_indices(*args)
+    with pytest.raises(ValueError):
+        BatchStream(torch.tensor([], dtype=torch.int64), 2, seed=0)
