@@ -417,6 +417,12 @@ class _SeededRandomness:
         return gen
 
 
+# Draws of _uniform_subset's rejection path: 10 % above the expected number,
+# plus a constant, so that one round of draws nearly always suffices.
+_OVERSAMPLE = 1.1
+_EXTRA_DRAWS = 16
+
+
 def _uniform_subset(n: int, k: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
     """Sorted int64 positions of a uniformly random ``k``-subset of ``range(n)``.
 
@@ -434,10 +440,10 @@ def _uniform_subset(n: int, k: int, device: torch.device, generator: torch.Gener
         return torch.empty(0, dtype=torch.int64, device=device)
     if device.type == "cpu" and 4 * k <= n:
         # expected draws to see k distinct of n: n (H_n - H_{n-k}) ~ n ln(n/(n-k))
-        draws = math.ceil(1.1 * n * math.log(n / (n - k))) + 16
+        draws = math.ceil(_OVERSAMPLE * n * math.log(n / (n - k))) + _EXTRA_DRAWS
         seen = torch.unique(torch.randint(n, (draws,), generator=generator))
         while seen.numel() < k:
-            extra = torch.randint(n, (max(16, 2 * (k - seen.numel())),), generator=generator)
+            extra = torch.randint(n, (_EXTRA_DRAWS + 2 * (k - seen.numel()),), generator=generator)
             seen = torch.unique(torch.cat([seen, extra]))
         keep = torch.randperm(seen.numel(), generator=generator)[:k]
         return seen[keep].sort().values

@@ -465,32 +465,83 @@ def test_bad_quantizer_side_information_is_rejected(bad, values):
         decode(with_array_values(record, key, side), 3000)
 
 
-@settings(max_examples=300, deadline=None)
-@given(numel=st.integers(1, 5000), data=st.data(), positions=st.sampled_from(["block", "rice"]))
-def test_arbitrary_bitstreams_never_escape_validation(numel, data, positions):
-    """Random streams under a self-consistent header: PayloadError or a valid support."""
+@st.composite
+def position_streams(draw):
+    """A header-consistent (numel, nnz, param, nbits, stream) for block/rice: random bits
+    in the fixed-width section, and a structure/unary section holding exactly nnz '1's
+    (random places) about half the time, so it gets past the count check."""
+    positions = draw(st.sampled_from(["block", "rice"]))
+    numel = draw(st.integers(1, 5000))
+    nnz = draw(st.integers(0, min(numel, 200)))
+    max_param = max(0, (numel - 1).bit_length()) if positions == "block" else max(0, numel.bit_length() - 1)
+    param = draw(st.integers(0, max_param))
+    lo = nnz * (param + 1)
+    hi = lo + ((((numel - 1) if positions == "block" else (numel - nnz)) >> param) if nnz else 0)
+    nbits = draw(st.integers(lo, min(hi, lo + 400)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    bits = rng.integers(0, 2, nbits).astype(np.uint8)
+    tail = nbits - nnz * param  # structure / unary section
+    if draw(st.booleans()) and nnz:
+        bits[nnz * param:] = 0
+        bits[nnz * param + rng.choice(tail, nnz, replace=False)] = 1
+        if draw(st.booleans()):
+            bits[-1] = 1  # last symbol is a position: no trailing bits
+    stream = np.packbits(bits).tobytes()
+    return positions, numel, nnz, param, nbits, stream
+
+
+@settings(max_examples=400, deadline=None)
+@given(case=position_streams())
+def test_arbitrary_bitstreams_never_escape_validation(case):
+    """Random streams under a self-consistent header: PayloadError or a canonical valid support."""
+    positions, numel, nnz, param, nbits, stream = case
     record = encode_positions(torch.tensor([0]), numel, positions)
     header = header_of(record)
-    nnz = data.draw(st.integers(0, min(numel, 200)))
-    max_param = max(0, (numel - 1).bit_length()) if positions == "block" else max(0, numel.bit_length() - 1)
-    param = data.draw(st.integers(0, max_param))
-    lo = nnz * (param + 1)
-    hi = lo + (((numel - 1) if positions == "block" else (numel - nnz)) >> param) if nnz else 0
-    nbits = data.draw(st.integers(lo, max(lo, min(hi, lo + 400))))
-    stream = data.draw(st.binary(min_size=(nbits + 7) // 8, max_size=(nbits + 7) // 8))
     header[3], header[7], header[8] = nnz, param, nbits
-    bad = with_header(record, header)
-    bad = with_array_fields(bad, "positions", data=stream, shape=(len(stream),))
+    bad = with_array_fields(with_header(record, header), "positions", data=stream, shape=(len(stream),))
     try:
         idx = decode_positions(bad, numel)
     except PayloadError:
         return
     assert idx.numel() == nnz
     SparseTensor(idx, torch.zeros(nnz), numel).validate()
-    # a stream that decodes is canonical: re-encoding with the same parameter reproduces it
-    if positions == "rice" or nnz == 0:
+    if nnz == 0:
+        assert nbits == 0
         return
-    assert idx[-1] >> param == nbits - nnz * (param + 1)
+    # Streams that decode are canonical (no trailing bits): the length is implied by the support.
+    if positions == "block":
+        assert nbits == nnz * (param + 1) + (int(idx[-1]) >> param)
+    else:
+        gaps = np.diff(idx.numpy(), prepend=-1) - 1
+        assert nbits == nnz * (param + 1) + int((gaps >> param).sum())
+
+
+@pytest.mark.parametrize("values,positions", [("fp32", "block"), ("fp32", "rice"), ("q3", "raw"), ("sign", "raw")])
+def test_non_zero_padding_bits_are_rejected(values, positions):
+    sp = make_sparse(3000, 41, 4)  # 41 codewords: bit streams end mid-byte
+    record = encode(sp, values, positions)
+    key = "positions" if positions != "raw" else "values"
+    nbits = wire_size(record).position_bits if key == "positions" else 41 * bits_per_value(values)
+    assert nbits % 8, "test needs a partial last byte"
+    raw = bytearray(record[key].data)
+    raw[-1] |= 1  # lowest bit of the last byte is padding
+    with pytest.raises(PayloadError, match="padding"):
+        decode(with_array_fields(record, key, data=bytes(raw)), 3000)
+
+
+@FAST
+@given(sp=sparse_tensors())
+def test_position_code_parameters_are_optimal(sp):
+    """rice picks the best r of all; block is never longer than the paper's b = ceil(log2(1/phi))."""
+    if sp.nnz == 0:
+        return
+    idx = sp.indices.numpy()
+    gaps = np.diff(idx, prepend=-1) - 1
+    rice_lengths = [sp.nnz * (r + 1) + int((gaps >> r).sum()) for r in range(0, 40)]
+    assert wire_size(encode_positions(sp.indices, sp.numel, "rice")).position_bits == min(rice_lengths)
+    paper_b = math.ceil(math.log2(sp.numel / sp.nnz) - 1e-12)
+    paper_length = sp.nnz * (paper_b + 1) + (int(idx[-1]) >> paper_b)
+    assert wire_size(encode_positions(sp.indices, sp.numel, "block")).position_bits <= paper_length
 
 
 # ------------------------------------------------------------------ absurd declared sizes

@@ -120,6 +120,26 @@ def test_topk_large_adversarial_inputs(kind, ratio):
     assert torch.equal(s.indices, reference_topk(x, k))
 
 
+@pytest.mark.parametrize("lam_quantile", [0.0, 0.5, 0.99, 0.999, 1.0])
+@pytest.mark.parametrize("chunk_bytes", [4 * 1000, 4 * 4096 + 4])
+def test_candidate_pass_chunked_and_blocked_agree(monkeypatch, lam_quantile, chunk_bytes):
+    """Both exact passes (several chunks; blocked rows with a tail) list {i : |x_i| >= t}."""
+    monkeypatch.setattr(C, "_CHUNK_BYTES", chunk_bytes)
+    d = 50_001
+    x = torch.randn(d, generator=torch.Generator().manual_seed(11))
+    x[::97] = 0.0
+    t = float(torch.quantile(x.abs()[:10_000].double(), lam_quantile))
+    t_key = C._key_of_threshold(t, torch.float32)
+    expected = torch.nonzero(x.double().abs() >= C._key_to_float(t_key, torch.float32)).flatten()
+    chunked = C._positions_at_least(x, t_key, density_hint=1.0)
+    blocked = C._positions_at_least(x, t_key, density_hint=0.0)
+    assert torch.equal(chunked, expected)
+    assert torch.equal(blocked, expected)
+    # and TopK through the multi-chunk pass (dense candidate sets)
+    s = TopK(ratio=0.05)(x)
+    assert torch.equal(s.indices, reference_topk(x, s.nnz))
+
+
 @pytest.mark.parametrize("d", [32_768, 65_536 + 17, 300_000])
 @pytest.mark.parametrize("k", [1, 7, 300, 5_000])
 def test_topk_fast_path_equals_torch_topk_set(d, k):
@@ -249,6 +269,21 @@ def test_randomk_uniform(n, k):
         assert abs(pair01 / trials - p_pair) < 6 * math.sqrt(p_pair * (1 - p_pair) / trials)
     else:
         assert torch.all(counts == trials)
+
+
+def test_randomk_rejection_refill_stays_uniform(monkeypatch):
+    # force the "not enough distinct draws yet" loop of the sparse sampler
+    monkeypatch.setattr(C, "_OVERSAMPLE", 0.05)
+    monkeypatch.setattr(C, "_EXTRA_DRAWS", 1)
+    n, k, trials = 40, 10, 3_000
+    comp = RandomK(k=k, seed=99)
+    counts = torch.zeros(n)
+    for _ in range(trials):
+        idx = comp(torch.zeros(n)).indices
+        assert idx.numel() == k and torch.unique(idx).numel() == k
+        counts[idx] += 1
+    expected = trials * k / n
+    assert float(((counts - expected) ** 2 / expected).sum()) < 100
 
 
 def test_randomk_large_sparse_path():
@@ -418,6 +453,11 @@ def test_adaptive_t_hat_is_the_minimum_of_the_coefficient(ec):
     assert all(coef(t + 1) < coef(t) for t in range(1, t_hat))
     assert all(coef(t + 1) >= coef(t) for t in range(t_hat + 1, min(T, t_hat + 200)))
     assert adaptive_k_t_hat(d=d, k=k, eta=eta, mu=mu, L=L, sigma_sq=sigma_sq, f0=f0, T=5, error_compensation=ec) <= 5
+    # no gradient noise (beta = 0): A_t B_t ~ B^(-t) / t is smallest at floor(-1 / ln B)
+    t0 = adaptive_k_t_hat(d=d, k=k, eta=eta, mu=mu, L=L, sigma_sq=0.0, f0=f0, error_compensation=ec)
+    assert t0 == math.floor(-1 / math.log(B))
+    with pytest.raises(ValueError):
+        adaptive_k_t_hat(d=d, k=k, eta=10.0, mu=1.0, L=L, sigma_sq=sigma_sq, f0=f0)  # B <= 0
 
 
 # ------------------------------------------------------------------ factory

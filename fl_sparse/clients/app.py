@@ -235,6 +235,14 @@ def train(msg: Message, context: Context) -> Message:
     return run_train(msg, context)
 
 
+@app.query("identify")
+def identify(msg: Message, context: Context) -> Message:
+    """Tell the server this client's stable key (partition id), for reproducible sampling."""
+    pid = context.node_config.get("partition-id")
+    info = ConfigRecord({"partition-id": int(pid) if pid is not None else -1})
+    return Message(content=RecordDict({"client": info}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the dense model in the message on this client's share of the test set."""

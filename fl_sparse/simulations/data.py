@@ -41,6 +41,7 @@ import os
 import struct
 import threading
 import warnings
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
@@ -197,7 +198,7 @@ def read_idx(path: str | os.PathLike, *, expected_ndim: int | None = None) -> np
                 raw = fh.read()
         else:
             raw = path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:  # BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise IdxFormatError(f"{path}: cannot read/decompress ({exc})") from exc
     if len(raw) < 4:
         raise IdxFormatError(f"{path}: file too short for an IDX header ({len(raw)} bytes)")
@@ -391,8 +392,10 @@ def dirichlet_min_partition_size(num_examples: int, num_partitions: int) -> int:
     client is empty. flwr-datasets redraws the Dirichlet proportions until
     every partition reaches it and gives up after 10 redraws, so it must be
     small relative to the mean: for 60,000 examples, 100 partitions and
-    alpha=0.3 the chance that one draw leaves some partition below 10 is
-    about 1e-3.
+    alpha=0.3 a draw leaves some partition below 10 with probability ~0.2%
+    (simulated), so a redraw is rare and 10 failures in a row practically
+    impossible. Self-balancing is off: it would stop filling partitions that
+    are above the mean, which flattens the label skew of later classes.
     """
     return max(1, min(10, num_examples // (4 * num_partitions)))
 
@@ -465,6 +468,13 @@ def _compute_partitions(
         raise ValueError(
             f"cannot split {n} examples into {num_partitions} {scheme!r} partitions "
             f"(alpha={alpha}, seed={seed}): {exc}"
+            + (
+                f" (every Dirichlet partition must get at least "
+                f"{dirichlet_min_partition_size(n, num_partitions)} examples: use a larger "
+                f"alpha or fewer partitions)"
+                if scheme == "dirichlet"
+                else ""
+            )
         ) from exc
     return parts
 

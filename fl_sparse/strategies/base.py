@@ -197,8 +197,8 @@ class SparseFedAvg(FedAvg):
         self.seed = seed
         self.diagnostics = diagnostics
         self.state = ServerState()
-        self._sampled: list[int] = []
         self._round_compressor = None
+        self.node_keys: dict[int, tuple[int, int]] = {}
         self._round_started = 0.0
 
     # ----------------------------------------------------------------- hooks
@@ -238,14 +238,41 @@ class SparseFedAvg(FedAvg):
 
     # ------------------------------------------------------------- sampling
     def sample(self, server_round: int, grid: Grid) -> list[int]:
-        """Seeded sample of connected nodes (Flower's default uses the global RNG)."""
+        """Seeded sample of connected nodes, reproducible across runs.
+
+        Flower's default sampling uses the global RNG over node ids, and node
+        ids are random per run; here nodes are ordered by their stable client
+        key (partition id, asked once per node with a ``query.identify``
+        message) and drawn with an RNG seeded by (seed, round).
+        """
         while len(all_nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
             log(INFO, "Waiting for nodes: %d connected, %d required", len(all_nodes), self.min_available_nodes)
             time.sleep(0.5)
-        size = max(int(len(all_nodes) * self.fraction_train), self.min_train_nodes)
-        size = min(size, len(all_nodes))
+        self._identify(grid, all_nodes)
+        ordered = sorted(all_nodes, key=lambda n: (self.node_keys.get(n, (1 << 62, n)), n))
+        size = max(int(len(ordered) * self.fraction_train), self.min_train_nodes)
+        size = min(size, len(ordered))
         rng = random.Random(self.seed * 1_000_003 + server_round)
-        return sorted(rng.sample(all_nodes, size))
+        return rng.sample(ordered, size)
+
+    def _identify(self, grid: Grid, nodes: list[int]) -> None:
+        """Learn the stable key of nodes seen for the first time (one small round trip)."""
+        unknown = [n for n in nodes if n not in self.node_keys]
+        if not unknown:
+            return
+        queries = [
+            Message(content=RecordDict({"config": ConfigRecord()}), message_type="query.identify", dst_node_id=n)
+            for n in unknown
+        ]
+        for reply in grid.send_and_receive(queries, timeout=60):
+            node = reply.metadata.src_node_id
+            if reply.has_error() or "client" not in reply.content.config_records:
+                continue
+            pid = reply.content.config_records["client"].get("partition-id", -1)
+            if isinstance(pid, int) and pid >= 0:
+                self.node_keys[node] = (pid, node)
+        for n in unknown:
+            self.node_keys.setdefault(n, (1 << 62, n))
 
     # -------------------------------------------------------- configure_train
     def configure_train(
@@ -254,12 +281,9 @@ class SparseFedAvg(FedAvg):
         """Sample clients; send each the sync payload it needs and the uplink spec."""
         st = self.state
         if st.model is None:
-            self._init_state(arrays)
-        self._round_started = time.perf_counter()
+            self.initialize(arrays)
         node_ids = self.sample(server_round, grid)
-        self._sampled = node_ids
-        spec = _with_defaults(self.uplink_spec(server_round, len(node_ids)))
-        self._round_compressor = build_compressor(**spec)  # validate before sending anything
+        spec = self.prepare_round(server_round, len(node_ids))
         base = ConfigRecord(dict(config))
         base["server-round"] = server_round
         base["uplink"] = json.dumps(spec, sort_keys=True)
@@ -275,7 +299,7 @@ class SparseFedAvg(FedAvg):
         for node in node_ids:
             have = st.client_versions.get(node)
             if have not in sync_cache:
-                sync_cache[have] = self._sync_payload(have)
+                sync_cache[have] = self.sync_payload(have)
             mode, payload = sync_cache[have]
             cfg = ConfigRecord(dict(base))
             cfg["sync-mode"] = mode
@@ -296,14 +320,22 @@ class SparseFedAvg(FedAvg):
         log(INFO, "configure_train: %d clients, downlink %s B, sync %s", len(node_ids), downlink_bytes, modes)
         return messages
 
-    def _init_state(self, arrays: ArrayRecord) -> None:
+    def prepare_round(self, server_round: int, num_clients: int) -> dict[str, Any]:
+        """Fix this round's uplink spec (validated here, before anything is sent)."""
+        self._round_started = time.perf_counter()
+        spec = _with_defaults(self.uplink_spec(server_round, num_clients))
+        self._round_compressor = build_compressor(**spec)
+        return spec
+
+    def initialize(self, arrays: ArrayRecord) -> None:
+        """Take w_0 from the initial ArrayRecord (done by the first configure_train)."""
         st = self.state
         st.layout = FlatLayout.from_arrayrecord(arrays)
         st.model = st.layout.flatten(arrays).clone()
         st.version = 0
         st.server_error = ErrorFeedback(st.model.numel())
 
-    def _sync_payload(self, have: int | None) -> tuple[str, ArrayRecord | None]:
+    def sync_payload(self, have: int | None) -> tuple[str, ArrayRecord | None]:
         """The cheapest exact way to bring a client from version ``have`` to now."""
         st = self.state
         if have == st.version:
@@ -331,7 +363,7 @@ class SparseFedAvg(FedAvg):
         assert st.model is not None and st.layout is not None, "configure_train runs first"
         numel = st.model.numel()
         updates, weights, metrics, dense_diag = [], [], [], []
-        failures = 0
+        failures, uplink_bytes = 0, 0
         expected_hash = vector_hash(st.model)
         max_nnz = self._max_uplink_nnz(server_round, numel)
         for msg in replies:
@@ -342,7 +374,7 @@ class SparseFedAvg(FedAvg):
                 log(WARNING, "round %d: client %d failed: %s", server_round, node, msg.error.reason)
                 continue
             try:
-                update, m, client_cfg = self._read_reply(msg, numel, max_nnz)
+                update, wire_bytes, m, client_cfg = self._read_reply(msg, numel, max_nnz)
             except codec.PayloadError as exc:
                 failures += 1
                 st.client_versions.pop(node, None)
@@ -355,6 +387,7 @@ class SparseFedAvg(FedAvg):
                 log(WARNING, "round %d: client %d trained from a different model; dropped", server_round, node)
                 continue
             updates.append(update)
+            uplink_bytes += wire_bytes
             weights.append(float(m["num-examples"]))
             metrics.append(m)
             st.accepted[node] = server_round
@@ -390,7 +423,7 @@ class SparseFedAvg(FedAvg):
         rm.update(
             {
                 "train_loss": sum(float(m["train-loss"]) * pq for m, pq in zip(metrics, p)),
-                "uplink_bytes": int(sum(int(m["uplink-bytes"]) for m in metrics)),
+                "uplink_bytes": uplink_bytes,
                 "downlink_update_bytes": codec.wire_size(record).total_bytes,
                 "density": sum(float(m["density"]) for m in metrics) / len(metrics),
                 "downlink_density": sent.density,
@@ -424,14 +457,17 @@ class SparseFedAvg(FedAvg):
         if CLIENT_KEY not in content.config_records:
             raise codec.PayloadError(f"reply has no '{CLIENT_KEY}' ConfigRecord")
         m = content.metric_records[METRICS_KEY]
-        for key in ("num-examples", "train-loss", "uplink-bytes", "density", "error-norm", "compression-error"):
+        for key in ("num-examples", "train-loss", "density", "error-norm", "compression-error"):
             if key not in m:
                 raise codec.PayloadError(f"reply metrics lack '{key}'")
         n = m["num-examples"]
         if not isinstance(n, (int, float)) or not math.isfinite(float(n)) or float(n) <= 0:
             raise codec.PayloadError(f"num-examples must be a positive number, got {n!r}")
-        update = codec.decode(content.array_records[UPDATE_KEY], numel, max_nnz=max_nnz)
-        return update, m, content.config_records[CLIENT_KEY]
+        record = content.array_records[UPDATE_KEY]
+        update = codec.decode(record, numel, max_nnz=max_nnz)
+        # Count what arrived, not what the client says it sent.
+        wire = codec.wire_size(record).total_bytes
+        return update, wire, m, content.config_records[CLIENT_KEY]
 
     def _prune_history(self) -> None:
         """Forget positions older than any client could use cheaply.

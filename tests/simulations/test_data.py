@@ -100,6 +100,13 @@ def test_read_idx_rejects_corrupt_gzip_and_wrong_ndim(tmp_path):
     truncated.write_bytes(good[: len(good) // 2])
     with pytest.raises(IdxFormatError, match="decompress"):
         read_idx(truncated)
+    flipped = bytearray(gzip.compress(_idx_bytes(np.random.default_rng(0).integers(0, 255, (50, 28, 28)).astype(np.uint8))))
+    for i in range(20, len(flipped) - 20, 7):
+        flipped[i] ^= 0xFF
+    bad = tmp_path / "flipped.gz"
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(IdxFormatError):
+        read_idx(bad)
     garbage = tmp_path / "garbage.gz"
     garbage.write_bytes(b"this is not gzip at all")
     with pytest.raises(IdxFormatError):
@@ -141,6 +148,33 @@ def test_missing_data_raises_clear_error(isolated):
     assert str(empty) in msg and "no internet" in msg and "FL_SPARSE_DATA" in msg
     with pytest.raises(DatasetUnavailableError, match="cifar-10"):
         load_dataset("cifar10", root=empty)
+
+
+def test_falls_back_to_torchvision_download_into_cache(isolated, monkeypatch):
+    import torchvision.datasets as tvd
+
+    calls = []
+
+    class FakeFashionMNIST:
+        def __init__(self, root, train, download):
+            calls.append((root, train, download))
+            n = 6 if train else 4
+            self.data = torch.full((n, 28, 28), 255, dtype=torch.uint8)
+            self.targets = torch.arange(n) % 10
+
+    monkeypatch.setattr(tvd, "FashionMNIST", FakeFashionMNIST)
+    train, test = load_dataset("fashion-mnist")
+    cache = str(isolated / "cache")
+    assert calls == [(cache, True, True), (cache, False, True)]
+    assert train.images.shape == (6, 1, 28, 28) and test.labels.tolist() == [0, 1, 2, 3]
+    assert torch.allclose(train.images, torch.full_like(train.images, (1 - 0.2860) / 0.3530))
+    assert train.labels.dtype == torch.int64
+
+
+def test_broken_cifar_folder_is_reported(isolated):
+    (isolated / "c" / "cifar-10-batches-py").mkdir(parents=True)
+    with pytest.raises(DatasetUnavailableError, match="corrupted"):
+        load_dataset("cifar10", root=isolated / "c")
 
 
 def test_corrupt_files_found_are_reported(isolated):
@@ -283,8 +317,10 @@ def test_partitions_computed_once_per_partitioner(monkeypatch):
         (dict(alpha=-1.0), "alpha"),
         (dict(alpha=float("nan")), "alpha"),
         (dict(dataset_name="svhn"), "unknown dataset"),
+        (dict(alpha=0.001, num_partitions=50), "larger alpha"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size")
 def test_partition_validation(kwargs, match):
     args = dict(dataset_name="fashion-mnist", labels=torch.arange(100) % 10, scheme="dirichlet",
                 num_partitions=10, partition_id=0, alpha=0.5, seed=0)

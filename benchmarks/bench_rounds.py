@@ -1,0 +1,184 @@
+"""Seconds per round of ``fl-sparse simulate`` (Flower + Ray) against the plain loop.
+
+For each strategy (dense FedAvg first, then every sparse one) and each client
+count it runs ``simulate(RunConfig(..., quiet=True))`` and reports
+
+* ``s/round``  -- median ``round_seconds`` over the rounds after the first
+  (warm-up: Ray actors start, data loads, dense first sync). ``round_seconds``
+  is measured by the strategy from ``configure_train`` to the end of
+  ``aggregate_train``; Flower's ``Strategy.start`` calls ``send_and_receive``
+  in between, so it covers the message round trip with Flower's polling waits.
+* ``wall/round`` -- median gap between the ends of consecutive rounds (taken in
+  the server's ``evaluate_fn`` callback): everything a round costs end to end,
+  central evaluation (every ``--eval-every`` rounds) and the empty federated
+  evaluation step included.
+* ``vs dense``  -- s/round divided by dense FedAvg's at the same client count
+  (target <= 1.0);
+* ``vs plain``  -- s/round divided by the plain loop
+  (:func:`fl_sparse.simulations.reference.reference_run`) doing the same work
+  per round (target <= 3 at 100 clients). Strategies without a reference loop
+  are compared with the plain loop of top-K.
+
+    python benchmarks/bench_rounds.py [--clients 10 100] [--rounds 8] [--quick]
+
+Not a timed test: numbers depend on the machine (Ray actors share its cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fl_sparse.server_app import RunConfig  # noqa: E402
+
+STRATEGIES = ["fedavg", "topk", "bidirectional-topk", "rtopk", "hard-threshold", "adaptive-topk"]
+REFERENCE = {"fedavg", "topk", "bidirectional-topk", "rtopk", "hard-threshold"}
+
+
+def _strategies() -> list[str]:
+    names = list(STRATEGIES)
+    if importlib.util.find_spec("fl_sparse.strategies.ssgd_mv") is not None:
+        names.append("ssgd-mv")
+    return names
+
+
+def _extra(strategy: str) -> dict:
+    return {"threshold": 0.002} if strategy == "hard-threshold" else {}
+
+
+def time_flower(cfg: RunConfig) -> tuple[float, float, list[dict]]:
+    """(median round_seconds, median wall seconds per round), rounds after the first."""
+    import fl_sparse.server_app as server_app
+
+    ends: list[float] = []
+    original = server_app.write_metrics
+
+    # Timestamp every round's end through the (cheap) metrics hook of run_server.
+    rows = _simulate_with_timestamps(cfg, ends)
+    server_app.write_metrics = original
+    rs = [float(r["round_seconds"]) for r in rows if "round_seconds" in r][1:]
+    walls = [b - a for a, b in zip(ends, ends[1:])]
+    return statistics.median(rs), (statistics.median(walls) if walls else float("nan")), rows
+
+
+def _simulate_with_timestamps(cfg: RunConfig, ends: list[float]) -> list[dict]:
+    from fl_sparse.simulations.runner import simulate
+    from fl_sparse.strategies import build_strategy
+
+    strategy = build_strategy(
+        cfg.strategy,
+        ratio=cfg.ratio,
+        downlink_ratio=cfg.downlink_ratio,
+        threshold=cfg.threshold,
+        num_rounds=cfg.rounds,
+        value_bits=cfg.value_bits,
+        add_drop_ratio=cfg.add_drop_ratio,
+        positions=cfg.positions,
+        lr=cfg.lr,
+        fraction_train=cfg.fraction,
+        seed=cfg.seed,
+        diagnostics=cfg.diagnostics,
+    )
+    aggregate_train = strategy.aggregate_train
+
+    def timed_aggregate(server_round, replies):
+        out = aggregate_train(server_round, replies)
+        ends.append(time.perf_counter())
+        return out
+
+    strategy.aggregate_train = timed_aggregate
+    return simulate(cfg, strategy=strategy)
+
+
+def time_plain(cfg: RunConfig) -> float:
+    from fl_sparse.simulations.reference import reference_run
+
+    strategy = cfg.strategy if cfg.strategy in REFERENCE else "topk"
+    ref = replace(cfg, strategy=strategy, **({"threshold": 0.002} if strategy == "hard-threshold" else {}))
+    reference_run(replace(ref, rounds=1))  # warm-up: data, partitions, models
+    start = time.perf_counter()
+    reference_run(ref)
+    return (time.perf_counter() - start) / cfg.rounds
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, nargs="+", default=[10, 100])
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--model", default="mlp-784-64-10", choices=["mlp-784-64-10", "mlp-784-256-128-64-10"])
+    ap.add_argument("--local-steps", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=10)
+    ap.add_argument("--ratio", type=float, default=0.01)
+    ap.add_argument("--eval-every", type=int, default=10**9, help="central evaluation every N rounds")
+    ap.add_argument("--num-cpus", type=float, default=None, help="Ray CPUs per client (default: RunConfig's)")
+    ap.add_argument("--strategies", nargs="+", default=None)
+    ap.add_argument("--quick", action="store_true", help="4 rounds, fedavg/topk/bidirectional-topk only")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+
+    strategies = args.strategies or (["fedavg", "topk", "bidirectional-topk"] if args.quick else _strategies())
+    rounds = 4 if args.quick else args.rounds
+    results = []
+    for n in args.clients:
+        dense = None
+        for name in strategies:
+            base = RunConfig(
+                strategy=name,
+                model=args.model,
+                clients=n,
+                rounds=rounds,
+                local_steps=args.local_steps,
+                batch_size=args.batch_size,
+                ratio=args.ratio,
+                eval_every=args.eval_every,
+                quiet=True,
+                **_extra(name),
+            )
+            if args.num_cpus is not None:
+                base = replace(base, num_cpus=args.num_cpus)
+            t0 = time.perf_counter()
+            s_round, wall, _ = time_flower(base)
+            total = time.perf_counter() - t0
+            plain = time_plain(base)
+            if name == "fedavg":
+                dense = s_round
+            row = (name, n, s_round, wall, plain, s_round / dense if dense else float("nan"), s_round / plain, total)
+            results.append(row)
+            print(
+                f"  {name:20s} clients={n:4d}  {s_round:.4f} s/round  wall {wall:.4f}  plain {plain:.4f}  "
+                f"({total:.1f} s run)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    print()
+    print(f"model {args.model}, H={args.local_steps}, batch {args.batch_size}, {rounds} rounds (median of rounds 2..)")
+    header = f"{'strategy':20s} {'clients':>7s} {'s/round':>9s} {'wall/round':>10s} {'plain s/r':>9s} {'vs dense':>8s} {'vs plain':>8s}"
+    print(header)
+    print("-" * len(header))
+    bad = []
+    for name, n, s, wall, plain, vs_dense, vs_plain, _ in results:
+        flag = ""
+        if name != "fedavg" and vs_dense > 1.0:
+            flag += " >dense"
+        if n >= 100 and vs_plain > 3.0:
+            flag += " >3x plain"
+        if flag:
+            bad.append(name)
+        print(f"{name:20s} {n:7d} {s:9.4f} {wall:10.4f} {plain:9.4f} {vs_dense:8.2f} {vs_plain:8.2f}{flag}")
+    print("targets: vs dense <= 1.0 (sparse strategies), vs plain <= 3.0 at 100 clients")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""Tests for fl_sparse.memory.ErrorFeedback."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fl_sparse.compressors import HardThreshold, RandomK, RTopK, TopK
+from fl_sparse.memory import ErrorFeedback
+from fl_sparse.sparse import SparseTensor
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_compensate_on_empty_memory_is_a_copy():
+    mem = ErrorFeedback()
+    x = torch.tensor([1.0, -2.0, 3.0])
+    out = mem.compensate(x)
+    assert torch.equal(out, x)
+    out[0] = 100.0
+    assert x[0] == 1.0  # new tensor, x untouched
+    assert mem.numel == 3 and mem.device == torch.device("cpu")
+    assert torch.equal(mem.error, torch.zeros(3))
+    assert mem.norm() == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=1, max_size=64),
+    rounds=st.integers(1, 4),
+    data=st.data(),
+)
+def test_invariant_sent_plus_error_equals_compensated(values, rounds, data):
+    x = torch.tensor(values, dtype=torch.float32)
+    mem = ErrorFeedback(x.numel())
+    k = data.draw(st.integers(1, x.numel()))
+    compressor = data.draw(
+        st.sampled_from([TopK(k), RandomK(k, seed=0), RTopK(k, n_workers=2, seed=0), HardThreshold(1.0)])
+    )
+    total_in = torch.zeros_like(x, dtype=torch.float64)
+    total_sent = torch.zeros_like(x, dtype=torch.float64)
+    for r in range(rounds):
+        g = x * (r + 1)
+        compensated = mem.compensate(g)
+        assert torch.equal(compensated, g + mem.error)
+        sent = compressor(compensated)
+        mem.update(compensated, sent)
+        # exact: the sent entries carry the compensated values unchanged
+        assert torch.equal(sent.to_dense() + mem.error, compensated)
+        assert torch.all(mem.error[sent.indices] == 0)
+        total_in += g.double()
+        total_sent += sent.to_dense().double()
+    # error feedback loses nothing: sum of what was sent + what is left = sum of inputs
+    assert torch.allclose(total_sent + mem.error.double(), total_in, rtol=1e-5, atol=1e-3)
+
+
+def test_sparse_and_dense_sent_agree_and_quantized_values():
+    g = torch.Generator().manual_seed(0)
+    compensated = torch.randn(1_000, generator=g)
+    sent = TopK(50)(compensated)
+    quantized = sent.with_values(torch.sign(sent.values) * sent.values.abs().mean())  # lossy values
+    for s in (sent, quantized):
+        a, b = ErrorFeedback(1_000), ErrorFeedback(1_000)
+        a.update(compensated, s)
+        b.update(compensated, s.to_dense())
+        assert torch.equal(a.error, b.error)
+        assert torch.allclose(s.to_dense() + a.error, compensated, atol=1e-6)
+    assert not torch.equal(a.error[sent.indices], torch.zeros(50))  # quantization error is kept
+
+
+def test_update_does_not_alias_compensated():
+    mem = ErrorFeedback(4)
+    c = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    mem.update(c, SparseTensor(torch.tensor([1]), torch.tensor([2.0]), 4))
+    c.zero_()
+    assert mem.error.tolist() == [1.0, 0.0, 3.0, 4.0]
+
+
+def test_shape_and_length_mismatch():
+    mem = ErrorFeedback(5)
+    with pytest.raises(ValueError, match="5"):
+        mem.compensate(torch.zeros(4))
+    with pytest.raises(ValueError, match="1-D"):
+        mem.compensate(torch.zeros(5, 1))
+    with pytest.raises(ValueError):
+        mem.update(torch.zeros(5), SparseTensor.empty(6))
+    with pytest.raises(ValueError, match="shape"):
+        mem.update(torch.zeros(5), torch.zeros(6))
+    with pytest.raises(TypeError):
+        mem.update(torch.zeros(5), [0.0] * 5)
+    lazy = ErrorFeedback()
+    lazy.compensate(torch.zeros(3))
+    with pytest.raises(ValueError):
+        lazy.compensate(torch.zeros(7))  # length fixed by the first vector
+    with pytest.raises(ValueError):
+        ErrorFeedback(-1)
+    with pytest.raises(ValueError):
+        ErrorFeedback(3, dtype=torch.int64)
+
+
+def test_norm_reset_and_error_property():
+    assert ErrorFeedback().error is None
+    mem = ErrorFeedback(3)
+    mem.update(torch.tensor([3.0, 4.0, 5.0]), SparseTensor(torch.tensor([2]), torch.tensor([5.0]), 3))
+    assert mem.norm() == pytest.approx(5.0)
+    mem.reset()
+    assert mem.norm() == 0.0
+    assert torch.equal(mem.error, torch.zeros(3))
+    assert mem.numel == 3
+
+
+def test_state_dict_roundtrip_through_torch_save():
+    mem = ErrorFeedback(6)
+    c = torch.arange(6, dtype=torch.float32)
+    mem.update(c, TopK(2)(c))
+    buf = io.BytesIO()
+    torch.save(mem.state_dict(), buf)
+    buf.seek(0)
+    restored = ErrorFeedback()
+    restored.load_state_dict(torch.load(buf))
+    assert restored.numel == 6
+    assert torch.equal(restored.error, mem.error)
+    x = torch.ones(6)
+    assert torch.equal(restored.compensate(x), mem.compensate(x))
+    # loading copies: later updates of the source do not leak
+    snapshot = ErrorFeedback(6)
+    snapshot.load_state_dict(mem.state_dict())
+    mem.update(c, c)
+    assert not torch.equal(snapshot.error, mem.error)
+    # empty state
+    empty = ErrorFeedback()
+    empty.load_state_dict(ErrorFeedback(4).state_dict())
+    assert empty.numel == 4 and empty.norm() == 0.0
+
+
+def test_load_state_dict_rejects_mismatch():
+    mem = ErrorFeedback(6)
+    with pytest.raises(ValueError):
+        mem.load_state_dict({"numel": 7, "error": torch.zeros(7)})
+    with pytest.raises(ValueError):
+        mem.load_state_dict({"numel": 6, "error": torch.zeros(5)})
+    with pytest.raises(ValueError):
+        mem.load_state_dict({"error": torch.zeros(6)})
+
+
+def test_dtype_of_memory():
+    mem = ErrorFeedback(3, dtype=torch.float64)
+    c = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float32)
+    out = mem.compensate(c)
+    assert out.dtype == torch.float64
+    mem.update(out, SparseTensor.empty(3, dtype=torch.float64))
+    assert mem.error.dtype == torch.float64
+    assert torch.equal(mem.error, c.double())
+
+
+@needs_cuda
+def test_cuda_memory_and_device_mismatch():
+    mem = ErrorFeedback(device="cuda")
+    x = torch.randn(1_000, device="cuda")
+    c = mem.compensate(x)
+    sent = TopK(10)(c)
+    mem.update(c, sent)
+    assert mem.error.device.type == "cuda"
+    assert torch.equal(sent.to_dense() + mem.error, c)
+    with pytest.raises(ValueError, match="cuda|cpu"):
+        mem.compensate(torch.randn(1_000))
