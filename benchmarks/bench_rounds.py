@@ -56,15 +56,14 @@ def _extra(strategy: str) -> dict:
 
 
 def time_flower(cfg: RunConfig) -> tuple[float, float, list[dict]]:
-    """(median round_seconds, median wall seconds per round), rounds after the first."""
-    import fl_sparse.server_app as server_app
+    """(median round_seconds, median wall seconds per round, rows), rounds after the first.
 
+    Wall time per round: gaps between the ends of consecutive aggregate_train
+    calls, i.e. everything between two rounds (evaluation and Flower's own
+    steps included).
+    """
     ends: list[float] = []
-    original = server_app.write_metrics
-
-    # Timestamp every round's end through the (cheap) metrics hook of run_server.
     rows = _simulate_with_timestamps(cfg, ends)
-    server_app.write_metrics = original
     rs = [float(r["round_seconds"]) for r in rows if "round_seconds" in r][1:]
     walls = [b - a for a, b in zip(ends, ends[1:])]
     return statistics.median(rs), (statistics.median(walls) if walls else float("nan")), rows

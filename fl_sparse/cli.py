@@ -11,7 +11,7 @@ from fl_sparse.strategies import STRATEGY_NAMES
 
 __all__ = ["main", "build_parser"]
 
-DATASETS = ("fashion-mnist", "cifar10")
+DATASETS = ("fashion-mnist", "mnist", "cifar10")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,32 +25,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a federated experiment in Flower's Ray simulation engine",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    sim.add_argument("--strategy", choices=STRATEGY_NAMES, default=d.strategy)
-    sim.add_argument("--dataset", choices=DATASETS, default=d.dataset)
-    sim.add_argument("--model", choices=MODEL_NAMES, default=d.model)
+    sim.add_argument("--strategy", choices=STRATEGY_NAMES, default=d.strategy, help="sparsification method")
+    sim.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="training data (Fashion-MNIST is read offline)")
+    sim.add_argument("--model", choices=MODEL_NAMES, default=d.model, help="network (the seed papers' MLPs/CNNs, ResNet-18, VGG-19)")
     sim.add_argument("--clients", type=int, default=d.clients, help="number of clients (virtual SuperNodes)")
     sim.add_argument("--fraction", type=float, default=d.fraction, help="fraction of clients sampled per round")
-    sim.add_argument("--partition", choices=("iid", "dirichlet", "shards"), default=d.partition)
+    sim.add_argument("--partition", choices=("iid", "dirichlet", "shards"), default=d.partition, help="how data is split (flwr-datasets partitioners)")
     sim.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet concentration")
-    sim.add_argument("--rounds", type=int, default=d.rounds)
+    sim.add_argument("--rounds", type=int, default=d.rounds, help="communication rounds T")
     sim.add_argument("--local-steps", type=int, default=d.local_steps, help="H: local SGD steps per round")
-    sim.add_argument("--batch-size", type=int, default=d.batch_size)
-    sim.add_argument("--lr", type=float, default=d.lr)
-    sim.add_argument("--momentum", type=float, default=d.momentum)
-    sim.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    sim.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch size of local SGD")
+    sim.add_argument("--lr", type=float, default=d.lr, help="local SGD learning rate")
+    sim.add_argument("--momentum", type=float, default=d.momentum, help="local SGD momentum (reset every round)")
+    sim.add_argument("--weight-decay", type=float, default=d.weight_decay, help="local SGD weight decay")
     sim.add_argument("--ratio", type=float, default=d.ratio, help="uplink k/d")
-    sim.add_argument("--downlink-ratio", type=float, default=None, help="downlink k/d (default: --ratio)")
-    sim.add_argument("--threshold", type=float, default=None, help="hard-threshold lambda")
+    sim.add_argument("--downlink-ratio", type=float, default=None, help="downlink k/d of bidirectional-topk (None: same as --ratio)")
+    sim.add_argument("--threshold", type=float, default=None, help="hard-threshold lambda (None: 1/(2 sqrt(k)) with k = ratio * d)")
     sim.add_argument("--value-bits", type=int, default=d.value_bits, help="q-bit value quantization; 32 = none")
     sim.add_argument("--add-drop-ratio", type=float, default=d.add_drop_ratio, help="phi_ad of SSGD-MV-AD")
     sim.add_argument("--positions", choices=("raw", "block", "rice"), default=d.positions, help="position code")
-    sim.add_argument("--seed", type=int, default=d.seed)
+    sim.add_argument("--seed", type=int, default=d.seed, help="seeds model init, data split and order, sampling")
     sim.add_argument("--out", default=None, help="write DIR/metrics.json and DIR/metrics.csv")
     sim.add_argument("--diagnostics", action="store_true", help="estimate rho and rho-hat each round")
     sim.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N rounds")
     sim.add_argument("--num-cpus", type=float, default=d.num_cpus, help="CPUs per client actor")
     sim.add_argument("--num-gpus", type=float, default=d.num_gpus, help="GPUs per client actor (fractional ok)")
-    sim.add_argument("--state-dir", default=None, help="client state folder (default: a temporary one)")
+    sim.add_argument("--state-dir", default=None, help="client state folder (None: a temporary one, removed after the run)")
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
@@ -62,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
 
         names = {f.name for f in fields(RunConfig)}
         cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in names})
+        from fl_sparse.simulations.data import DatasetUnavailableError, load_dataset
+
         try:
             cfg.validate()
-        except ValueError as exc:
+            load_dataset(cfg.dataset)  # fail here, with the how-to-get-it message, not inside Ray
+        except (ValueError, DatasetUnavailableError) as exc:
             print(f"fl-sparse simulate: error: {exc}", file=sys.stderr)
             return 2
         rows = simulate(cfg)

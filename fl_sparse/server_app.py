@@ -158,7 +158,7 @@ def _initial_model(cfg: RunConfig):
     return build_model(cfg.model, num_classes=10, seed=cfg.seed, **_dataset_shape(cfg.dataset))
 
 
-def _train_config(cfg: RunConfig, state_dir: str) -> ConfigRecord:
+def _train_config(cfg: RunConfig, state_dir: str, state_fsync: bool = True) -> ConfigRecord:
     return ConfigRecord(
         {
             "dataset": cfg.dataset,
@@ -173,6 +173,8 @@ def _train_config(cfg: RunConfig, state_dir: str) -> ConfigRecord:
             "momentum": float(cfg.momentum),
             "weight-decay": float(cfg.weight_decay),
             "state-dir": state_dir,
+            # A temporary state dir (removed after the run) needs no fsync per save.
+            "state-fsync": bool(state_fsync),
         }
     )
 
@@ -233,7 +235,7 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None) -> list[dict[str, Any]
             grid=grid,
             initial_arrays=initial,
             num_rounds=cfg.rounds,
-            train_config=_train_config(cfg, state_dir),
+            train_config=_train_config(cfg, state_dir, state_fsync=not own_state_dir),
             evaluate_fn=evaluate_fn,
         )
     finally:

@@ -49,14 +49,16 @@ class SyncError(RuntimeError):
 
 # ----------------------------------------------------------------- plumbing
 def state_store_for(context: Context, config: ConfigRecord) -> ClientStateStore:
-    """Pick the state folder: node config > $FL_SPARSE_STATE_DIR > server's hint > default."""
-    root = (
-        context.node_config.get("state-dir")
-        or os.environ.get("FL_SPARSE_STATE_DIR")
-        or config.get("state-dir")
-        or str(DEFAULT_STATE_DIR)
-    )
-    return ClientStateStore(Path(str(root)) / f"run-{context.run_id}")
+    """Pick the state folder: node config > $FL_SPARSE_STATE_DIR > server's hint > default.
+
+    Only a folder the server names may skip the fsync of each save, and only
+    when the server says it is throw-away (``state-fsync = False``: the
+    simulation's temporary folder, removed after the run).
+    """
+    own = context.node_config.get("state-dir") or os.environ.get("FL_SPARSE_STATE_DIR")
+    root = own or config.get("state-dir") or str(DEFAULT_STATE_DIR)
+    durable = bool(own) or not config.get("state-dir") or bool(config.get("state-fsync", True))
+    return ClientStateStore(Path(str(root)) / f"run-{context.run_id}", durable=durable)
 
 
 def client_key(context: Context) -> str:
@@ -158,7 +160,8 @@ def run_train(msg: Message, context: Context) -> Message:
     state = store.load(key)
 
     apply_sync(state, config, msg.content, numel)
-    if vector_hash(state.model) != str(config.get("model-hash", vector_hash(state.model))):
+    model_hash = vector_hash(state.model)  # state.model is not changed below: reported as is
+    if model_hash != str(config.get("model-hash", model_hash)):
         raise SyncError("model after sync does not match the server's hash")
     restore_unaccepted(state, config)
 
@@ -199,7 +202,7 @@ def run_train(msg: Message, context: Context) -> Message:
                 }
             ),
             "client": ConfigRecord(
-                {"model-hash": vector_hash(state.model), "model-version": state.model_version}
+                {"model-hash": model_hash, "model-version": state.model_version}
             ),
         }
     )

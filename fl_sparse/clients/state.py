@@ -16,13 +16,26 @@ loses ``context.state``.
   folder, so the memory survives a SuperNode restart.
 
 Writes are atomic (write to a temporary file, fsync, ``os.replace``): a crash
-while saving leaves the previous round's state, never a torn file.
+while saving leaves the previous round's state, never a torn file. A store
+for a throw-away folder (the simulation's temporary state dir) may skip the
+fsync (``durable=False``): still atomic, just not flushed to the disk.
+
+Every process keeps a write-through cache of the states it saved or loaded
+(up to ``FL_SPARSE_STATE_CACHE_MB``, default 512 MB, least recently used
+first out), so a Ray actor or SuperNode that handles a client again reads
+its state from memory instead of unpickling the file. A cached entry is used
+only while the file is the very one it wrote or read (same inode, size and
+mtime; ``os.replace`` gives every save a new inode), so a state written by
+another process is always read from the file. Loads return copies: a caller
+that changes the state and then fails leaves the cache as the file is.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,10 +86,11 @@ class ClientState:
 
 
 class ClientStateStore:
-    """One atomic file per client under ``root``."""
+    """One atomic file per client under ``root`` (fsync'd unless ``durable=False``)."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, durable: bool = True) -> None:
         self.root = Path(root)
+        self.durable = durable
 
     def path(self, key: str) -> Path:
         safe = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in key)
@@ -85,28 +99,112 @@ class ClientStateStore:
     def load(self, key: str) -> ClientState:
         """The stored state, or a fresh one if there is none yet."""
         path = self.path(key)
-        if not path.exists():
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            _CACHE.drop(path)
             return ClientState()
+        cached = _CACHE.get(path, _signature(stat))
+        if cached is not None:
+            return _copy(cached)
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torn or foreign file: say which and why
             raise StateCorruptError(f"cannot read client state {path}: {exc}") from exc
-        return ClientState.from_payload(payload)
+        state = ClientState.from_payload(payload)
+        _CACHE.put(path, _signature(stat), _copy(state))
+        return state
 
     def save(self, key: str, state: ClientState) -> None:
+        """Write ``state`` atomically; the cache keeps it (do not change it in place afterwards)."""
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
+        _CACHE.drop(path)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
                 torch.save(state.to_payload(), fh)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if self.durable:
+                    os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+        snapshot = ClientState(state.model, state.model_version, state.error, state.steps_done, dict(state.extra))
+        _CACHE.put(path, _signature(os.stat(path)), snapshot)
 
     def delete(self, key: str) -> None:
-        self.path(key).unlink(missing_ok=True)
+        path = self.path(key)
+        _CACHE.drop(path)
+        path.unlink(missing_ok=True)
+
+
+def _signature(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _copy(state: ClientState) -> ClientState:
+    def clone(t):
+        return t.clone() if isinstance(t, torch.Tensor) else t
+
+    return ClientState(
+        clone(state.model),
+        state.model_version,
+        clone(state.error),
+        state.steps_done,
+        {k: clone(v) for k, v in state.extra.items()},
+    )
+
+
+def _nbytes(state: ClientState) -> int:
+    tensors = [state.model, state.error, *state.extra.values()]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+class _StateCache:
+    """Per-process LRU of client states, keyed by file path and checked against the file's stat."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: "OrderedDict[Path, tuple[tuple, ClientState, int]]" = OrderedDict()
+        self._bytes = 0
+
+    @staticmethod
+    def limit() -> int:
+        return int(float(os.environ.get("FL_SPARSE_STATE_CACHE_MB", "512")) * 2**20)
+
+    def get(self, path: Path, signature: tuple) -> ClientState | None:
+        with self._lock:
+            entry = self._entries.get(path)
+            if entry is None:
+                return None
+            if entry[0] != signature:  # the file changed under us: read it
+                self._pop(path)
+                return None
+            self._entries.move_to_end(path)
+            return entry[1]
+
+    def put(self, path: Path, signature: tuple, state: ClientState) -> None:
+        size, limit = _nbytes(state), self.limit()
+        with self._lock:
+            self._pop(path)
+            if size > limit:
+                return
+            self._entries[path] = (signature, state, size)
+            self._bytes += size
+            while self._bytes > limit:
+                self._pop(next(iter(self._entries)))
+
+    def drop(self, path: Path) -> None:
+        with self._lock:
+            self._pop(path)
+
+    def _pop(self, path: Path) -> None:
+        entry = self._entries.pop(path, None)
+        if entry is not None:
+            self._bytes -= entry[2]
+
+
+_CACHE = _StateCache()

@@ -1,0 +1,11 @@
+"""Test-session settings: offline Flower, a private FLWR_HOME, quiet Ray."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Set before flwr / ray are imported by any test module.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fl-sparse-flwr-home-"))
