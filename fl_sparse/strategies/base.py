@@ -460,14 +460,22 @@ class SparseFedAvg(FedAvg):
         for key in ("num-examples", "train-loss", "density", "error-norm", "compression-error"):
             if key not in m:
                 raise codec.PayloadError(f"reply metrics lack '{key}'")
-        n = m["num-examples"]
-        if not isinstance(n, (int, float)) or not math.isfinite(float(n)) or float(n) <= 0:
-            raise codec.PayloadError(f"num-examples must be a positive number, got {n!r}")
+        for key in ("num-examples", "train-loss", "density", "error-norm", "compression-error"):
+            v = m[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+                raise codec.PayloadError(f"metric {key!r} must be a finite number, got {v!r}")
+            if key != "train-loss" and float(v) < 0:
+                raise codec.PayloadError(f"metric {key!r} must be >= 0, got {v!r}")
+        if float(m["num-examples"]) <= 0:
+            raise codec.PayloadError(f"num-examples must be positive, got {m['num-examples']!r}")
+        client = content.config_records[CLIENT_KEY]
+        if not isinstance(client.get("model-version"), int) or not isinstance(client.get("model-hash"), str):
+            raise codec.PayloadError("client record needs an int 'model-version' and a str 'model-hash'")
         record = content.array_records[UPDATE_KEY]
         update = codec.decode(record, numel, max_nnz=max_nnz)
         # Count what arrived, not what the client says it sent.
         wire = codec.wire_size(record).total_bytes
-        return update, wire, m, content.config_records[CLIENT_KEY]
+        return update, wire, m, client
 
     def _prune_history(self) -> None:
         """Forget positions older than any client could use cheaply.

@@ -75,7 +75,7 @@ def _content(update: ArrayRecord, model_hash: str, **metric_overrides) -> Record
 def _strategy(cls=TopKSGD, **kw):
     strategy = cls(ratio=0.01, **kw)
     strategy.initialize(_arrays())
-    strategy.prepare_round(1, num_clients=8)
+    strategy.prepare_round(1, num_clients=10)
     return strategy
 
 
@@ -116,13 +116,15 @@ def test_bad_replies_are_dropped_and_the_good_one_is_applied_exactly():
         _reply(6, _content(codec.encode(good), "not-the-servers-model")),
         _reply(7, _content(codec.encode(good), h, **{"num-examples": float("nan")})),
         _reply(8, RecordDict({"metrics": MetricRecord({"num-examples": 3})})),
+        _reply(9, _content(codec.encode(good), h, **{"error-norm": -1.0})),
+        _reply(10, _content(codec.encode(good), h, **{"train-loss": float("inf")})),
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
 
     assert arrays is not None
     torch.testing.assert_close(strategy.state.model, w0 - good.to_dense(), rtol=0, atol=0)
     rm = strategy.state.round_metrics[1]
-    assert rm["accepted"] == 1 and rm["failures"] == 7
+    assert rm["accepted"] == 1 and rm["failures"] == 9
     # Rejected clients are re-synced densely next time; the good one is not.
     assert set(strategy.state.client_versions) == {1}
     assert strategy.state.accepted == {1: 1}
