@@ -146,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.num_cpus is not None:
                 base = replace(base, num_cpus=args.num_cpus)
             t0 = time.perf_counter()
-            s_round, wall, _ = time_flower(base)
+            try:
+                s_round, wall, _ = time_flower(base)
+            except Exception as exc:  # one broken strategy must not lose the others' numbers
+                print(f"  {name:20s} clients={n:4d}  FAILED: {exc}", file=sys.stderr, flush=True)
+                continue
             total = time.perf_counter() - t0
             plain = time_plain(base)
             if name == "fedavg":

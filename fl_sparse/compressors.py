@@ -36,6 +36,7 @@ preserving); float32 and float64 are used as they are.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable
 
 import torch
@@ -224,6 +225,30 @@ def _largest_keys_lowest_index(keys: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([above, tied]).sort().values
 
 
+def _first_positions_with_key(raw: torch.Tensor, abs_mask: int, key: int, need: int) -> torch.Tensor:
+    """The (up to) ``need`` lowest positions with magnitude key exactly ``key``, ascending (CPU).
+
+    Scans growing chunks from the start and stops once ``need`` are found, so
+    a dense tie group costs a few small chunks, not a pass over ``x``.
+    """
+    numel = raw.numel()
+    pieces, found, start = [], 0, 0
+    size = max(1 << 16, 4 * need)
+    max_size = max(size, _CHUNK_BYTES // raw.element_size())
+    while start < numel and found < need:
+        n = min(size, numel - start)
+        pos = torch.nonzero(torch.bitwise_and(raw[start : start + n], abs_mask) == key).flatten()
+        if pos.numel():
+            take = pos[: need - found].add_(start)
+            pieces.append(take)
+            found += take.numel()
+        start += n
+        size = min(2 * size, max_size)
+    if not pieces:
+        return torch.empty(0, dtype=torch.int64, device=raw.device)
+    return torch.cat(pieces)
+
+
 # Subsample used to estimate thresholds: up to _SAMPLE_SIZE positions,
 # uniform with replacement from a fixed generator, so the estimate (and with
 # it the running time, never the result) is deterministic.
@@ -267,10 +292,15 @@ def magnitude_topk_indices(x: torch.Tensor, k: int, *, check_finite: bool = True
     argument only uses that the sample positions are uniform), and about
     ``k (1 + z / sqrt(m p))`` entries. The exact top-k of ``C`` is then the
     exact top-k of ``x``. If ``|C| < k`` the threshold is lowered (``j``
-    times 4) and the pass repeated; once the sample is exhausted (or
-    ``t == 0``, e.g. mostly-zero input, or all-equal magnitudes) the
+    times 4) and the pass repeated; once the sample is exhausted the
     selection runs on all of ``x``. So the result is always exact; only the
-    time varies (adversarial inputs cost about one ``torch.topk``).
+    time varies.
+
+    Large tie groups at ``t`` (all-equal, quantised or mostly-zero input),
+    seen in the sample as many more than ``j`` sampled keys ``>= t``, would
+    make ``C`` huge; then the top-k is assembled as ``{|x_i| > t}`` (if that
+    already holds ``k`` entries, its top-k) plus the lowest-index entries
+    with ``|x_i| == t``, found by a scan that stops as soon as it has enough.
 
     Accelerators: ``torch.topk`` on the magnitude keys (radix select, no sync).
 
@@ -298,20 +328,40 @@ def magnitude_topk_indices(x: torch.Tensor, k: int, *, check_finite: bool = True
     if numel >= _FAST_MIN_NUMEL and k < numel:
         sample_keys = torch.bitwise_and(raw[_sample_positions(numel, device)], abs_mask)
         m = sample_keys.numel()
+        if check_finite and int(sample_keys.max()) >= inf_key:
+            _raise_non_finite("TopK")  # the sample itself holds a NaN / Inf
         expected = m * k / numel
         j = math.ceil(expected + _SAMPLE_Z * math.sqrt(expected) + 1)
         while j < m:
-            # j-th largest sampled key; capped at key(inf) so non-finite
-            # entries are always candidates (and therefore always detected)
+            # j-th largest sampled key, kept within the magnitudes (a sample
+            # full of NaN would otherwise put it among NaN payload keys);
+            # non-finite entries are then always candidates, hence detected
             t_key = min(int(_kth_largest(sample_keys, j)), inf_key)
-            if t_key == 0:
+            n_at_least = int((sample_keys >= t_key).sum())
+            if n_at_least > 4 * j + 16 and t_key < inf_key:
+                # A large tie group sits at t (all-equal, quantised, mostly
+                # zero input): {|x| >= t} would be far bigger than planned.
+                # Split it: everything strictly above t, then the lowest-index
+                # entries equal to t, which is exactly the tie-break rule.
+                n_above = int((sample_keys > t_key).sum())
+                above = _positions_at_least(xw, t_key + 1, density_hint=(n_above + 1) / m)
+                above_keys = torch.bitwise_and(raw[above], abs_mask)
+                if check_finite and above.numel() and int(above_keys.max()) >= inf_key:
+                    _raise_non_finite("TopK")
+                if above.numel() >= k:
+                    return above[_largest_keys_lowest_index(above_keys, k)]
+                tied = _first_positions_with_key(raw, abs_mask, t_key, k - above.numel())
+                if above.numel() + tied.numel() == k:
+                    return torch.cat([above, tied]).sort().values
+            elif t_key == 0:
                 break  # every entry would be a candidate: select directly
-            candidates = _positions_at_least(xw, t_key, density_hint=j / m)
-            cand_keys = torch.bitwise_and(raw[candidates], abs_mask)
-            if check_finite and candidates.numel() and int(cand_keys.max()) >= inf_key:
-                _raise_non_finite("TopK")
-            if candidates.numel() >= k:
-                return candidates[_largest_keys_lowest_index(cand_keys, k)]
+            else:
+                candidates = _positions_at_least(xw, t_key, density_hint=j / m)
+                cand_keys = torch.bitwise_and(raw[candidates], abs_mask)
+                if check_finite and candidates.numel() and int(cand_keys.max()) >= inf_key:
+                    _raise_non_finite("TopK")
+                if candidates.numel() >= k:
+                    return candidates[_largest_keys_lowest_index(cand_keys, k)]
             j *= 4  # estimate too high (rare, or adversarial input): widen and redo the pass
 
     keys = torch.bitwise_and(raw, abs_mask)
@@ -322,7 +372,8 @@ def magnitude_topk_indices(x: torch.Tensor, k: int, *, check_finite: bool = True
 
 # ============================================================ budgets (k)
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """A true integer (Python or numpy), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _validate_budget(k: Any, ratio: Any, who: str) -> tuple[int | None, float | None]:
@@ -333,8 +384,8 @@ def _validate_budget(k: Any, ratio: Any, who: str) -> tuple[int | None, float | 
             raise ValueError(f"{who}: k must be an int, got {k!r}")
         if k < 1:
             raise ValueError(f"{who}: k must be >= 1, got {k}")
-        return k, None
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        return int(k), None
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
         raise ValueError(f"{who}: ratio must be a number, got {ratio!r}")
     ratio = float(ratio)
     if not (0.0 < ratio <= 1.0):  # also rejects NaN
@@ -346,7 +397,8 @@ def _k_from_budget(k: int | None, ratio: float | None, numel: int) -> int:
     """``min(k, numel)``, or ``ceil(ratio * numel)`` clipped to ``[1, numel]`` (0 if ``numel == 0``).
 
     ``ceil(ratio d)`` equals the bidirectional top-K paper's
-    ``K = d - floor((1 - ratio) d)`` in exact arithmetic; products that are
+    ``K = d - floor((1 - 0.001) d)`` (bidirectional-topk-downlink-compression.txt
+    line 257, ``ratio = 0.001``) in exact arithmetic; products that are
     integers up to float rounding (``0.07 * 100 = 7.000000000000001``) are
     not rounded up to the next integer.
     """
@@ -400,7 +452,7 @@ class _SeededRandomness:
     def __init__(self, seed: int | None) -> None:
         if seed is not None and not _is_int(seed):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
-        self.seed = seed
+        self.seed = None if seed is None else int(seed)
         self._generators: dict[str, torch.Generator] = {}
 
     def generator(self, device: torch.device, override: torch.Generator | None) -> torch.Generator | None:
@@ -518,8 +570,8 @@ class RTopK:
                 raise ValueError(f"RTopK: need k <= r, got k={self.k}, r={r}")
         if n_workers is not None and (not _is_int(n_workers) or n_workers < 1):
             raise ValueError(f"RTopK: n_workers must be an int >= 1, got {n_workers!r}")
-        self.r = r
-        self.n_workers = n_workers
+        self.r = None if r is None else int(r)
+        self.n_workers = None if n_workers is None else int(n_workers)
         self.check_finite = bool(check_finite)
         self._randomness = _SeededRandomness(seed)
 
@@ -565,7 +617,7 @@ class HardThreshold:
     """
 
     def __init__(self, lam: float, *, check_finite: bool = True) -> None:
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+        if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
             raise ValueError(f"HardThreshold: lam must be a number, got {lam!r}")
         lam = float(lam)
         if not math.isfinite(lam) or lam < 0:
@@ -706,7 +758,7 @@ def _adaptive_k_check(T: int, k: int, gamma: float, t_hat: int) -> None:
         raise ValueError(f"AdapTop-K: T must be an int >= 1, got {T!r}")
     if not _is_int(k) or k < 1:
         raise ValueError(f"AdapTop-K: k must be an int >= 1, got {k!r}")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0.0 <= gamma <= 1.0:
         raise ValueError(f"AdapTop-K: gamma must be in [0, 1] (k_t = (1 - gamma) k >= 0), got {gamma!r}")
     if not _is_int(t_hat) or not 0 <= t_hat <= T:
         raise ValueError(f"AdapTop-K: t_hat must be an int in [0, T={T}], got {t_hat!r}")
@@ -741,6 +793,7 @@ def adaptive_k_schedule(t: int, T: int, k: int, gamma: float, t_hat: int) -> int
     _adaptive_k_check(T, k, gamma, t_hat)
     if not _is_int(t) or not 0 <= t < T:
         raise ValueError(f"AdapTop-K: round t must be an int in [0, T={T}), got {t!r}")
+    t, T, k, t_hat = int(t), int(T), int(k), int(t_hat)
     k_hi = math.floor((1.0 + gamma) * k + 0.5)
     k_lo = 2 * k - k_hi
     low_start = -(-t_hat // 2)  # ceil(t_hat / 2): first round of the low phase
@@ -772,7 +825,7 @@ def _as_int(name: str, v: Any) -> int:
     if isinstance(v, bool):
         raise ValueError(f"parameter {name!r} must be an integer, got bool {v!r}")
     if _is_int(v):
-        return v
+        return int(v)
     if isinstance(v, str):
         try:
             v = float(v.strip())
@@ -786,7 +839,7 @@ def _as_int(name: str, v: Any) -> int:
 def _as_float(name: str, v: Any) -> float:
     if isinstance(v, bool):
         raise ValueError(f"parameter {name!r} must be a number, got bool {v!r}")
-    if isinstance(v, (int, float)):
+    if isinstance(v, numbers.Real):
         return float(v)
     if isinstance(v, str):
         try:

@@ -25,6 +25,11 @@ from fl_sparse.sparse import SparseTensor
 __all__ = ["ErrorFeedback"]
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Device equality where an index-less device (``"cuda"``) matches any index of its type."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 class ErrorFeedback:
     """Error-feedback memory ``e`` for flat 1-D vectors of length ``numel``.
 
@@ -103,7 +108,7 @@ class ErrorFeedback:
             raise ValueError(f"{what} has {x.numel()} entries, the memory holds {self._numel}")
         if self._device is None:
             self._device = x.device
-        elif x.device != self._device:
+        elif not _same_device(x.device, self._device):
             raise ValueError(f"{what} is on {x.device}, the memory is on {self._device}")
 
     # ---------------------------------------------------------- operations
@@ -127,7 +132,7 @@ class ErrorFeedback:
         if isinstance(sent, SparseTensor):
             if sent.numel != self._numel:
                 raise ValueError(f"sent has numel {sent.numel}, the memory holds {self._numel}")
-            if sent.device != self._device:
+            if not _same_device(sent.device, self._device):
                 raise ValueError(f"sent is on {sent.device}, the memory is on {self._device}")
             error = compensated.to(self._dtype, copy=True)
             # index_add_ (not index_put) is also right if indices repeat
@@ -137,7 +142,7 @@ class ErrorFeedback:
                 raise ValueError(
                     f"sent has shape {tuple(sent.shape)}, compensated has {tuple(compensated.shape)}"
                 )
-            if sent.device != self._device:
+            if not _same_device(sent.device, self._device):
                 raise ValueError(f"sent is on {sent.device}, the memory is on {self._device}")
             error = (compensated - sent.detach()).to(self._dtype)
         else:

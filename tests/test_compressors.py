@@ -79,7 +79,10 @@ def test_topk_matches_torch_topk_small(values, data):
 
 @pytest.mark.parametrize(
     "kind",
-    ["normal", "cauchy", "all_equal", "few_nonzero", "many_zero", "discrete_ties", "sample_trap", "negative", "ramp"],
+    [
+        "normal", "cauchy", "all_equal", "few_nonzero", "many_zero", "discrete_ties", "sample_trap",
+        "hidden_above_tie", "sample_tie_trap", "negative", "ramp",
+    ],
 )
 @pytest.mark.parametrize("ratio", [0.001, 0.01, 0.2])
 def test_topk_large_adversarial_inputs(kind, ratio):
@@ -107,6 +110,19 @@ def test_topk_large_adversarial_inputs(kind, ratio):
         x = torch.randn(d, generator=g) * 1e-3
         pos = C._sample_positions(d, torch.device("cpu"))
         x[pos] = 1000.0 + torch.arange(pos.numel(), dtype=torch.float32)
+    elif kind == "hidden_above_tie":
+        # one big tie group, and more than k larger entries none of which is
+        # sampled: the sample sees only the tie, the population has >= k above it
+        x = torch.ones(d)
+        sampled = torch.zeros(d, dtype=torch.bool)
+        sampled[C._sample_positions(d, torch.device("cpu"))] = True
+        free = torch.nonzero(~sampled).flatten()
+        x[free[torch.randperm(free.numel(), generator=g)[: int(ratio * d) + 50]]] = 2.0
+    elif kind == "sample_tie_trap":
+        # the sample is all one value that is rare in the population: the tie
+        # path finds too few equal entries and has to fall back
+        x = torch.rand(d, generator=g) * 0.5
+        x[C._sample_positions(d, torch.device("cpu"))] = 1.0
     elif kind == "negative":
         x = -torch.rand(d, generator=g)
     else:  # increasing magnitudes: the top-k is one contiguous block at the end
@@ -188,6 +204,28 @@ def test_topk_non_finite_even_when_sample_holds_nan():
     x[C._sample_positions(d, torch.device("cpu"))[:50]] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         TopK(ratio=0.01)(x)
+
+
+def test_topk_half_of_a_mostly_zero_vector():
+    # k above the non-zero count with a sampled threshold of exactly 0 (direct selection)
+    d = 100_000
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(d, generator=g) * (torch.rand(d, generator=g) < 0.3)
+    s = TopK(ratio=0.5)(x)
+    assert torch.equal(s.indices, reference_topk(x, d // 2))
+
+
+def test_topk_without_finite_check_ranks_nan_first():
+    d = 100_000
+    x = torch.randn(d, generator=torch.Generator().manual_seed(4))
+    nan_at = C._sample_positions(d, torch.device("cpu")).unique()
+    x[nan_at] = float("nan")
+    k = nan_at.numel() + 10
+    idx = TopK(k, check_finite=False)(x).indices
+    assert idx.numel() == k and torch.unique(idx).numel() == k
+    assert set(nan_at.tolist()) <= set(idx.tolist())
+    finite = idx[~torch.isnan(x[idx])]
+    assert torch.equal(finite, reference_topk(torch.nan_to_num(x, nan=0.0), 10))
 
 
 def test_topk_rejects_bad_input():

@@ -131,6 +131,10 @@ def test_state_dict_roundtrip_through_torch_save():
     snapshot.load_state_dict(mem.state_dict())
     mem.update(c, c)
     assert not torch.equal(snapshot.error, mem.error)
+    state = {"numel": 6, "error": torch.ones(6)}
+    snapshot.load_state_dict(state)
+    state["error"].mul_(5)  # the caller's tensor is not the memory's
+    assert torch.equal(snapshot.error, torch.ones(6))
     # empty state
     empty = ErrorFeedback()
     empty.load_state_dict(ErrorFeedback(4).state_dict())
@@ -155,6 +159,17 @@ def test_dtype_of_memory():
     mem.update(out, SparseTensor.empty(3, dtype=torch.float64))
     assert mem.error.dtype == torch.float64
     assert torch.equal(mem.error, c.double())
+
+
+def test_device_matching_ignores_missing_index():
+    from fl_sparse.memory import _same_device
+
+    assert _same_device(torch.device("cuda"), torch.device("cuda:0"))
+    assert _same_device(torch.device("cuda:1"), torch.device("cuda"))
+    assert not _same_device(torch.device("cuda:0"), torch.device("cuda:1"))
+    assert not _same_device(torch.device("cpu"), torch.device("cuda"))
+    mem = ErrorFeedback(2, device="cpu")
+    assert torch.equal(mem.compensate(torch.ones(2)), torch.ones(2))
 
 
 @needs_cuda

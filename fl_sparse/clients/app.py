@@ -262,3 +262,6 @@ def evaluate(msg: Message, context: Context) -> Message:
         {"metrics": MetricRecord({"num-examples": int(test.labels[pid::n].numel()), "eval-loss": loss, "eval-acc": acc})}
     )
     return Message(content=content, reply_to=msg)
+
+
+from fl_sparse.clients import ssgd_mv as _ssgd_mv  # noqa: E402,F401  registers train.vote/train.values
