@@ -542,7 +542,7 @@ def _parse_header(record: object) -> _Header:
 
     has_positions, has_values = pcode != PCODE_NONE, value_code is not None
     shape_ok = {
-        KIND_SPARSE: has_positions and has_values,
+        KIND_SPARSE: has_values and (has_positions or (nnz == numel and nnz > 0)),
         KIND_POSITIONS: has_positions and not has_values,
         KIND_VALUES: has_values and not has_positions and nnz == numel,
         KIND_DENSE: not has_positions and value_code is not None and value_code.code_id == VCODE_FP32 and nnz == numel,
@@ -654,9 +654,15 @@ def encode(sparse: SparseTensor, values: str = "fp32", positions: str = "raw") -
     ``"fp16"``. Deterministic: equal inputs give byte-identical records.
     """
     vcode = _value_code(values)
+    _position_code(positions)  # reject an unknown code even when it goes unused
     idx = _indices_to_numpy(sparse.indices, sparse.numel)
-    pos, pcode, pparam, pbits = _position_arrays(idx, sparse.numel, positions)
     value_arrays = _value_arrays(sparse.values, vcode)
+    if idx.size == sparse.numel and idx.size > 0:
+        # Every entry present (dense FedAvg, a full aggregate): positions are
+        # implied, so none are sent -- a dense update costs what it should.
+        header = _make_header(KIND_SPARSE, sparse.numel, idx.size, vcode, PCODE_NONE, 0, 0)
+        return _record(header, value_arrays)
+    pos, pcode, pparam, pbits = _position_arrays(idx, sparse.numel, positions)
     header = _make_header(KIND_SPARSE, sparse.numel, idx.size, vcode, pcode, pparam, pbits)
     return _record(header, {"positions": pos, **value_arrays})
 
@@ -706,6 +712,8 @@ def lossy_values(x: torch.Tensor, values: str = "fp32") -> torch.Tensor:
 def _decode_positions_from(record: Mapping, header: _Header) -> np.ndarray:
     """Validated int64 indices: strictly increasing, within [0, numel)."""
     nnz, numel, pcode, param = header.nnz, header.numel, header.position_code, header.position_param
+    if pcode == PCODE_NONE:  # a full sparse payload: every position, implied
+        return np.arange(numel, dtype=np.int64)
     if pcode == PCODE_RAW:
         raw = _read_array(record, "positions", "int32" if param == 32 else "int64", nnz)
         idx = raw.astype(np.int64)

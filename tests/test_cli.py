@@ -22,6 +22,10 @@ REQUIRED = (
     "client_error_norm",
     "server_error_norm",
     "cumulative_total_error",
+    "q_loc_up",
+    "q_val_up",
+    "q_loc_down",
+    "q_val_down",
 )
 
 

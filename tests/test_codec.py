@@ -165,11 +165,15 @@ def check_roundtrip(sp: SparseTensor, values: str, positions: str) -> None:
     data_bytes = {k: len(a.data) for k, a in record.items()}
     assert ws.total_bytes == sum(data_bytes.values())
     assert ws.total_bytes == ws.header_bytes + ws.position_bytes + ws.value_bytes
-    assert ws.position_bytes == data_bytes["positions"]
     nnz = sp.nnz
-    if positions == "raw":
+    if nnz == sp.numel and nnz > 0:
+        # every position present: implied, nothing sent for them
+        assert "positions" not in record and ws.position_bytes == ws.position_bits == 0
+    elif positions == "raw":
+        assert ws.position_bytes == data_bytes["positions"]
         assert ws.position_bits == 32 * nnz == 8 * ws.position_bytes
     else:
+        assert ws.position_bytes == data_bytes["positions"]
         assert ws.position_bytes == math.ceil(ws.position_bits / 8)
         if nnz:  # block/rice never cost more than log2(1/phi) + 2 bits per position
             assert ws.position_bits / nnz <= math.log2(sp.numel / nnz) + 2 + 1e-9
@@ -611,3 +615,15 @@ def test_cuda_tensors_encode_to_what_lossy_roundtrip_predicts(values, positions)
     assert predicted.values.is_cuda
     assert torch.equal(out.indices, sp.indices.cpu())
     assert torch.equal(out.values, predicted.values.cpu())
+
+
+@pytest.mark.parametrize("positions", POSITION_CODES)
+def test_full_support_sends_no_positions_and_costs_like_dense(positions):
+    x = torch.randn(5000)
+    full = SparseTensor(torch.arange(5000), x, 5000)
+    record = encode(full, "fp32", positions)
+    assert wire_size(record).total_bytes == wire_size(encode_dense(x)).total_bytes
+    out = decode(record, 5000)
+    assert torch.equal(out.indices, full.indices) and torch.equal(out.values, x)
+    # one entry short of full: positions are sent again
+    assert "positions" in encode(SparseTensor(torch.arange(4999), x[:4999], 5000), "fp32", positions)

@@ -198,6 +198,7 @@ class SparseFedAvg(FedAvg):
         self.diagnostics = diagnostics
         self.state = ServerState()
         self._round_compressor = None
+        self._local_steps = 1
         self.node_keys: dict[int, tuple[int, int]] = {}
         self._round_started = 0.0
 
@@ -285,6 +286,7 @@ class SparseFedAvg(FedAvg):
         node_ids = self.sample(server_round, grid)
         spec = self.prepare_round(server_round, len(node_ids))
         base = ConfigRecord(dict(config))
+        self._local_steps = max(1, int(config.get("local-steps", 1)))
         base["server-round"] = server_round
         base["uplink"] = json.dumps(spec, sort_keys=True)
         base["uplink-values"] = self.uplink_values
@@ -363,7 +365,7 @@ class SparseFedAvg(FedAvg):
         assert st.model is not None and st.layout is not None, "configure_train runs first"
         numel = st.model.numel()
         updates, weights, metrics, dense_diag = [], [], [], []
-        failures, uplink_bytes = 0, 0
+        failures, uplink_bytes, uplink_bits = 0, 0, []
         expected_hash = vector_hash(st.model)
         max_nnz = self._max_uplink_nnz(server_round, numel)
         for msg in replies:
@@ -374,7 +376,7 @@ class SparseFedAvg(FedAvg):
                 log(WARNING, "round %d: client %d failed: %s", server_round, node, msg.error.reason)
                 continue
             try:
-                update, wire_bytes, m, client_cfg = self._read_reply(msg, numel, max_nnz)
+                update, wire, m, client_cfg = self._read_reply(msg, numel, max_nnz)
             except codec.PayloadError as exc:
                 failures += 1
                 st.client_versions.pop(node, None)
@@ -387,7 +389,8 @@ class SparseFedAvg(FedAvg):
                 log(WARNING, "round %d: client %d trained from a different model; dropped", server_round, node)
                 continue
             updates.append(update)
-            uplink_bytes += wire_bytes
+            uplink_bytes += wire.total_bytes
+            uplink_bits.append((wire.position_bits, wire.value_bits))
             weights.append(float(m["num-examples"]))
             metrics.append(m)
             st.accepted[node] = server_round
@@ -418,6 +421,10 @@ class SparseFedAvg(FedAvg):
         self._prune_history()
 
         server_error_norm = st.server_error.norm() if self.downlink is not None else 0.0
+        # Bits per parameter per local step (Q / (d H)), as in the SSGD-MV paper's Table 1:
+        # uplink averaged over the clients, downlink for the update every client receives.
+        d_h = numel * self._local_steps
+        down = codec.wire_size(record)
         client_sq = sum(float(m["error-norm"]) ** 2 * pq for m, pq in zip(metrics, p))
         st.cumulative_total_error += sum(float(m["compression-error"]) * pq for m, pq in zip(metrics, p))
         rm.update(
@@ -431,6 +438,10 @@ class SparseFedAvg(FedAvg):
                 "client_error_norm": math.sqrt(client_sq),
                 "server_error_norm": server_error_norm,
                 "cumulative_total_error": st.cumulative_total_error,
+                "q_loc_up": sum(b[0] for b in uplink_bits) / len(uplink_bits) / d_h,
+                "q_val_up": sum(b[1] for b in uplink_bits) / len(uplink_bits) / d_h,
+                "q_loc_down": down.position_bits / d_h,
+                "q_val_down": down.value_bits / d_h,
                 "num_examples": int(total),
                 "round_seconds": time.perf_counter() - self._round_started,
             }
@@ -474,8 +485,7 @@ class SparseFedAvg(FedAvg):
         record = content.array_records[UPDATE_KEY]
         update = codec.decode(record, numel, max_nnz=max_nnz)
         # Count what arrived, not what the client says it sent.
-        wire = codec.wire_size(record).total_bytes
-        return update, wire, m, client
+        return update, codec.wire_size(record), m, client
 
     def _prune_history(self) -> None:
         """Forget positions older than any client could use cheaply.

@@ -125,6 +125,10 @@ def test_bad_replies_are_dropped_and_the_good_one_is_applied_exactly():
     torch.testing.assert_close(strategy.state.model, w0 - good.to_dense(), rtol=0, atol=0)
     rm = strategy.state.round_metrics[1]
     assert rm["accepted"] == 1 and rm["failures"] == 9
+    # Bits per parameter per local step, from the one accepted payload (H = 1 here).
+    assert rm["q_loc_up"] == codec.wire_size(good_record).position_bits / NUMEL
+    assert rm["q_val_up"] == 32 * good.nnz / NUMEL
+    assert rm["uplink_bytes"] == codec.wire_size(good_record).total_bytes
     # Rejected clients are re-synced densely next time; the good one is not.
     assert set(strategy.state.client_versions) == {1}
     assert strategy.state.accepted == {1: 1}
