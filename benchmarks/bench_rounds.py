@@ -109,6 +109,52 @@ def time_plain(cfg: RunConfig) -> float:
     return (time.perf_counter() - start) / cfg.rounds
 
 
+def time_flower_floor(clients: int, rounds: int, num_cpus: float) -> float:
+    """Median seconds per round of a no-op ClientApp on the same engine and settings.
+
+    Every message goes server -> Ray actor -> server and the client replies at
+    once: what Flower's simulation costs per round before any work is done.
+    Compare the strategies' s/round with it to see which part is ours.
+    """
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    noop = ClientApp()
+
+    @noop.train()
+    def _reply(msg, context):
+        return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+    server = ServerApp()
+    seconds: list[float] = []
+
+    @server.main()
+    def _main(grid: Grid, context) -> None:
+        while len(nodes := sorted(grid.get_node_ids())) < clients:
+            time.sleep(0.2)
+        for r in range(rounds):
+            start = time.perf_counter()
+            msgs = [
+                Message(content=RecordDict({"config": ConfigRecord({"r": r})}), message_type="train", dst_node_id=n)
+                for n in nodes
+            ]
+            list(grid.send_and_receive(msgs, timeout=600))
+            seconds.append(time.perf_counter() - start)
+
+    run_simulation(
+        server_app=server,
+        client_app=noop,
+        num_supernodes=clients,
+        backend_config={
+            "client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0},
+            "init_args": {"include_dashboard": False, "logging_level": logging.WARNING},
+        },
+    )
+    return statistics.median(seconds[1:]) if len(seconds) > 1 else float("nan")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 100])
@@ -128,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     strategies = args.strategies or (["fedavg", "topk", "bidirectional-topk"] if args.quick else _strategies())
     rounds = 4 if args.quick else args.rounds
     results = []
+    floors: dict[int, float] = {}
     for n in args.clients:
+        floors[n] = time_flower_floor(n, rounds, args.num_cpus if args.num_cpus is not None else RunConfig().num_cpus)
+        print(f"  {'(no-op ClientApp)':20s} clients={n:4d}  {floors[n]:.4f} s/round", file=sys.stderr, flush=True)
         dense = None
         for name in strategies:
             base = RunConfig(
@@ -179,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         if flag:
             bad.append(name)
         print(f"{name:20s} {n:7d} {s:9.4f} {wall:10.4f} {plain:9.4f} {vs_dense:8.2f} {vs_plain:8.2f}{flag}")
+    for n, floor in floors.items():
+        print(f"{'flower floor (no-op)':20s} {n:7d} {floor:9.4f} {'':10s} {'':9s} {'':8s} {'':8s}")
     print("targets: vs dense <= 1.0 (sparse strategies), vs plain <= 3.0 at 100 clients")
+    print("flower floor: the same engine and settings with a ClientApp that replies at once")
     return 0
 
 
