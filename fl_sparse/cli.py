@@ -70,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, DatasetUnavailableError) as exc:
             print(f"fl-sparse simulate: error: {exc}", file=sys.stderr)
             return 2
+        if not cfg.quiet:
+            print(
+                f"fl-sparse: {cfg.strategy} on {cfg.dataset} ({cfg.model}), {cfg.clients} clients "
+                f"({cfg.partition}), {cfg.rounds} rounds of H={cfg.local_steps}, ratio {cfg.ratio}; "
+                "starting Flower's simulation engine...",
+                file=sys.stderr,
+                flush=True,
+            )
         rows = simulate(cfg)
         last = rows[-1]
         acc = last.get("test_accuracy")

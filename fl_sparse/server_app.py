@@ -251,14 +251,15 @@ def _progress(row: dict[str, Any], total: int, elapsed: float) -> None:
     r = int(row["round"])
     width = 20
     done = int(width * r / total)
-    eta = elapsed / r * (total - r)
+    per_round = float(row.get("round_seconds", elapsed / r))
+    eta = per_round * (total - r)
     acc = row.get("test_accuracy")
     acc_s = f"acc {acc:6.2%}" if isinstance(acc, float) else "acc   -   "
     print(
         f"[{'#' * done}{'.' * (width - done)}] round {r}/{total}  {acc_s}  "
         f"loss {row.get('train_loss', float('nan')):.4f}  "
         f"up {row.get('uplink_bytes', 0) / 1e3:,.1f} kB  down {row.get('downlink_bytes', 0) / 1e3:,.1f} kB  "
-        f"{elapsed / r:.2f} s/round  ETA {eta:,.0f} s",
+        f"{per_round:.2f} s/round  elapsed {elapsed:,.0f} s  ETA {eta:,.0f} s",
         file=sys.stderr,
         flush=True,
     )

@@ -17,6 +17,22 @@ from fl_sparse.server_app import RunConfig, run_server
 __all__ = ["simulate", "backend_config"]
 
 
+class _KnownNoise(logging.Filter):
+    """Drop Flower warnings that say nothing about this run.
+
+    ``run_simulation`` is deprecated in favour of ``flwr run`` (which needs a
+    SuperLink; see docs/deployment.md) and the strategies evaluate centrally on
+    purpose; repeating both on every run would hide the warnings that matter
+    (rejected replies, failed clients).
+    """
+
+    _PATTERNS = ("`run_simulation` function is deprecated", "fraction_evaluate is set to 0.0")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p in message for p in self._PATTERNS)
+
+
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
     """Ray resources: ``num_cpus``/``num_gpus`` per client (fractional GPUs allowed)."""
     resources: dict[str, Any] = {"num_cpus": float(cfg.num_cpus), "num_gpus": float(cfg.num_gpus)}
@@ -35,6 +51,7 @@ def simulate(cfg: RunConfig, strategy=None) -> list[dict[str, Any]]:
     # Offline by design: no telemetry, no dependency installation.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
@@ -49,11 +66,13 @@ def simulate(cfg: RunConfig, strategy=None) -> list[dict[str, Any]]:
 
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
-    if not cfg.quiet:
-        flwr_logger.setLevel(logging.WARNING)  # our progress line replaces Flower's per-round INFO log
+    flwr_logger.setLevel(logging.WARNING)  # our progress line replaces Flower's per-round INFO log
+    noise = _KnownNoise()
+    flwr_logger.addFilter(noise)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*accelerator visible devices.*", category=FutureWarning)
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
@@ -62,6 +81,7 @@ def simulate(cfg: RunConfig, strategy=None) -> list[dict[str, Any]]:
             )
     finally:
         flwr_logger.setLevel(level)
+        flwr_logger.removeFilter(noise)
     if len(rows) != cfg.rounds:
         raise RuntimeError(
             f"simulation finished {len(rows)} of {cfg.rounds} rounds; see the log above for the error"
