@@ -71,22 +71,9 @@ def time_flower(cfg: RunConfig) -> tuple[float, float, list[dict]]:
 
 def _simulate_with_timestamps(cfg: RunConfig, ends: list[float]) -> list[dict]:
     from fl_sparse.simulations.runner import simulate
-    from fl_sparse.strategies import build_strategy
+    from fl_sparse.server_app import strategy_from_config
 
-    strategy = build_strategy(
-        cfg.strategy,
-        ratio=cfg.ratio,
-        downlink_ratio=cfg.downlink_ratio,
-        threshold=cfg.threshold,
-        num_rounds=cfg.rounds,
-        value_bits=cfg.value_bits,
-        add_drop_ratio=cfg.add_drop_ratio,
-        positions=cfg.positions,
-        lr=cfg.lr,
-        fraction_train=cfg.fraction,
-        seed=cfg.seed,
-        diagnostics=cfg.diagnostics,
-    )
+    strategy = strategy_from_config(cfg)
     aggregate_train = strategy.aggregate_train
 
     def timed_aggregate(server_round, replies):

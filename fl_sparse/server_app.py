@@ -27,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_sparse.flat import FlatLayout
 from fl_sparse.strategies import STRATEGY_NAMES, build_strategy
 
-__all__ = ["RunConfig", "app", "run_server", "write_metrics"]
+__all__ = ["RunConfig", "app", "run_server", "strategy_from_config", "write_metrics"]
 
 
 @dataclass
@@ -179,6 +179,24 @@ def _train_config(cfg: RunConfig, state_dir: str, state_fsync: bool = True) -> C
     )
 
 
+def strategy_from_config(cfg: RunConfig):
+    """The strategy ``cfg.strategy`` names, configured from ``cfg``."""
+    return build_strategy(
+        cfg.strategy,
+        ratio=cfg.ratio,
+        downlink_ratio=cfg.downlink_ratio,
+        threshold=cfg.threshold,
+        num_rounds=cfg.rounds,
+        value_bits=cfg.value_bits,
+        add_drop_ratio=cfg.add_drop_ratio,
+        positions=cfg.positions,
+        lr=cfg.lr,
+        fraction_train=cfg.fraction,
+        seed=cfg.seed,
+        diagnostics=cfg.diagnostics,
+    )
+
+
 def run_server(grid: Grid, cfg: RunConfig, strategy=None) -> list[dict[str, Any]]:
     """Run ``cfg`` on ``grid``; returns (and writes, if ``cfg.out``) the per-round metrics.
 
@@ -193,20 +211,7 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None) -> list[dict[str, Any]
     model = _initial_model(cfg)
     initial = ArrayRecord(model.state_dict())
     layout = FlatLayout.from_arrayrecord(initial)
-    strategy = strategy or build_strategy(
-        cfg.strategy,
-        ratio=cfg.ratio,
-        downlink_ratio=cfg.downlink_ratio,
-        threshold=cfg.threshold,
-        num_rounds=cfg.rounds,
-        value_bits=cfg.value_bits,
-        add_drop_ratio=cfg.add_drop_ratio,
-        positions=cfg.positions,
-        lr=cfg.lr,
-        fraction_train=cfg.fraction,
-        seed=cfg.seed,
-        diagnostics=cfg.diagnostics,
-    )
+    strategy = strategy or strategy_from_config(cfg)
     test = test_split(cfg.dataset)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.num_gpus > 0 else "cpu")
     rows: list[dict[str, Any]] = []

@@ -236,6 +236,17 @@ def _finish(procs: Procs, proc: subprocess.Popen, log: Path, timeout: float = RU
 # ------------------------------------------------------------------- tests
 def test_flwr_run_simulation(procs: Procs, tmp_path: Path):
     """``flwr run <app> <connection>`` on a local simulation SuperLink, offline."""
+    with logs_on_failure(procs):
+        _simulation(procs, tmp_path)
+
+
+def test_deployment_supernode_restart(procs: Procs, tmp_path: Path):
+    """SuperLink + 2 SuperNodes on 127.0.0.1; one SuperNode dies after round 2 and comes back."""
+    with logs_on_failure(procs):
+        _deployment_restart(procs, tmp_path)
+
+
+def _simulation(procs: Procs, tmp_path: Path) -> None:
     port = _free_port()
     _write_flower_config(Path(procs.env["FLWR_HOME"]), "local-sim", port)
     _start_superlink(procs, port, simulation=True)
@@ -253,8 +264,7 @@ def test_flwr_run_simulation(procs: Procs, tmp_path: Path):
     assert (out / "model.pt").exists()
 
 
-def test_deployment_supernode_restart(procs: Procs, tmp_path: Path):
-    """SuperLink + 2 SuperNodes on 127.0.0.1; one SuperNode dies after round 2 and comes back."""
+def _deployment_restart(procs: Procs, tmp_path: Path) -> None:
     import torch
 
     rounds = 5

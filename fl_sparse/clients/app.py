@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from fl_sparse.simulations import data as data_lib
 from fl_sparse.simulations import training
 from fl_sparse.sparse import SparseTensor
 
-__all__ = ["app", "SyncError", "state_store_for", "client_key", "run_train", "client_generator_seed", "takes_generator"]
+__all__ = ["app", "SyncError", "state_store_for", "client_key", "run_train", "client_generator_seed", "takes_generator", "ClientRound"]
 
 app = ClientApp()
 
@@ -149,15 +149,35 @@ def local_update(task: ClientTask, w: torch.Tensor, config: ConfigRecord, steps_
     return w.to(device) - after, float(result["train_loss"])
 
 
+@dataclass
+class ClientRound:
+    """What every train handler opens first: its config, task, state and where to save it."""
+
+    config: ConfigRecord
+    task: ClientTask
+    device: torch.device
+    store: ClientStateStore
+    key: str
+    state: ClientState
+
+    @classmethod
+    def open(cls, msg: Message, context: Context) -> "ClientRound":
+        if "config" not in msg.content.config_records:
+            raise ValueError("train message has no 'config' ConfigRecord")
+        config = msg.content.config_records["config"]
+        store = state_store_for(context, config)
+        key = client_key(context)
+        return cls(config, _task(context, config), _device(config), store, key, store.load(key))
+
+    def save(self) -> None:
+        self.store.save(self.key, self.state)
+
+
 def run_train(msg: Message, context: Context) -> Message:
     """The body of the train handler (importable for tests and subclasses)."""
-    config = msg.content.config_records["config"]
-    task = _task(context, config)
-    device = _device(config)
+    rnd = ClientRound.open(msg, context)
+    config, task, device, state = rnd.config, rnd.task, rnd.device, rnd.state
     numel = task.layout.numel
-    store = state_store_for(context, config)
-    key = client_key(context)
-    state = store.load(key)
 
     apply_sync(state, config, msg.content, numel)
     model_hash = vector_hash(state.model)  # state.model is not changed below: reported as is
@@ -185,7 +205,7 @@ def run_train(msg: Message, context: Context) -> Message:
     state.extra["pending_indices"] = sent.indices.to("cpu")
     state.extra["pending_values"] = sent.values.to("cpu", torch.float32)
     state.extra["pending_round"] = torch.tensor(int(config["server-round"]))
-    store.save(key, state)
+    rnd.save()
 
     content = RecordDict(
         {

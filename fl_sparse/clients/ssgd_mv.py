@@ -45,15 +45,12 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fl_sparse import codec
 from fl_sparse.clients.app import (
+    ClientRound,
     SyncError,
-    _device,
-    _task,
     app,
     apply_sync,
-    client_key,
     local_update,
     restore_unaccepted,
-    state_store_for,
 )
 from fl_sparse.clients.state import ClientState
 from fl_sparse.compressors import magnitude_topk_indices
@@ -270,30 +267,21 @@ def values_step(state: ClientState, content: RecordDict, config: ConfigRecord, *
 # ====================================================================== Flower handlers
 def handle_vote(msg: Message, context: Context) -> Message:
     """``train.vote``: sync, H local steps, vote."""
-    config = msg.content.config_records["config"]
-    task = _task(context, config)
-    device = _device(config)
-    numel = task.layout.numel
-    store = state_store_for(context, config)
-    key = client_key(context)
-    state = store.load(key)
-    model_hash = prepare_vote(state, config, msg.content, numel)
-    step, loss = local_update(task, state.model, config, state.steps_done, device)
+    rnd = ClientRound.open(msg, context)
+    config, state = rnd.config, rnd.state
+    model_hash = prepare_vote(state, config, msg.content, rnd.task.layout.numel)
+    step, loss = local_update(rnd.task, state.model, config, state.steps_done, rnd.device)
     content = vote_step(state, step, config, model_hash=model_hash, loss=loss)
     state.steps_done += int(config.get("local-steps", 1))
-    store.save(key, state)
+    rnd.save()
     return Message(content=content, reply_to=msg)
 
 
 def handle_values(msg: Message, context: Context) -> Message:
     """``train.values``: the compensated update on the common mask."""
-    config = msg.content.config_records["config"]
-    task = _task(context, config)
-    store = state_store_for(context, config)
-    key = client_key(context)
-    state = store.load(key)
-    content = values_step(state, msg.content, config, num_examples=task.num_examples)
-    store.save(key, state)
+    rnd = ClientRound.open(msg, context)
+    content = values_step(rnd.state, msg.content, rnd.config, num_examples=rnd.task.num_examples)
+    rnd.save()
     return Message(content=content, reply_to=msg)
 
 

@@ -460,29 +460,9 @@ class SparseFedAvg(FedAvg):
         return numel if k_for is None else min(numel, int(k_for(numel)))
 
     def _read_reply(self, msg: Message, numel: int, max_nnz: int):
-        content = msg.content
-        if UPDATE_KEY not in content.array_records:
-            raise codec.PayloadError(f"reply has no '{UPDATE_KEY}' ArrayRecord")
-        if METRICS_KEY not in content.metric_records:
-            raise codec.PayloadError(f"reply has no '{METRICS_KEY}' MetricRecord")
-        if CLIENT_KEY not in content.config_records:
-            raise codec.PayloadError(f"reply has no '{CLIENT_KEY}' ConfigRecord")
-        m = content.metric_records[METRICS_KEY]
-        for key in ("num-examples", "train-loss", "density", "error-norm", "compression-error"):
-            if key not in m:
-                raise codec.PayloadError(f"reply metrics lack '{key}'")
-        for key in ("num-examples", "train-loss", "density", "error-norm", "compression-error"):
-            v = m[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
-                raise codec.PayloadError(f"metric {key!r} must be a finite number, got {v!r}")
-            if key != "train-loss" and float(v) < 0:
-                raise codec.PayloadError(f"metric {key!r} must be >= 0, got {v!r}")
-        if float(m["num-examples"]) <= 0:
-            raise codec.PayloadError(f"num-examples must be positive, got {m['num-examples']!r}")
-        client = content.config_records[CLIENT_KEY]
+        record, m, client = read_reply_records(msg.content, UPDATE_KEY)
         if not isinstance(client.get("model-version"), int) or not isinstance(client.get("model-hash"), str):
             raise codec.PayloadError("client record needs an int 'model-version' and a str 'model-hash'")
-        record = content.array_records[UPDATE_KEY]
         update = codec.decode(record, numel, max_nnz=max_nnz)
         # Count what arrived, not what the client says it sent.
         return update, codec.wire_size(record), m, client
@@ -540,6 +520,35 @@ class SparseFedAvg(FedAvg):
             rho = float((top(delta_before + a).to_dense() - top(delta_before + g).to_dense()).norm()) / step_norm
             out["rho"] = rho
         return out
+
+
+CLIENT_METRICS = ("num-examples", "train-loss", "density", "error-norm", "compression-error")
+
+
+def read_reply_records(content: RecordDict, payload_key: str) -> tuple[ArrayRecord, MetricRecord, ConfigRecord]:
+    """The payload, metrics and client records of a train reply, checked.
+
+    Raises :class:`fl_sparse.codec.PayloadError` naming what is missing or
+    wrong: a record, a metric, a non-finite or negative number, no examples.
+    """
+    if payload_key not in content.array_records:
+        raise codec.PayloadError(f"reply has no '{payload_key}' ArrayRecord")
+    if METRICS_KEY not in content.metric_records:
+        raise codec.PayloadError(f"reply has no '{METRICS_KEY}' MetricRecord")
+    if CLIENT_KEY not in content.config_records:
+        raise codec.PayloadError(f"reply has no '{CLIENT_KEY}' ConfigRecord")
+    m = content.metric_records[METRICS_KEY]
+    for key in CLIENT_METRICS:
+        if key not in m:
+            raise codec.PayloadError(f"reply metrics lack '{key}'")
+        v = m[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise codec.PayloadError(f"metric {key!r} must be a finite number, got {v!r}")
+        if key != "train-loss" and float(v) < 0:
+            raise codec.PayloadError(f"metric {key!r} must be >= 0, got {v!r}")
+    if float(m["num-examples"]) <= 0:
+        raise codec.PayloadError(f"num-examples must be positive, got {m['num-examples']!r}")
+    return content.array_records[payload_key], m, content.config_records[CLIENT_KEY]
 
 
 def _with_defaults(spec: dict[str, Any]) -> dict[str, Any]:

@@ -135,7 +135,7 @@ from fl_sparse import codec
 from fl_sparse.compressors import TopK
 from fl_sparse.flat import vector_hash
 from fl_sparse.sparse import SparseTensor
-from fl_sparse.strategies.base import SYNC_KEY, SparseFedAvg
+from fl_sparse.strategies.base import CLIENT_KEY, SYNC_KEY, SparseFedAvg, read_reply_records
 
 __all__ = [
     "SSGDMajorityVote",
@@ -156,8 +156,6 @@ ADD_KEY = "vote-add"  # add-drop vote: positions added ...
 DROP_KEY = "vote-drop"  # ... and dropped
 MASK_KEY = "mask"  # phase 2 request: the common mask M_t
 VALUES_KEY = "update"  # phase 2 reply: a_q on M_t (values only)
-CLIENT_KEY = "client"
-METRICS_KEY = "metrics"
 
 SELECTIONS = ("majority", "weighted")
 TIE_BREAKS = ("random", "index")
@@ -703,24 +701,9 @@ class SSGDMajorityVote(SparseFedAvg):
         return raw
 
     def _read_values(self, msg: Message, server_round: int, k: int):
-        content = msg.content
-        if VALUES_KEY not in content.array_records:
-            raise codec.PayloadError(f"reply has no '{VALUES_KEY}' ArrayRecord")
-        if METRICS_KEY not in content.metric_records:
-            raise codec.PayloadError(f"reply has no '{METRICS_KEY}' MetricRecord")
-        if CLIENT_KEY not in content.config_records:
-            raise codec.PayloadError(f"reply has no '{CLIENT_KEY}' ConfigRecord")
-        if content.config_records[CLIENT_KEY].get("server-round") != server_round:
+        record, m, client = read_reply_records(msg.content, VALUES_KEY)
+        if client.get("server-round") != server_round:
             raise codec.PayloadError("values reply for another round")
-        m = content.metric_records[METRICS_KEY]
-        for key in ("num-examples", "train-loss", "density", "error-norm", "compression-error"):
-            if key not in m:
-                raise codec.PayloadError(f"reply metrics lack '{key}'")
-            if not isinstance(m[key], (int, float)) or not math.isfinite(float(m[key])):
-                raise codec.PayloadError(f"metric '{key}' must be a finite number, got {m[key]!r}")
-        if float(m["num-examples"]) <= 0 or float(m["error-norm"]) < 0:
-            raise codec.PayloadError("num-examples must be > 0 and error-norm >= 0")
-        record = content.array_records[VALUES_KEY]
         values = codec.decode_values(record, k)
         return values, codec.wire_size(record), m
 
