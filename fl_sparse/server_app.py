@@ -96,14 +96,16 @@ class RunConfig:
                 name = "rounds"
             if name == "num_supernodes":
                 name = "clients"
-            if name in known:
-                values[name] = value
+            if name not in known:
+                raise ValueError(f"unknown run-config key {key!r}; known: {', '.join(sorted(k.replace('_', '-') for k in known))}")
+            values[name] = value
         if values.get("downlink_ratio") is not None and float(values["downlink_ratio"]) < 0:
             values["downlink_ratio"] = None
         if values.get("threshold") is not None and float(values["threshold"]) <= 0:
             values["threshold"] = None
-        if values.get("out") == "":
-            values["out"] = None
+        for optional in ("out", "state_dir"):
+            if values.get(optional) == "":
+                values[optional] = None
         return cls(**values).validate()
 
 

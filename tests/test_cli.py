@@ -97,3 +97,19 @@ def test_simulate_writes_metrics_json_and_csv_with_diagnostics(tmp_path, capsys)
     assert len(csv_rows) == 3
     assert float(csv_rows[-1]["test_accuracy"]) == pytest.approx(rows[-1]["test_accuracy"])
     assert (out / "model.pt").exists()
+
+
+def test_pyproject_run_config_maps_onto_run_config():
+    """Every `[tool.flwr.app.config]` key is understood: `flwr run .` reads them via RunConfig."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    app_config = pyproject["tool"]["flwr"]["app"]["config"]
+    cfg = RunConfig.from_run_config(app_config)
+    assert cfg.rounds == app_config["num-rounds"] and cfg.strategy == app_config["strategy"]
+    assert cfg.out is None and cfg.state_dir is None and cfg.downlink_ratio is None
+    with pytest.raises(ValueError, match="unknown run-config key 'rounds-total'"):
+        RunConfig.from_run_config({**app_config, "rounds-total": 3})
+    with pytest.raises(ValueError, match="ratio"):
+        RunConfig.from_run_config({**app_config, "ratio": 2.0})
