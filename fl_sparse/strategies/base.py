@@ -198,6 +198,7 @@ class SparseFedAvg(FedAvg):
         self.diagnostics = diagnostics
         self.state = ServerState()
         self._round_compressor = None
+        self._sync_cache: dict[int | None, tuple[str, ArrayRecord | None]] = {}
         self._local_steps = 1
         self.node_keys: dict[int, tuple[int, int]] = {}
         self._round_started = 0.0
@@ -296,23 +297,7 @@ class SparseFedAvg(FedAvg):
         base["model-version"] = st.version
         base["model-hash"] = vector_hash(st.model)
 
-        messages, downlink_bytes, modes = [], 0, {}
-        sync_cache: dict[int | None, tuple[str, ArrayRecord | None]] = {}
-        for node in node_ids:
-            have = st.client_versions.get(node)
-            if have not in sync_cache:
-                sync_cache[have] = self.sync_payload(have)
-            mode, payload = sync_cache[have]
-            cfg = ConfigRecord(dict(base))
-            cfg["sync-mode"] = mode
-            cfg["base-version"] = -1 if have is None else have
-            cfg["accepted-round"] = st.accepted.get(node, -1)
-            content = RecordDict({self.configrecord_key: cfg})
-            if payload is not None:
-                content[SYNC_KEY] = payload
-                downlink_bytes += codec.wire_size(payload).total_bytes
-            modes[mode] = modes.get(mode, 0) + 1
-            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        messages, modes, downlink_bytes = self.messages_with_sync(node_ids, base, MessageType.TRAIN)
         st.round_metrics.setdefault(server_round, {}).update({
             "round": server_round,
             "clients": len(node_ids),
@@ -322,9 +307,44 @@ class SparseFedAvg(FedAvg):
         log(INFO, "configure_train: %d clients, downlink %s B, sync %s", len(node_ids), downlink_bytes, modes)
         return messages
 
+    def messages_with_sync(
+        self, node_ids: list[int], base: ConfigRecord, message_type: str, per_node=None
+    ) -> tuple[list[Message], dict[str, int], int]:
+        """One message per node: ``base`` config, the node's sync payload and protocol fields.
+
+        ``per_node(node) -> dict`` adds node-specific config entries. Returns the
+        messages, how many of each sync mode, and the sync bytes sent.
+        """
+        st = self.state
+        messages, modes, total = [], {}, 0
+        for node in node_ids:
+            have = st.client_versions.get(node)
+            mode, payload = self.sync_for(node)
+            cfg = ConfigRecord(dict(base))
+            cfg["sync-mode"] = mode
+            cfg["base-version"] = -1 if have is None else have
+            cfg["accepted-round"] = st.accepted.get(node, -1)
+            for key, value in (per_node(node) if per_node else {}).items():
+                cfg[key] = value
+            content = RecordDict({self.configrecord_key: cfg})
+            if payload is not None:
+                content[SYNC_KEY] = payload
+                total += codec.wire_size(payload).total_bytes
+            modes[mode] = modes.get(mode, 0) + 1
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
+        return messages, modes, total
+
+    def sync_for(self, node: int) -> tuple[str, ArrayRecord | None]:
+        """The sync payload for ``node`` (override to add modes); cached per version and round."""
+        have = self.state.client_versions.get(node)
+        if have not in self._sync_cache:
+            self._sync_cache[have] = self.sync_payload(have)
+        return self._sync_cache[have]
+
     def prepare_round(self, server_round: int, num_clients: int) -> dict[str, Any]:
         """Fix this round's uplink spec (validated here, before anything is sent)."""
         self._round_started = time.perf_counter()
+        self._sync_cache: dict[int | None, tuple[str, ArrayRecord | None]] = {}
         spec = _with_defaults(self.uplink_spec(server_round, num_clients))
         self._round_compressor = build_compressor(**spec)
         return spec

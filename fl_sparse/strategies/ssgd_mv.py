@@ -135,7 +135,7 @@ from fl_sparse import codec
 from fl_sparse.compressors import TopK
 from fl_sparse.flat import vector_hash
 from fl_sparse.sparse import SparseTensor
-from fl_sparse.strategies.base import CLIENT_KEY, SYNC_KEY, SparseFedAvg, read_reply_records
+from fl_sparse.strategies.base import CLIENT_KEY, SparseFedAvg, read_reply_records
 
 __all__ = [
     "SSGDMajorityVote",
@@ -438,23 +438,12 @@ class SSGDMajorityVote(SparseFedAvg):
         base["error-feedback"] = self.client_error_feedback
         base["model-version"] = st.version
         base["model-hash"] = vector_hash(st.model)
-        messages, modes, total = [], {}, 0
-        for node in node_ids:
-            mode, payload = self.sync_for(node)
-            have = st.client_versions.get(node)
-            cfg = ConfigRecord(dict(base))
-            cfg["sync-mode"] = mode
-            cfg["base-version"] = -1 if have is None else have
-            cfg["accepted-round"] = st.accepted.get(node, -1)
-            cfg["mask-round"] = self.mask_round
-            cfg["vote-round"] = self.votes[node][0] if node in self.votes else -1
-            content = RecordDict({self.configrecord_key: cfg})
-            if payload is not None:
-                content[SYNC_KEY] = payload
-                total += codec.wire_size(payload).total_bytes
-            modes[mode] = modes.get(mode, 0) + 1
-            messages.append(Message(content=content, message_type=VOTE_MESSAGE_TYPE, dst_node_id=node))
-        return messages, modes, total
+        base["mask-round"] = self.mask_round
+
+        def vote_round(node: int) -> dict[str, int]:
+            return {"vote-round": self.votes[node][0] if node in self.votes else -1}
+
+        return self.messages_with_sync(node_ids, base, VOTE_MESSAGE_TYPE, per_node=vote_round)
 
     def sync_for(self, node: int) -> tuple[str, ArrayRecord | None]:
         """``"values"`` (the last aggregate's values on the last mask) for a client of the last round, else the base's sync."""
@@ -468,7 +457,7 @@ class SSGDMajorityVote(SparseFedAvg):
             and self.values_record is not None
         ):
             return "values", self.values_record
-        return self.sync_payload(have)
+        return super().sync_for(node)
 
     def tally_votes(self, server_round: int, replies: Iterable[Message]) -> dict[str, Any]:
         """Validate the vote replies; for AD update ``M_sum`` and the clients' votes.
