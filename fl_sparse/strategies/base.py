@@ -107,7 +107,6 @@ class ServerState:
     model: torch.Tensor | None = None
     version: int = 0
     server_error: ErrorFeedback = field(default_factory=ErrorFeedback)
-    last_update: SparseTensor | None = None
     last_update_record: ArrayRecord | None = None
     history: "OrderedDict[int, torch.Tensor]" = field(default_factory=OrderedDict)
     client_versions: dict[int, int] = field(default_factory=dict)
@@ -392,21 +391,18 @@ class SparseFedAvg(FedAvg):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 failures += 1
-                st.client_versions.pop(node, None)  # unknown: dense sync next time
-                log(WARNING, "round %d: client %d failed: %s", server_round, node, msg.error.reason)
+                self.drop_reply(server_round, "client %d failed: %s", node, msg.error.reason)
                 continue
             try:
                 update, wire, m, client_cfg = self._read_reply(msg, numel, max_nnz)
             except codec.PayloadError as exc:
                 failures += 1
-                st.client_versions.pop(node, None)
-                log(WARNING, "round %d: rejected reply from client %d: %s", server_round, node, exc)
+                self.drop_reply(server_round, "rejected reply from client %d: %s", node, exc)
                 continue
             st.client_versions[node] = int(client_cfg.get("model-version", -1))
             if client_cfg.get("model-hash") != expected_hash:
                 failures += 1
-                st.client_versions.pop(node, None)
-                log(WARNING, "round %d: client %d trained from a different model; dropped", server_round, node)
+                self.drop_reply(server_round, "client %d trained from a different model; dropped", node)
                 continue
             updates.append(update)
             uplink_bytes += wire.total_bytes
@@ -435,7 +431,6 @@ class SparseFedAvg(FedAvg):
         sent = codec.decode(record, numel)
         sent.add_(st.model, alpha=-1.0)
         st.version = server_round
-        st.last_update = sent
         st.last_update_record = record
         st.history[server_round] = sent.indices
         self._prune_history()
@@ -474,6 +469,15 @@ class SparseFedAvg(FedAvg):
         return st.layout.unflatten(st.model), agg
 
     # ---------------------------------------------------------------- helpers
+    def drop_reply(self, server_round: int, why: str, node: int, *args: Any) -> None:
+        """Log why ``node``'s reply was not used and forget which model it holds.
+
+        ``why`` is a %-format whose first field is the node. The client's state
+        is then unknown, so its next message carries the dense model.
+        """
+        self.state.client_versions.pop(node, None)
+        log(WARNING, "round %d: " + why, server_round, node, *args)
+
     def _max_uplink_nnz(self, server_round: int, numel: int) -> int:
         """Cap on entries a client may declare (guards allocation on decode)."""
         k_for = getattr(self._round_compressor, "k_for", None)

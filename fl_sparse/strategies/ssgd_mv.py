@@ -475,22 +475,19 @@ class SSGDMajorityVote(SparseFedAvg):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 failures += 1
-                st.client_versions.pop(node, None)
-                log(WARNING, "round %d: client %d failed to vote: %s", server_round, node, msg.error.reason)
+                self.drop_reply(server_round, "client %d failed to vote: %s", node, msg.error.reason)
                 continue
             try:
                 parsed = self._read_vote(msg, numel, k, k_ad, node)
             except codec.PayloadError as exc:
                 failures += 1
-                st.client_versions.pop(node, None)
-                log(WARNING, "round %d: rejected vote from client %d: %s", server_round, node, exc)
+                self.drop_reply(server_round, "rejected vote from client %d: %s", node, exc)
                 continue
             client_cfg = parsed["client"]
             st.client_versions[node] = int(client_cfg.get("model-version", -1))
             if client_cfg.get("model-hash") != expected_hash:
                 failures += 1
-                st.client_versions.pop(node, None)
-                log(WARNING, "round %d: client %d trained from a different model; vote dropped", server_round, node)
+                self.drop_reply(server_round, "client %d trained from a different model; vote dropped", node)
                 continue
             if self.add_drop:
                 self._apply_vote(node, server_round, parsed)
@@ -600,8 +597,7 @@ class SSGDMajorityVote(SparseFedAvg):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 failures += 1
-                st.client_versions.pop(node, None)
-                log(WARNING, "round %d: client %d failed in the values phase: %s", server_round, node, msg.error.reason)
+                self.drop_reply(server_round, "client %d failed in the values phase: %s", node, msg.error.reason)
                 continue
             try:
                 if mask is None or self._voters.get(node) != server_round:
@@ -609,8 +605,7 @@ class SSGDMajorityVote(SparseFedAvg):
                 values, size, m = self._read_values(msg, server_round, mask.numel())
             except codec.PayloadError as exc:
                 failures += 1
-                st.client_versions.pop(node, None)
-                log(WARNING, "round %d: rejected values from client %d: %s", server_round, node, exc)
+                self.drop_reply(server_round, "rejected values from client %d: %s", node, exc)
                 continue
             updates.append(values)
             weights.append(float(m["num-examples"]))
@@ -642,7 +637,6 @@ class SSGDMajorityVote(SparseFedAvg):
         sparse_record = codec.encode(SparseTensor(mask, raw, numel), values=self.downlink_values, positions=self.positions)
         sent.add_(st.model, alpha=-1.0)  # w_t = w_{t-1} − g_t, exactly what the clients will apply
         st.version = server_round
-        st.last_update = sent
         st.last_update_record = sparse_record
         st.history[server_round] = mask
         self._prune_history()
