@@ -14,6 +14,13 @@ count it runs ``simulate(RunConfig(..., quiet=True))`` and reports
   evaluation step included.
 * ``vs dense``  -- s/round divided by dense FedAvg's at the same client count
   (target <= 1.0);
+* ``scan/round`` -- seconds per round the simulation engine's dispatcher
+  spent in ``InMemoryLinkState.get_message_ins`` (measured by wrapping it,
+  behaviour unchanged). Flower's dispatcher thread asks the link state for
+  each node's next message every 0.1 s, and each ask walks every stored
+  message: O(nodes x messages in flight) under the GIL, in the process that
+  also runs the server and the Ray calls. It is Flower's cost, not ours; the
+  column shows how much of a round it takes.
 * ``vs plain``  -- s/round divided by the plain loop
   (:func:`fl_sparse.simulations.reference.reference_run`) doing the same work
   per round (target <= 3 at 100 clients). Strategies without a reference loop
@@ -55,21 +62,53 @@ def _extra(strategy: str) -> dict:
     return {"threshold": 0.002} if strategy == "hard-threshold" else {}
 
 
-def time_flower(cfg: RunConfig) -> tuple[float, float, list[dict]]:
-    """(median round_seconds, median wall seconds per round, rows), rounds after the first.
+class ScanMeter:
+    """Cumulative seconds spent in ``InMemoryLinkState.get_message_ins`` (wrapped, same result)."""
+
+    seconds = 0.0
+
+    @classmethod
+    def install(cls) -> None:
+        from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+        original = InMemoryLinkState.get_message_ins
+        if getattr(original, "_scan_meter", False):
+            return
+
+        def metered(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                cls.seconds += time.perf_counter() - start
+
+        metered._scan_meter = True
+        InMemoryLinkState.get_message_ins = metered
+
+
+def time_flower(cfg: RunConfig) -> tuple[float, float, float, list[dict]]:
+    """(median round_seconds, median wall s/round, median scan s/round, rows), rounds after the first.
 
     Wall time per round: gaps between the ends of consecutive aggregate_train
     calls, i.e. everything between two rounds (evaluation and Flower's own
     steps included).
     """
     ends: list[float] = []
-    rows = _simulate_with_timestamps(cfg, ends)
+    scans: list[float] = []
+    rows = _simulate_with_timestamps(cfg, ends, scans)
     rs = [float(r["round_seconds"]) for r in rows if "round_seconds" in r][1:]
     walls = [b - a for a, b in zip(ends, ends[1:])]
-    return statistics.median(rs), (statistics.median(walls) if walls else float("nan")), rows
+    scan = [b - a for a, b in zip(scans, scans[1:])]
+    nan = float("nan")
+    return (
+        statistics.median(rs),
+        statistics.median(walls) if walls else nan,
+        statistics.median(scan) if scan else nan,
+        rows,
+    )
 
 
-def _simulate_with_timestamps(cfg: RunConfig, ends: list[float]) -> list[dict]:
+def _simulate_with_timestamps(cfg: RunConfig, ends: list[float], scans: list[float]) -> list[dict]:
     from fl_sparse.simulations.runner import simulate
     from fl_sparse.server_app import strategy_from_config
 
@@ -79,6 +118,7 @@ def _simulate_with_timestamps(cfg: RunConfig, ends: list[float]) -> list[dict]:
     def timed_aggregate(server_round, replies):
         out = aggregate_train(server_round, replies)
         ends.append(time.perf_counter())
+        scans.append(ScanMeter.seconds)
         return out
 
     strategy.aggregate_train = timed_aggregate
@@ -108,6 +148,9 @@ def time_flower_floor(clients: int, rounds: int, num_cpus: float) -> float:
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
+    from fl_sparse.server_app import SIMULATION_PULL_INTERVAL
+    from fl_sparse.simulations.runner import backend_config
+
     noop = ClientApp()
 
     @noop.train()
@@ -119,6 +162,7 @@ def time_flower_floor(clients: int, rounds: int, num_cpus: float) -> float:
 
     @server.main()
     def _main(grid: Grid, context) -> None:
+        grid.pull_interval = SIMULATION_PULL_INTERVAL  # as run_server sets it for the simulation
         while len(nodes := sorted(grid.get_node_ids())) < clients:
             time.sleep(0.2)
         for r in range(rounds):
@@ -134,10 +178,7 @@ def time_flower_floor(clients: int, rounds: int, num_cpus: float) -> float:
         server_app=server,
         client_app=noop,
         num_supernodes=clients,
-        backend_config={
-            "client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0},
-            "init_args": {"include_dashboard": False, "logging_level": logging.WARNING},
-        },
+        backend_config=backend_config(RunConfig(clients=clients, num_cpus=num_cpus)),
     )
     return statistics.median(seconds[1:]) if len(seconds) > 1 else float("nan")
 
@@ -158,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
+    ScanMeter.install()
     strategies = args.strategies or (["fedavg", "topk", "bidirectional-topk"] if args.quick else _strategies())
     rounds = 4 if args.quick else args.rounds
     results = []
@@ -183,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 base = replace(base, num_cpus=args.num_cpus)
             t0 = time.perf_counter()
             try:
-                s_round, wall, _ = time_flower(base)
+                s_round, wall, scan, _ = time_flower(base)
             except Exception as exc:  # one broken strategy must not lose the others' numbers
                 print(f"  {name:20s} clients={n:4d}  FAILED: {exc}", file=sys.stderr, flush=True)
                 continue
@@ -191,10 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             plain = time_plain(base)
             if name == "fedavg":
                 dense = s_round
-            row = (name, n, s_round, wall, plain, s_round / dense if dense else float("nan"), s_round / plain, total)
+            row = (name, n, s_round, wall, scan, plain, s_round / dense if dense else float("nan"), s_round / plain, total)
             results.append(row)
             print(
-                f"  {name:20s} clients={n:4d}  {s_round:.4f} s/round  wall {wall:.4f}  plain {plain:.4f}  "
+                f"  {name:20s} clients={n:4d}  {s_round:.4f} s/round  wall {wall:.4f}  scan {scan:.4f}  plain {plain:.4f}  "
                 f"({total:.1f} s run)",
                 file=sys.stderr,
                 flush=True,
@@ -202,11 +244,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"model {args.model}, H={args.local_steps}, batch {args.batch_size}, {rounds} rounds (median of rounds 2..)")
-    header = f"{'strategy':20s} {'clients':>7s} {'s/round':>9s} {'wall/round':>10s} {'plain s/r':>9s} {'vs dense':>8s} {'vs plain':>8s}"
+    header = (
+        f"{'strategy':20s} {'clients':>7s} {'s/round':>9s} {'wall/round':>10s} {'scan/round':>10s} "
+        f"{'plain s/r':>9s} {'vs dense':>8s} {'vs plain':>8s}"
+    )
     print(header)
     print("-" * len(header))
     bad = []
-    for name, n, s, wall, plain, vs_dense, vs_plain, _ in results:
+    for name, n, s, wall, scan, plain, vs_dense, vs_plain, _ in results:
         flag = ""
         if name != "fedavg" and vs_dense > 1.0:
             flag += " >dense"
@@ -214,11 +259,12 @@ def main(argv: list[str] | None = None) -> int:
             flag += " >3x plain"
         if flag:
             bad.append(name)
-        print(f"{name:20s} {n:7d} {s:9.4f} {wall:10.4f} {plain:9.4f} {vs_dense:8.2f} {vs_plain:8.2f}{flag}")
+        print(f"{name:20s} {n:7d} {s:9.4f} {wall:10.4f} {scan:10.4f} {plain:9.4f} {vs_dense:8.2f} {vs_plain:8.2f}{flag}")
     for n, floor in floors.items():
-        print(f"{'flower floor (no-op)':20s} {n:7d} {floor:9.4f} {'':10s} {'':9s} {'':8s} {'':8s}")
+        print(f"{'flower floor (no-op)':20s} {n:7d} {floor:9.4f}")
     print("targets: vs dense <= 1.0 (sparse strategies), vs plain <= 3.0 at 100 clients")
     print("flower floor: the same engine and settings with a ClientApp that replies at once")
+    print("scan/round: time Flower's dispatcher spent walking its message store (see the docstring)")
     return 0
 
 

@@ -267,6 +267,8 @@ def _simulation(procs: Procs, tmp_path: Path) -> None:
 def _deployment_restart(procs: Procs, tmp_path: Path) -> None:
     import torch
 
+    from fl_sparse.clients.state import decode_state
+
     rounds = 5
     port = _free_port()
     _write_flower_config(Path(procs.env["FLWR_HOME"]), "local-deploy", port)
@@ -300,9 +302,9 @@ def _deployment_restart(procs: Procs, tmp_path: Path) -> None:
 
     # Let two rounds finish, then kill SuperNode 1 (and its ClientApp/SuperExec) hard.
     _wait_for(lambda: len(_read_metrics(out)) >= 2, 120, "round 2", procs)
-    state_files = lambda: sorted((tmp_path / "node1").glob("run-*/client-1.pt"))  # noqa: E731
+    state_files = lambda: sorted((tmp_path / "node1").glob("run-*/client-1.state"))  # noqa: E731
     assert state_files(), "SuperNode 1 wrote no state file under its node-config state-dir"
-    before = torch.load(state_files()[0], weights_only=True)
+    before = decode_state(state_files()[0].read_bytes())
     procs.kill(nodes[1], signal.SIGKILL)
     rounds_at_kill = len(_read_metrics(out))
     time.sleep(1.0)
@@ -316,16 +318,16 @@ def _deployment_restart(procs: Procs, tmp_path: Path) -> None:
     # and it kept counting from where it was killed.
     files = state_files()
     assert len(files) == 1, files
-    after = torch.load(files[0], weights_only=True)
-    assert set(after) >= {"model", "model_version", "error", "steps_done", "extra"}, sorted(after)
-    assert int(after["steps_done"]) > int(before["steps_done"]), (before["steps_done"], after["steps_done"])
-    assert int(after["model_version"]) > int(before["model_version"])
-    assert torch.isfinite(after["model"]).all() and torch.isfinite(after["error"]).all()
+    after = decode_state(files[0].read_bytes())
+    assert after.model is not None and after.error is not None
+    assert after.steps_done > before.steps_done, (before.steps_done, after.steps_done)
+    assert after.model_version > before.model_version
+    assert torch.isfinite(after.model).all() and torch.isfinite(after.error).all()
     # The last round aggregated updates (from both clients once node 1 is back).
     assert int(rows[-1].get("accepted", 0)) >= 1, rows[-1]
     print(
         f"rounds at kill: {rounds_at_kill}; per round (accepted, failures): "
         f"{[(r.get('accepted'), r.get('failures')) for r in rows]}; "
-        f"client-1 steps {before['steps_done']} -> {after['steps_done']}, "
-        f"version {before['model_version']} -> {after['model_version']}"
+        f"client-1 steps {before.steps_done} -> {after.steps_done}, "
+        f"version {before.model_version} -> {after.model_version}"
     )

@@ -123,8 +123,7 @@ def restore_unaccepted(state: ClientState, config: ConfigRecord) -> None:
 
 def local_update(task: ClientTask, w: torch.Tensor, config: ConfigRecord, steps_done: int, device):
     """Δ = w - SGD_H(w) on the local partition; returns (Δ, train loss)."""
-    model = task.model.to(device)
-    model.load_state_dict(task.layout.to_state_dict(w.to(device)), strict=True)
+    model = task.model_at(w, device)
     batch_size = int(config.get("batch-size", 10))
     seed = int(config.get("seed", 0))
     steps = int(config.get("local-steps", 1))
@@ -145,8 +144,7 @@ def local_update(task: ClientTask, w: torch.Tensor, config: ConfigRecord, steps_
         device=device,
         seed=client_generator_seed(seed, steps_done, pid),  # dropout masks, reproducible
     )
-    after = task.layout.flatten_state_dict(model.state_dict())
-    return w.to(device) - after, float(result["train_loss"])
+    return w.to(device) - task.model_vector(device), float(result["train_loss"])
 
 
 @dataclass
@@ -274,10 +272,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     device = _device(config)
     arrays = msg.content.array_records["arrays"]
     w = task.layout.flatten(arrays)
-    task.model.to(device).load_state_dict(task.layout.to_state_dict(w.to(device)), strict=True)
+    model = task.model_at(w, device)
     test = data_lib.load_dataset(task.spec.dataset)[1]
     pid, n = task.spec.partition_id, task.spec.num_partitions
-    loss, acc = training.evaluate(task.model, test.images[pid::n], test.labels[pid::n], device=device)
+    loss, acc = training.evaluate(model, test.images[pid::n], test.labels[pid::n], device=device)
     content = RecordDict(
         {"metrics": MetricRecord({"num-examples": int(test.labels[pid::n].numel()), "eval-loss": loss, "eval-acc": acc})}
     )

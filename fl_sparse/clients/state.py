@@ -8,9 +8,10 @@ loses ``context.state``.
 
 :class:`ClientStateStore` keeps one file per client under a directory:
 
-* simulation: ``<state-dir>/<run-id>/client-<partition-id>.pt``; the server
-  picks ``state-dir`` (a temporary folder by default) and removes it after the
-  run;
+* simulation: ``<state-dir>/<run-id>/client-<partition-id>.state``; the
+  server picks ``state-dir`` (a temporary folder, in ``/dev/shm`` when it has
+  room, see :func:`fl_sparse.server_app.simulation_state_dir`) and removes it
+  after the run;
 * deployment: the SuperNode's ``--node-config "state-dir='/var/lib/fl-sparse'"``
   (or the ``FL_SPARSE_STATE_DIR`` environment variable) names a persistent
   folder, so the memory survives a SuperNode restart.
@@ -20,10 +21,17 @@ while saving leaves the previous round's state, never a torn file. A store
 for a throw-away folder (the simulation's temporary state dir) may skip the
 fsync (``durable=False``): still atomic, just not flushed to the disk.
 
+The file is a small JSON header followed by the raw tensor bytes (see
+:func:`encode_state`), not ``torch.save``'s zip archive: a client saves its
+state after every message, and at MLP size the archive's per-entry overhead
+cost more than the bytes themselves. Every length in the header is checked
+against the file before anything is read, so a torn or foreign file raises
+:class:`StateCorruptError` naming it.
+
 Every process keeps a write-through cache of the states it saved or loaded
 (up to ``FL_SPARSE_STATE_CACHE_MB``, default 512 MB, least recently used
 first out), so a Ray actor or SuperNode that handles a client again reads
-its state from memory instead of unpickling the file. A cached entry is used
+its state from memory instead of the file. A cached entry is used
 only while the file is the very one it wrote or read (same inode, size and
 mtime; ``os.replace`` gives every save a new inode), so a state written by
 another process is always read from the file. Loads return copies: a caller
@@ -32,7 +40,10 @@ that changes the state and then fails leaves the cache as the file is.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import struct
 import tempfile
 import threading
 from collections import OrderedDict
@@ -41,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ClientState", "ClientStateStore", "StateCorruptError"]
+__all__ = ["ClientState", "ClientStateStore", "StateCorruptError", "decode_state", "encode_state"]
 
 
 class StateCorruptError(RuntimeError):
@@ -85,6 +96,118 @@ class ClientState:
         )
 
 
+# ------------------------------------------------------------------ file format
+MAGIC = b"FLSPARSE-STATE-1\n"
+_ALIGN = 64  # every tensor starts on a 64-byte boundary, as torch's own allocations do
+_DTYPES = {
+    str(dt).removeprefix("torch."): dt
+    for dt in (
+        torch.float64, torch.float32, torch.float16, torch.bfloat16,
+        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+    )
+}
+
+
+def _tensors(state: ClientState) -> list[tuple[str, torch.Tensor]]:
+    named = [("model", state.model), ("error", state.error)]
+    named += [(f"extra/{key}", value) for key, value in state.extra.items()]
+    out = []
+    for name, tensor in named:
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"client state entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        out.append((name, tensor.detach().to("cpu").contiguous()))
+    return out
+
+
+def encode_state(state: ClientState) -> list[memoryview | bytes]:
+    """``state`` as the chunks of one file: magic, header length, JSON header, tensors.
+
+    The header lists ``[name, dtype, shape, offset]`` per tensor; offsets count
+    from the start of the data section, which begins right after the header.
+    Chunks are views of the tensors' memory (no copy); write them in order.
+    """
+    entries, chunks, offset = [], [], 0
+    for name, tensor in _tensors(state):
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype not in _DTYPES:
+            raise TypeError(f"client state entry {name!r} has unsupported dtype {tensor.dtype}")
+        pad = -offset % _ALIGN
+        if pad:
+            chunks.append(bytes(pad))
+            offset += pad
+        raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+        entries.append([name, dtype, list(tensor.shape), offset])
+        chunks.append(memoryview(raw) if tensor.numel() else b"")
+        offset += tensor.numel() * tensor.element_size()
+    header = json.dumps(
+        {
+            "model_version": int(state.model_version),
+            "steps_done": int(state.steps_done),
+            "tensors": entries,
+            "data_bytes": offset,
+        },
+        separators=(",", ":"),
+    ).encode()
+    return [MAGIC, struct.pack("<I", len(header)), header, *chunks]
+
+
+def decode_state(buf: bytearray | bytes) -> ClientState:
+    """The :class:`ClientState` in ``buf`` (a whole file); ``ValueError`` says what is wrong.
+
+    Tensors are copied out of ``buf``.
+    """
+    view = memoryview(buf)
+    if view[: len(MAGIC)] != MAGIC:
+        raise ValueError("not an fl-sparse client state file (bad magic)")
+    pos = len(MAGIC)
+    if len(view) < pos + 4:
+        raise ValueError("truncated before the header length")
+    (header_len,) = struct.unpack_from("<I", view, pos)
+    pos += 4
+    if header_len > len(view) - pos:
+        raise ValueError(f"header of {header_len} bytes runs past the end of the file")
+    try:
+        header = json.loads(bytes(view[pos : pos + header_len]))
+        entries = header["tensors"]
+        data_bytes = int(header["data_bytes"])
+        model_version, steps_done = int(header["model_version"]), int(header["steps_done"])
+        if not isinstance(entries, list):
+            raise TypeError("'tensors' is not a list")
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:
+        raise ValueError(f"unreadable header: {exc!r}") from None
+    data = pos + header_len
+    if len(view) - data != data_bytes:
+        raise ValueError(f"data section is {len(view) - data} bytes, the header says {data_bytes}")
+    state = ClientState(model_version=model_version, steps_done=steps_done)
+    for entry in entries:
+        try:
+            name, dtype_name, shape, offset = entry
+            dtype = _DTYPES[dtype_name]
+            shape = [int(n) for n in shape]
+            offset = int(offset)
+        except (ValueError, KeyError, TypeError, OverflowError):
+            raise ValueError(f"bad tensor entry {entry!r}") from None
+        if any(n < 0 for n in shape) or offset < 0:
+            raise ValueError(f"tensor {name!r}: negative shape or offset")
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if offset + nbytes > data_bytes:
+            raise ValueError(f"tensor {name!r} ({nbytes} bytes at {offset}) runs past the data section")
+        raw = bytearray(view[data + offset : data + offset + nbytes])  # a private, writable copy
+        tensor = (torch.frombuffer(raw, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8))
+        tensor = tensor.view(dtype).reshape(shape)
+        if name == "model":
+            state.model = tensor
+        elif name == "error":
+            state.error = tensor
+        elif isinstance(name, str) and name.startswith("extra/"):
+            state.extra[name.removeprefix("extra/")] = tensor
+        else:
+            raise ValueError(f"unknown tensor entry {name!r}")
+    return state
+
+
 class ClientStateStore:
     """One atomic file per client under ``root`` (fsync'd unless ``durable=False``)."""
 
@@ -94,7 +217,7 @@ class ClientStateStore:
 
     def path(self, key: str) -> Path:
         safe = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in key)
-        return self.root / f"{safe}.pt"
+        return self.root / f"{safe}.state"
 
     def load(self, key: str) -> ClientState:
         """The stored state, or a fresh one if there is none yet."""
@@ -108,10 +231,18 @@ class ClientStateStore:
         if cached is not None:
             return _copy(cached)
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torn or foreign file: say which and why
+            with open(path, "rb") as fh:
+                stat = os.fstat(fh.fileno())  # of the very file read, even if replaced meanwhile
+                buf = fh.read()
+        except FileNotFoundError:
+            _CACHE.drop(path)
+            return ClientState()
+        except OSError as exc:
             raise StateCorruptError(f"cannot read client state {path}: {exc}") from exc
-        state = ClientState.from_payload(payload)
+        try:
+            state = decode_state(buf)
+        except ValueError as exc:  # torn or foreign file: say which and why
+            raise StateCorruptError(f"cannot read client state {path}: {exc}") from exc
         _CACHE.put(path, _signature(stat), _copy(state))
         return state
 
@@ -123,7 +254,8 @@ class ClientStateStore:
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
-                torch.save(state.to_payload(), fh)
+                for chunk in encode_state(state):
+                    fh.write(chunk)
                 fh.flush()
                 if self.durable:
                     os.fsync(fh.fileno())

@@ -7,6 +7,7 @@ round, so both are cached here per process, keyed by what defines them.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -55,6 +56,53 @@ class ClientTask:
     @property
     def num_examples(self) -> int:
         return int(self.labels.numel())
+
+    def model_at(self, vector: torch.Tensor, device: torch.device) -> torch.nn.Module:
+        """The task's model on ``device`` with its flat entries set to ``vector``.
+
+        What ``load_state_dict(layout.to_state_dict(vector))`` does, without
+        its per-module walk: the model's float ``state_dict`` tensors (views
+        of its parameters and buffers) are looked up once per model and
+        device, then filled slice by slice. At MLP size the walk cost more
+        than the SGD step it prepares. Move the model only through this method
+        (``Module.to`` to another device replaces buffer tensors, which the
+        cached list would then miss).
+        """
+        tensors = _flat_tensors(self.model, self.layout, device)
+        with torch.no_grad():
+            offset = 0
+            vector = vector.to(device)
+            for tensor in tensors:
+                n = tensor.numel()
+                tensor.copy_(vector[offset : offset + n].view_as(tensor))
+                offset += n
+        return self.model
+
+    def model_vector(self, device: torch.device) -> torch.Tensor:
+        """The task's model as a flat float32 vector (a new tensor)."""
+        tensors = _flat_tensors(self.model, self.layout, device)
+        return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+
+_FLAT_TENSORS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[torch.device, list[torch.Tensor]]]"
+_FLAT_TENSORS = weakref.WeakKeyDictionary()
+
+
+def _flat_tensors(model: torch.nn.Module, layout: FlatLayout, device: torch.device) -> list[torch.Tensor]:
+    """``model``'s float state_dict tensors in layout order, with the model on ``device``."""
+    cached = _FLAT_TENSORS.get(model)
+    if cached is not None and cached[0] == device:
+        return cached[1]
+    model.to(device)
+    state = model.state_dict(keep_vars=True)
+    tensors = []
+    for name, shape in zip(layout.names, layout.shapes):
+        tensor = state[name]
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"model tensor {name!r} has shape {tuple(tensor.shape)}, layout says {shape}")
+        tensors.append(tensor)
+    _FLAT_TENSORS[model] = (device, tensors)
+    return tensors
 
 
 def _dataset_shape(name: str) -> dict:

@@ -33,12 +33,31 @@ class _KnownNoise(logging.Filter):
         return not any(p in message for p in self._PATTERNS)
 
 
+# Ray passes task arguments and results up to this size inline, with the task
+# call; larger ones go through its shared-memory object store, which costs a
+# few milliseconds per object on a small machine. Ray's default (100 KiB) sits
+# just below a dense MLP sync (~200 kB) and the near-dense downlink of
+# unidirectional top-K at 100 clients: raising it cut those rounds by about a
+# third (benchmarks/bench_rounds.py). ResNet-sized payloads (tens of MB) stay
+# above it and keep using the object store, where they belong.
+INLINE_OBJECT_BYTES = 4 * 2**20
+
+
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
-    """Ray resources: ``num_cpus``/``num_gpus`` per client (fractional GPUs allowed)."""
+    """Ray resources: ``num_cpus``/``num_gpus`` per client (fractional GPUs allowed).
+
+    ``init_args`` go to ``ray.init``; ``_system_config`` raises the size of
+    messages Ray sends inline (:data:`INLINE_OBJECT_BYTES`).
+    """
     resources: dict[str, Any] = {"num_cpus": float(cfg.num_cpus), "num_gpus": float(cfg.num_gpus)}
     return {
         "client_resources": resources,
-        "init_args": {"include_dashboard": False, "log_to_driver": True, "logging_level": logging.WARNING},
+        "init_args": {
+            "include_dashboard": False,
+            "log_to_driver": True,
+            "logging_level": logging.WARNING,
+            "_system_config": {"max_direct_call_object_size": INLINE_OBJECT_BYTES},
+        },
     }
 
 
@@ -62,7 +81,7 @@ def simulate(cfg: RunConfig, strategy=None) -> list[dict[str, Any]]:
 
     @server_app.main()
     def _main(grid: Grid, context) -> None:
-        rows.extend(run_server(grid, cfg, strategy))
+        rows.extend(run_server(grid, cfg, strategy, local_clients=True))
 
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level

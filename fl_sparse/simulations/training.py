@@ -83,7 +83,8 @@ def local_sgd(
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
     device = torch.device(device)
-    model.to(device)
+    if any(p.device != device for p in model.parameters()):
+        model.to(device)  # skipped when already there: Module.to walks every submodule
     model.train()
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay

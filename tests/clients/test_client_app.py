@@ -18,6 +18,7 @@ from flwr.app.metadata import Metadata
 
 from fl_sparse import codec
 from fl_sparse.clients.app import SyncError, local_update, run_train
+from fl_sparse.clients import state as state_module
 from fl_sparse.clients.state import ClientState, ClientStateStore, StateCorruptError
 from fl_sparse.clients.task import TaskSpec, get_task
 from fl_sparse.flat import vector_hash
@@ -142,17 +143,19 @@ def test_state_store_is_atomic_and_reports_corruption(tmp_path, monkeypatch):
     good = ClientState(model=torch.ones(3), model_version=2, error=torch.zeros(3), steps_done=5)
     store.save("c", good)
 
-    def explode(*args, **kwargs):
+    def torn_write(state):  # half a file, then the disk fills up
+        yield state_module.MAGIC
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", explode)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(state_module, "encode_state", torn_write)
+    with pytest.raises(OSError, match="disk full"):
         store.save("c", ClientState(model=torch.zeros(3), model_version=3))
     monkeypatch.undo()
+    state_module._CACHE.drop(store.path("c"))  # read the file itself, not this process's cache
     loaded = store.load("c")
     assert loaded.model_version == 2 and torch.equal(loaded.model, torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp files left behind
-    store.path("c").write_bytes(b"not a torch file")
-    with pytest.raises(StateCorruptError, match="c.pt"):
+    assert [p.name for p in tmp_path.iterdir()] == ["c.state"]  # no temp files left behind
+    store.path("c").write_bytes(b"not a state file")
+    with pytest.raises(StateCorruptError, match="c.state.*bad magic"):
         store.load("c")
     assert store.load("never-seen").model is None
