@@ -51,6 +51,13 @@ STRATEGIES = ["fedavg", "topk", "bidirectional-topk", "rtopk", "hard-threshold",
 REFERENCE = {"fedavg", "topk", "bidirectional-topk", "rtopk", "hard-threshold"}
 
 
+# Rounds that sit at the engine's floor (10 clients: one 0.1 s dispatcher tick
+# per message exchange) differ from dense FedAvg by timing noise only; flag a
+# strategy as dearer than dense beyond 5 %. SSGD-MV needs two exchanges per
+# round (vote, then values), so at the floor it costs two ticks.
+DENSE_TOLERANCE = 1.05
+
+
 def _strategies() -> list[str]:
     names = list(STRATEGIES)
     if importlib.util.find_spec("fl_sparse.strategies.ssgd_mv") is not None:
@@ -253,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = []
     for name, n, s, wall, scan, plain, vs_dense, vs_plain, _ in results:
         flag = ""
-        if name != "fedavg" and vs_dense > 1.0:
+        if name != "fedavg" and vs_dense > DENSE_TOLERANCE:
             flag += " >dense"
         if n >= 100 and vs_plain > 3.0:
             flag += " >3x plain"
@@ -262,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:20s} {n:7d} {s:9.4f} {wall:10.4f} {scan:10.4f} {plain:9.4f} {vs_dense:8.2f} {vs_plain:8.2f}{flag}")
     for n, floor in floors.items():
         print(f"{'flower floor (no-op)':20s} {n:7d} {floor:9.4f}")
-    print("targets: vs dense <= 1.0 (sparse strategies), vs plain <= 3.0 at 100 clients")
+    print(f"targets: vs dense <= 1.0 (sparse strategies; flagged above {DENSE_TOLERANCE}), vs plain <= 3.0 at 100 clients")
     print("flower floor: the same engine and settings with a ClientApp that replies at once")
     print("scan/round: time Flower's dispatcher spent walking its message store (see the docstring)")
     return 0

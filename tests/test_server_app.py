@@ -27,10 +27,17 @@ def test_state_dir_goes_to_ram_only_when_all_states_fit_in_a_quarter(tmp_path, m
     os.rmdir(missing)
 
 
-def test_backend_config_raises_rays_inline_limit_and_keeps_resources():
+def test_backend_config_raises_rays_inline_limit_and_keeps_resources(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = RunConfig(clients=10, num_cpus=0.5, num_gpus=0.25)
     backend = backend_config(cfg)
     assert backend["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.25}
     assert backend["init_args"]["_system_config"]["max_direct_call_object_size"] == INLINE_OBJECT_BYTES
     # a dense MLP sync (~200 kB) fits; a ResNet-18 one (~45 MB) does not
     assert 4 * 242_762 < INLINE_OBJECT_BYTES < 4 * 11_173_962
+
+
+def test_backend_config_sends_no_system_settings_to_an_existing_cluster(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    init_args = backend_config(RunConfig())["init_args"]
+    assert "_system_config" not in init_args and init_args["include_dashboard"] is False

@@ -47,18 +47,16 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     """Ray resources: ``num_cpus``/``num_gpus`` per client (fractional GPUs allowed).
 
     ``init_args`` go to ``ray.init``; ``_system_config`` raises the size of
-    messages Ray sends inline (:data:`INLINE_OBJECT_BYTES`).
+    messages Ray sends inline (:data:`INLINE_OBJECT_BYTES`), unless the run
+    joins an existing Ray cluster (``RAY_ADDRESS`` set).
     """
     resources: dict[str, Any] = {"num_cpus": float(cfg.num_cpus), "num_gpus": float(cfg.num_gpus)}
-    return {
-        "client_resources": resources,
-        "init_args": {
-            "include_dashboard": False,
-            "log_to_driver": True,
-            "logging_level": logging.WARNING,
-            "_system_config": {"max_direct_call_object_size": INLINE_OBJECT_BYTES},
-        },
-    }
+    init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "logging_level": logging.WARNING}
+    if not os.environ.get("RAY_ADDRESS"):
+        # Only a Ray instance started here takes system settings; ray.init refuses
+        # them when it joins an existing cluster (RAY_ADDRESS).
+        init_args["_system_config"] = {"max_direct_call_object_size": INLINE_OBJECT_BYTES}
+    return {"client_resources": resources, "init_args": init_args}
 
 
 def simulate(cfg: RunConfig, strategy=None) -> list[dict[str, Any]]:
