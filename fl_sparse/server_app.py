@@ -229,8 +229,9 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
 
     ``strategy`` overrides the one ``cfg.strategy`` names (e.g. your own
     :class:`~fl_sparse.strategies.SparseFedAvg` subclass). ``local_clients``
-    says every client runs on this machine (the in-process simulation), so the
-    temporary state folder may go to RAM (:func:`simulation_state_dir`).
+    says every client runs in this process's simulation engine: the temporary
+    state folder may then go to RAM (:func:`simulation_state_dir`) and the
+    Grid polls for replies every :data:`SIMULATION_PULL_INTERVAL` seconds.
     """
     from fl_sparse.clients.task import test_split
     from fl_sparse.simulations.training import evaluate
