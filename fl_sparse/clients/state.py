@@ -28,10 +28,10 @@ cost more than the bytes themselves. Every length in the header is checked
 against the file before anything is read, so a torn or foreign file raises
 :class:`StateCorruptError` naming it.
 
-Every process keeps a write-through cache of the states it saved or loaded
-(up to ``FL_SPARSE_STATE_CACHE_MB``, default 512 MB, least recently used
-first out), so a Ray actor or SuperNode that handles a client again reads
-its state from memory instead of the file. A cached entry is used
+Every process keeps a write-through cache of the states it saved (up to
+``FL_SPARSE_STATE_CACHE_MB``, default 512 MB, least recently used first
+out), so a Ray actor or SuperNode that handles a client again reads its
+state from memory instead of the file. A cached entry is used
 only while the file is the very one it wrote or read (same inode, size and
 mtime; ``os.replace`` gives every save a new inode), so a state written by
 another process is always read from the file. Loads return copies: a caller
@@ -50,6 +50,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 __all__ = ["ClientState", "ClientStateStore", "StateCorruptError", "decode_state", "encode_state"]
@@ -150,15 +151,22 @@ def encode_state(state: ClientState) -> list[memoryview | bytes]:
         },
         separators=(",", ":"),
     ).encode()
+    # Pad the header (JSON allows trailing spaces) so the data section starts
+    # on an _ALIGN boundary: a reader can then use the tensors in place.
+    header += b" " * (-(len(MAGIC) + 4 + len(header)) % _ALIGN)
     return [MAGIC, struct.pack("<I", len(header)), header, *chunks]
 
 
-def decode_state(buf: bytearray | bytes) -> ClientState:
+def decode_state(buf) -> ClientState:
     """The :class:`ClientState` in ``buf`` (a whole file); ``ValueError`` says what is wrong.
 
-    Tensors are copied out of ``buf``.
+    Given a writable buffer (``bytearray``, a uint8 numpy array), the tensors
+    are views of it (no copy: the caller hands the buffer over); given a
+    read-only one (``bytes``), they are copies.
     """
-    view = memoryview(buf)
+    if memoryview(buf).readonly:
+        buf = bytearray(buf)
+    view = memoryview(buf).cast("B")
     if view[: len(MAGIC)] != MAGIC:
         raise ValueError("not an fl-sparse client state file (bad magic)")
     pos = len(MAGIC)
@@ -194,8 +202,12 @@ def decode_state(buf: bytearray | bytes) -> ClientState:
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if offset + nbytes > data_bytes:
             raise ValueError(f"tensor {name!r} ({nbytes} bytes at {offset}) runs past the data section")
-        raw = bytearray(view[data + offset : data + offset + nbytes])  # a private, writable copy
-        tensor = (torch.frombuffer(raw, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8))
+        if nbytes:
+            tensor = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=data + offset)
+            if tensor.data_ptr() % _ALIGN:  # a file written without alignment: copy to aligned memory
+                tensor = tensor.clone()
+        else:
+            tensor = torch.empty(0, dtype=torch.uint8)
         tensor = tensor.view(dtype).reshape(shape)
         if name == "model":
             state.model = tensor
@@ -231,9 +243,11 @@ class ClientStateStore:
         if cached is not None:
             return _copy(cached)
         try:
-            with open(path, "rb") as fh:
+            with open(path, "rb", buffering=0) as fh:
                 stat = os.fstat(fh.fileno())  # of the very file read, even if replaced meanwhile
-                buf = fh.read()
+                buf = np.empty(stat.st_size, dtype=np.uint8)  # not zero-filled, unlike bytearray(n)
+                if fh.readinto(buf) != stat.st_size:
+                    raise OSError(f"short read ({stat.st_size} bytes expected)")
         except FileNotFoundError:
             _CACHE.drop(path)
             return ClientState()
@@ -243,7 +257,7 @@ class ClientStateStore:
             state = decode_state(buf)
         except ValueError as exc:  # torn or foreign file: say which and why
             raise StateCorruptError(f"cannot read client state {path}: {exc}") from exc
-        _CACHE.put(path, _signature(stat), _copy(state))
+        # Not cached: a handler saves what it loaded, and the save caches that.
         return state
 
     def save(self, key: str, state: ClientState) -> None:

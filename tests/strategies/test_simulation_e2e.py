@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,6 +94,34 @@ def test_same_seed_same_run(tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]  # noqa: E731
     assert strip(a) == strip(b)
     assert torch.equal(_final_vector(tmp_path / "a"), _final_vector(tmp_path / "b"))
+
+
+def test_clients_keep_state_in_the_servers_temporary_folder_which_is_removed(tmp_path, monkeypatch):
+    import fl_sparse.server_app as server_app
+
+    made, seen = [], []
+    choose = server_app.simulation_state_dir
+
+    def spy(numel, clients, shm="/dev/shm"):
+        folder = choose(numel, clients, shm=str(tmp_path))  # tmp_path stands in for /dev/shm
+        made.append(folder)
+        return folder
+
+    monkeypatch.setattr(server_app, "simulation_state_dir", spy)
+    cfg = replace(BASE, strategy="topk", clients=2, rounds=2)
+    original_start = SparseFedAvg.start
+
+    def start_and_look(self, *args, **kwargs):
+        out = original_start(self, *args, **kwargs)
+        seen.extend(sorted(p.name for p in Path(made[0]).glob("run-*/*")))  # before run_server cleans up
+        return out
+
+    monkeypatch.setattr(SparseFedAvg, "start", start_and_look)
+    rows = simulate(cfg)
+    assert len(rows) == 2
+    assert len(made) == 1 and Path(made[0]).parent == tmp_path
+    assert seen == ["client-0.state", "client-1.state"]
+    assert not Path(made[0]).exists()
 
 
 class HalvingTopK(SparseFedAvg):
