@@ -81,7 +81,7 @@ class ClientTask:
     def model_vector(self, device: torch.device) -> torch.Tensor:
         """The task's model as a flat float32 vector (a new tensor)."""
         tensors = _flat_tensors(self.model, self.layout, device)
-        return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+        return self.layout.flatten_state_dict(dict(zip(self.layout.names, tensors)))
 
 
 _FLAT_TENSORS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[torch.device, list[torch.Tensor]]]"
