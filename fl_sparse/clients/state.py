@@ -32,7 +32,7 @@ Every process keeps a write-through cache of the states it saved (up to
 ``FL_SPARSE_STATE_CACHE_MB``, default 512 MB, least recently used first
 out), so a Ray actor or SuperNode that handles a client again reads its
 state from memory instead of the file. A cached entry is used
-only while the file is the very one it wrote or read (same inode, size and
+only while the file is the very one it wrote (same inode, size and
 mtime; ``os.replace`` gives every save a new inode), so a state written by
 another process is always read from the file. Loads return copies: a caller
 that changes the state and then fails leaves the cache as the file is.
@@ -138,10 +138,10 @@ def encode_state(state: ClientState) -> list[memoryview | bytes]:
         if pad:
             chunks.append(bytes(pad))
             offset += pad
-        raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
         entries.append([name, dtype, list(tensor.shape), offset])
-        chunks.append(memoryview(raw) if tensor.numel() else b"")
-        offset += tensor.numel() * tensor.element_size()
+        if tensor.numel():
+            chunks.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            offset += tensor.numel() * tensor.element_size()
     header = json.dumps(
         {
             "model_version": int(state.model_version),
@@ -199,7 +199,7 @@ def decode_state(buf) -> ClientState:
             raise ValueError(f"bad tensor entry {entry!r}") from None
         if any(n < 0 for n in shape) or offset < 0:
             raise ValueError(f"tensor {name!r}: negative shape or offset")
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if offset + nbytes > data_bytes:
             raise ValueError(f"tensor {name!r} ({nbytes} bytes at {offset}) runs past the data section")
         if nbytes:
