@@ -15,7 +15,7 @@ DATASETS = ("fashion-mnist", "mnist", "cifar10")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fl_sparse.simulations.models import MODEL_NAMES
+    from fl_sparse.tasks.models import MODEL_NAMES
 
     d = RunConfig()
     parser = argparse.ArgumentParser(prog="fl-sparse", description="Communication-efficient federated learning on Flower.")
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
         names = {f.name for f in fields(RunConfig)}
         cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in names})
-        from fl_sparse.simulations.data import DatasetUnavailableError, load_dataset
+        from fl_sparse.tasks.data import DatasetUnavailableError, load_dataset
 
         try:
             cfg.validate()

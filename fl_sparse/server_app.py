@@ -155,8 +155,8 @@ def _jsonable(value: Any) -> Any:
 
 # ------------------------------------------------------------------ running
 def _initial_model(cfg: RunConfig):
-    from fl_sparse.clients.task import _dataset_shape
-    from fl_sparse.simulations.models import build_model
+    from fl_sparse.tasks.builtin import _dataset_shape
+    from fl_sparse.tasks.models import build_model
 
     return build_model(cfg.model, num_classes=10, seed=cfg.seed, **_dataset_shape(cfg.dataset))
 
@@ -233,8 +233,8 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
     state folder may then go to RAM (:func:`simulation_state_dir`) and the
     Grid polls for replies every :data:`SIMULATION_PULL_INTERVAL` seconds.
     """
-    from fl_sparse.clients.task import test_split
-    from fl_sparse.simulations.training import evaluate
+    from fl_sparse.tasks.builtin import test_split
+    from fl_sparse.tasks.training import evaluate
 
     cfg.validate()
     if local_clients and hasattr(grid, "pull_interval"):

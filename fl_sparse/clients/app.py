@@ -28,12 +28,12 @@ from flwr.clientapp import ClientApp
 
 from fl_sparse import codec
 from fl_sparse.clients.state import ClientState, ClientStateStore
-from fl_sparse.clients.task import ClientTask, TaskSpec, get_task
+from fl_sparse.tasks.builtin import ClientTask, TaskSpec, get_task
 from fl_sparse.compressors import build_compressor
 from fl_sparse.flat import vector_hash
 from fl_sparse.memory import ErrorFeedback
-from fl_sparse.simulations import data as data_lib
-from fl_sparse.simulations import training
+from fl_sparse.tasks import data as data_lib
+from fl_sparse.tasks import training
 from fl_sparse.sparse import SparseTensor
 
 __all__ = ["app", "SyncError", "state_store_for", "client_key", "run_train", "client_generator_seed", "takes_generator", "ClientRound"]

@@ -23,11 +23,11 @@ import json
 import torch
 
 from fl_sparse.clients.app import client_generator_seed, takes_generator
-from fl_sparse.clients.task import TaskSpec, get_task
+from fl_sparse.tasks.builtin import TaskSpec, get_task
 from fl_sparse.compressors import TopK, build_compressor
 from fl_sparse.server_app import RunConfig, _initial_model
-from fl_sparse.simulations import data as data_lib
-from fl_sparse.simulations import training
+from fl_sparse.tasks import data as data_lib
+from fl_sparse.tasks import training
 from fl_sparse.flat import FlatLayout
 
 __all__ = ["reference_run"]

@@ -20,7 +20,7 @@ from fl_sparse import codec
 from fl_sparse.clients.app import SyncError, local_update, run_train
 from fl_sparse.clients import state as state_module
 from fl_sparse.clients.state import ClientState, ClientStateStore, StateCorruptError
-from fl_sparse.clients.task import TaskSpec, get_task
+from fl_sparse.tasks.builtin import TaskSpec, get_task
 from fl_sparse.flat import vector_hash
 from fl_sparse.sparse import SparseTensor
 

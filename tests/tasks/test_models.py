@@ -7,13 +7,13 @@ import pickle
 import pytest
 import torch
 
-from fl_sparse.simulations.models import (
+from fl_sparse.tasks.models import (
     MODEL_NAMES,
     PAPER_PARAM_COUNTS,
     build_model,
     count_parameters,
 )
-from fl_sparse.simulations.training import model_to_vector
+from fl_sparse.tasks.training import model_to_vector
 
 # (in_channels, image_size) of each model's paper configuration
 PAPER_INPUT = {

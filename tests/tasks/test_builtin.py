@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fl_sparse.clients.task import ClientTask, TaskSpec
+from fl_sparse.tasks.builtin import ClientTask, TaskSpec
 from fl_sparse.flat import FlatLayout
-from fl_sparse.simulations import models as model_lib
-from fl_sparse.simulations import training
+from fl_sparse.tasks import models as model_lib
+from fl_sparse.tasks import training
 
 
 def _task(name: str) -> ClientTask:

@@ -614,7 +614,7 @@ class BatchStream:
 
     ``stream(step)`` returns the indices (into the full arrays) of minibatch
     ``step``; ``stream.window(start)`` is the callable ``h -> stream(start + h)``
-    that :func:`fl_sparse.simulations.training.local_sgd` takes, so a round
+    that :func:`fl_sparse.tasks.training.local_sgd` takes, so a round
     that starts after ``start`` earlier local steps continues the same order.
     """
 

@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_sparse.simulations import data
-from fl_sparse.simulations.data import (
+from fl_sparse.tasks import data
+from fl_sparse.tasks.data import (
     BatchStream,
     DatasetUnavailableError,
     IdxFormatError,

@@ -14,8 +14,8 @@ from functools import lru_cache
 import torch
 
 from fl_sparse.flat import FlatLayout
-from fl_sparse.simulations import data as data_lib
-from fl_sparse.simulations import models as model_lib
+from fl_sparse.tasks import data as data_lib
+from fl_sparse.tasks import models as model_lib
 
 __all__ = ["TaskSpec", "ClientTask", "get_task", "test_split"]
 

@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord
 
 from fl_sparse.flat import FlatLayout
-from fl_sparse.simulations.data import (
+from fl_sparse.tasks.data import (
     BatchStream,
     DatasetUnavailableError,
     load_dataset,
     partition_indices,
 )
-from fl_sparse.simulations.models import build_model
-from fl_sparse.simulations.training import (
+from fl_sparse.tasks.models import build_model
+from fl_sparse.tasks.training import (
     arrayrecord_to_vector,
     evaluate,
     load_arrayrecord_,
