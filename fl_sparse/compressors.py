@@ -12,10 +12,16 @@ uplink (client -> server) and on the downlink (server -> clients).
 ``Identity``        every entry (no compression; name ``"none"``)
 ==================  ===========================================================
 
-Plus the two schedules the papers in ``shared/papers`` give for choosing the
-budget: :func:`hard_threshold_for_topk` (lambda from a top-k budget) and
-:func:`adaptive_k_schedule` (AdapTop-K's per-round ``k_t``), and the factory
-:func:`build_compressor` that builds any of the above from plain config values.
+Every compressor satisfies the :class:`Compressor` protocol and is registered
+by name in :data:`COMPRESSORS` (decorator :func:`register_compressor`); the
+factory :func:`build_compressor` builds any registered compressor from plain
+config values, so a new compressor is one decorated class.
+
+Plus the schedules the papers in ``shared/papers`` give for choosing the
+budget: :func:`hard_threshold_for_topk` (lambda from a top-k budget),
+:func:`adaptive_k_schedule` (AdapTop-K's per-round ``k_t``) and
+:func:`adaptive_k_budgeted` (the same, re-planned from what was already spent,
+so that a changing ``t_hat`` never breaks the total budget).
 
 Magnitude keys
 --------------
@@ -35,9 +41,10 @@ preserving); float32 and float64 are used as they are.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -55,19 +62,55 @@ __all__ = [
     "adaptive_k_schedule",
     "adaptive_k_rounds",
     "adaptive_k_t_hat",
+    "adaptive_k_budgeted",
     "build_compressor",
+    "register_compressor",
+    "COMPRESSORS",
     "COMPRESSOR_NAMES",
     "FractionalQuantizer",
     "ScaledSign",
 ]
 
-Compressor = Callable[[torch.Tensor], SparseTensor]
+@runtime_checkable
+class Compressor(Protocol):
+    """What every compressor is: ``compressor(x, generator=None) -> SparseTensor``.
+
+    Contract (checked by ``tests/test_compressors.py`` for every registered
+    compressor):
+
+    * input: a flat 1-D floating tensor ``x`` of length ``d`` (any device,
+      float16/bfloat16/float32/float64); it is never modified, and the result
+      does not track autograd;
+    * output: a :class:`SparseTensor` of length ``d`` whose indices are
+      sorted, unique int64 positions and whose values are ``x`` at those
+      positions (same dtype and device as ``x``);
+    * it works in either direction: the same object compresses client
+      updates (uplink) and the server aggregate (downlink);
+    * it keeps at most ``k_for(d)`` entries;
+    * ``generator``: randomised compressors draw all their randomness from it
+      when given, so equal generator states give equal results (reproducible);
+      deterministic compressors accept and ignore it.
+
+    ``k_for(numel)`` is the largest number of entries returned for a vector of
+    length ``numel``: ``numel`` itself for compressors without a fixed budget
+    (hard threshold, identity); ``None`` is allowed for "unbounded" but
+    ``numel`` is preferred.
+
+    ``isinstance(obj, Compressor)`` checks that both methods exist (not their
+    signatures). Register a new class with :func:`register_compressor`.
+    """
+
+    def __call__(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> SparseTensor: ...
+
+    def k_for(self, numel: int) -> int | None: ...
 
 
 # --------------------------------------------------------------------------
 # quantizers live in fl_sparse.quantize (written separately); re-exported
 # lazily so that importing this module never depends on that file existing.
 def __getattr__(name: str) -> Any:  # PEP 562 module attribute hook
+    if name == "COMPRESSOR_NAMES":  # computed: the registry may grow after import
+        return tuple(COMPRESSORS)
     if name in ("FractionalQuantizer", "ScaledSign"):
         from fl_sparse import quantize
 
@@ -414,8 +457,136 @@ def _k_from_budget(k: int | None, ratio: float | None, numel: int) -> int:
     return max(1, min(numel, count))
 
 
+# ============================================================ registry
+# Config values arrive from Flower ConfigRecords / JSON: numbers may be strings.
+def _as_int(name: str, v: Any) -> int:
+    """Int from a config value: int, integral float, or numeric string."""
+    if isinstance(v, bool):
+        raise ValueError(f"parameter {name!r} must be an integer, got bool {v!r}")
+    if _is_int(v):
+        return int(v)
+    if isinstance(v, str):
+        try:
+            v = float(v.strip())
+        except ValueError:
+            raise ValueError(f"parameter {name!r} must be an integer, got {v!r}") from None
+    if isinstance(v, float) and math.isfinite(v) and v == int(v):
+        return int(v)
+    raise ValueError(f"parameter {name!r} must be an integer, got {v!r}")
+
+
+def _as_float(name: str, v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError(f"parameter {name!r} must be a number, got bool {v!r}")
+    if isinstance(v, numbers.Real):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"parameter {name!r} must be a number, got {v!r}")
+
+
+def _as_optional_int(name: str, v: Any) -> int | None:
+    # Flower ConfigRecords cannot hold None; an empty string or "none" means unset
+    if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null")):
+        return None
+    return _as_int(name, v)
+
+
+
+COMPRESSORS: dict[str, type] = {}
+"""Registered compressor classes by config name (see :func:`register_compressor`)."""
+
+# alternative spellings accepted by build_compressor (after normalisation)
+_ALIASES: dict[str, str] = {}
+
+_C = TypeVar("_C", bound=type)
+
+
+def _normalise_name(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def _defines(cls: type, attr: str) -> bool:
+    """``cls`` (or a base other than ``object``) defines ``attr`` as a callable."""
+    inherited = any(attr in vars(base) for base in cls.__mro__ if base is not object)
+    return inherited and callable(getattr(cls, attr, None))
+
+
+def register_compressor(name: str, *, replace: bool = False, aliases: tuple[str, ...] = ()) -> Callable[[_C], _C]:
+    """Class decorator: make ``build_compressor(name, **params)`` build this class.
+
+    ``name`` is normalised like the names given to :func:`build_compressor`
+    (case-insensitive, ``_`` == ``-``); ``aliases`` are extra accepted
+    spellings. The class must define ``__call__`` and ``k_for`` (the
+    :class:`Compressor` protocol), else ``TypeError``. A name (or alias)
+    already taken raises ``ValueError`` unless ``replace=True``.
+
+    Construction from config values: if the class has a classmethod
+    ``from_config(**params)`` it is called (it converts/validates config
+    values, e.g. numeric strings); otherwise the class itself is called with
+    the params (``None`` values dropped), after checking them against its
+    signature. Remove a registration with ``del COMPRESSORS[name]``.
+    """
+    if not isinstance(name, str) or not _normalise_name(name):
+        raise ValueError(f"register_compressor: name must be a non-empty string, got {name!r}")
+    key = _normalise_name(name)
+    alias_keys = tuple(_normalise_name(a) for a in aliases)
+
+    def decorator(cls: _C) -> _C:
+        if not isinstance(cls, type):
+            raise TypeError(f"register_compressor({name!r}) decorates a class, got {cls!r}")
+        missing = [m for m in ("__call__", "k_for") if not _defines(cls, m)]
+        if missing:
+            raise TypeError(
+                f"register_compressor({name!r}): {cls.__name__} lacks {missing}; a compressor defines "
+                "__call__(x, *, generator=None) -> SparseTensor and k_for(numel) -> int"
+            )
+        if not replace:
+            for taken in (key, *alias_keys):
+                if taken in COMPRESSORS or taken in _ALIASES:
+                    owner = COMPRESSORS.get(_ALIASES.get(taken, taken))
+                    raise ValueError(
+                        f"compressor name {taken!r} is already registered"
+                        f"{f' (to {owner.__name__})' if owner is not None else ''}; pass replace=True to override"
+                    )
+        _ALIASES.pop(key, None)
+        COMPRESSORS[key] = cls
+        for alias in alias_keys:
+            COMPRESSORS.pop(alias, None)
+            _ALIASES[alias] = key
+        return cls
+
+    return decorator
+
+
+class _FromConfig:
+    """Mixin: ``from_config(**params)`` converts config values with ``config_params`` then calls the class."""
+
+    #: accepted config parameter -> converter ``(name, value) -> value`` (``None`` values mean absent)
+    config_params: ClassVar[dict[str, Callable[[str, Any], Any]]] = {}
+
+    @classmethod
+    def _convert_config(cls, params: dict[str, Any]) -> dict[str, Any]:
+        spec = cls.config_params
+        unknown = sorted(set(params) - set(spec))
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__} does not take parameter(s) {unknown}; it takes {sorted(spec) or 'none'}"
+            )
+        args = {p: spec[p](p, v) for p, v in params.items() if v is not None}
+        return {p: v for p, v in args.items() if v is not None}
+
+    @classmethod
+    def from_config(cls, **params: Any) -> Any:
+        return cls(**cls._convert_config(params))
+
+
 # ============================================================ compressors
-class TopK:
+@register_compressor("topk", aliases=("top-k",))
+class TopK(_FromConfig):
     """Top-k sparsifier: keep the ``k`` entries of largest magnitude.
 
     ``TopK(k=1000)`` or ``TopK(ratio=0.001)`` (``k = ceil(ratio d)``, at least 1).
@@ -423,7 +594,10 @@ class TopK:
     ``torch.topk(x.abs(), k)`` (ties at the k-th magnitude: lowest indices on
     CPU); see :func:`magnitude_topk_indices` for the fast exact algorithm and
     the NaN/Inf check (``check_finite``, default on: raises ``ValueError``).
+    Deterministic: ``generator`` is accepted and ignored. Config name ``"topk"``.
     """
+
+    config_params = {"k": _as_int, "ratio": _as_float}
 
     def __init__(self, k: int | None = None, *, ratio: float | None = None, check_finite: bool = True) -> None:
         self.k, self.ratio = _validate_budget(k, ratio, "TopK")
@@ -433,7 +607,7 @@ class TopK:
         """Number of entries kept for a vector of length ``numel``."""
         return _k_from_budget(self.k, self.ratio, numel)
 
-    def __call__(self, x: torch.Tensor) -> SparseTensor:
+    def __call__(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> SparseTensor:
         x = _check_flat_float(x, "TopK")
         idx = magnitude_topk_indices(x, self.k_for(x.numel()), check_finite=self.check_finite)
         return SparseTensor(idx, x[idx], x.numel())
@@ -502,14 +676,17 @@ def _uniform_subset(n: int, k: int, device: torch.device, generator: torch.Gener
     return perm[:k].sort().values
 
 
-class RandomK:
+@register_compressor("randomk", aliases=("random-k",))
+class RandomK(_FromConfig):
     """Random-k sparsifier: keep ``k`` positions drawn uniformly without replacement.
 
     ``P(S) = 1 / C(d, k)`` for every ``k``-subset ``S``; values are sent
     unscaled (pair with error feedback, as in the rTop-k paper's Algorithm 1).
     ``seed`` fixes a reproducible sequence of masks; ``generator=`` on a call
-    overrides it for that call.
+    overrides it for that call. Config name ``"randomk"``.
     """
+
+    config_params = {"k": _as_int, "ratio": _as_float, "seed": _as_optional_int}
 
     def __init__(self, k: int | None = None, *, ratio: float | None = None, seed: int | None = None) -> None:
         self.k, self.ratio = _validate_budget(k, ratio, "RandomK")
@@ -533,7 +710,8 @@ class RandomK:
         return f"RandomK({budget}, seed={self.seed})"
 
 
-class RTopK:
+@register_compressor("rtopk", aliases=("rtop-k", "r-topk"))
+class RTopK(_FromConfig):
     """rTop-k (Barnes et al., Definition 3): ``k`` uniform positions among the top-``r`` magnitudes.
 
     ``rTop_k(w)_i = w_i`` for ``i`` in ``U``, 0 elsewhere, where ``U`` is a
@@ -544,8 +722,11 @@ class RTopK:
     ``k / r = 1 / n`` (rtopk-statistical-estimation.txt line 241), i.e.
     ``r = n_workers * k``; exactly one of the two is required. ``r`` is capped
     at ``d`` (then rTop-k is random-k). ``k`` comes from ``k`` or ``ratio``
-    as in :class:`TopK`.
+    as in :class:`TopK`. ``seed`` / ``generator=`` as in :class:`RandomK`.
+    Config name ``"rtopk"``.
     """
+
+    config_params = {"k": _as_int, "ratio": _as_float, "r": _as_int, "n_workers": _as_int, "seed": _as_optional_int}
 
     def __init__(
         self,
@@ -604,7 +785,8 @@ class RTopK:
         return f"RTopK({budget}, {pool}, seed={self.seed})"
 
 
-class HardThreshold:
+@register_compressor("hard-threshold", aliases=("hardthreshold", "threshold"))
+class HardThreshold(_FromConfig):
     """Hard-threshold sparsifier ``C_lambda`` (Sahu et al.): keep ``S = {i : |x_i| >= lambda}``.
 
     A fixed ``lambda >= 0`` gives a variable number of entries per round; the
@@ -613,8 +795,20 @@ class HardThreshold:
     arithmetic with ``lambda`` as given (no rounding of ``lambda`` to
     ``x.dtype`` can admit an entry below it). ``lambda = 0`` keeps every entry.
     NaN/Inf in ``x`` raise ``ValueError`` (free: they always pass the threshold
-    and are checked on the kept set).
+    and are checked on the kept set). Deterministic: ``generator`` is ignored.
+
+    Config name ``"hard-threshold"`` with ``lam``, or ``k`` for the paper's
+    ``lam = 1 / (2 sqrt(k))`` (:func:`hard_threshold_for_topk`).
     """
+
+    config_params = {"lam": _as_float, "k": _as_int}
+
+    @classmethod
+    def from_config(cls, **params: Any) -> HardThreshold:
+        args = cls._convert_config(params)
+        if ("lam" in args) == ("k" in args):
+            raise ValueError("hard-threshold: give exactly one of lam (threshold) or k (lam = 1/(2 sqrt k))")
+        return cls(args["lam"] if "lam" in args else hard_threshold_for_topk(args["k"]))
 
     def __init__(self, lam: float, *, check_finite: bool = True) -> None:
         if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
@@ -625,7 +819,11 @@ class HardThreshold:
         self.lam = lam
         self.check_finite = bool(check_finite)
 
-    def __call__(self, x: torch.Tensor) -> SparseTensor:
+    def k_for(self, numel: int) -> int:
+        """No fixed budget: up to every entry (``numel``)."""
+        return _k_from_budget(None, 1.0, numel)
+
+    def __call__(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> SparseTensor:
         x = _check_flat_float(x, "HardThreshold")
         xw = _widen(x)
         raw, abs_mask, inf_key = _key_view(xw)
@@ -646,10 +844,15 @@ class HardThreshold:
         return f"HardThreshold(lam={self.lam!r})"
 
 
-class Identity:
+@register_compressor("none", aliases=("identity", "dense"))
+class Identity(_FromConfig):
     """No compression: every entry, as a SparseTensor (config name ``"none"``)."""
 
-    def __call__(self, x: torch.Tensor) -> SparseTensor:
+    def k_for(self, numel: int) -> int:
+        """Every entry: ``numel``."""
+        return _k_from_budget(None, 1.0, numel)
+
+    def __call__(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> SparseTensor:
         x = _check_flat_float(x, "Identity")
         return SparseTensor(torch.arange(x.numel(), device=x.device), x.clone(), x.numel())
 
@@ -791,9 +994,26 @@ def adaptive_k_schedule(t: int, T: int, k: int, gamma: float, t_hat: int) -> int
       middle/late phase boundary -- gets exactly ``k`` (``n_t = 0``).
     """
     _adaptive_k_check(T, k, gamma, t_hat)
+    _adaptive_k_check_round(t, T)
+    k_hi, k_lo, low_start, late_start, neutral = _adaptive_phases(int(T), int(k), gamma, int(t_hat))
+    t, k = int(t), int(k)
+    if t == neutral:
+        return k
+    return k_lo if low_start <= t < late_start else k_hi
+
+
+def _adaptive_k_check_round(t: int, T: int) -> None:
     if not _is_int(t) or not 0 <= t < T:
         raise ValueError(f"AdapTop-K: round t must be an int in [0, T={T}), got {t!r}")
-    t, T, k, t_hat = int(t), int(T), int(k), int(t_hat)
+
+
+def _adaptive_phases(T: int, k: int, gamma: float, t_hat: int) -> tuple[int, int, int, int, int]:
+    """``(k_hi, k_lo, low_start, late_start, neutral)`` of :func:`adaptive_k_schedule` (validated args).
+
+    Rounds ``[0, low_start)`` and ``[late_start, T)`` get ``k_hi``, rounds
+    ``[low_start, late_start)`` get ``k_lo``, except round ``neutral`` (``-1``:
+    none), which gets ``k``.
+    """
     k_hi = math.floor((1.0 + gamma) * k + 0.5)
     k_lo = 2 * k - k_hi
     low_start = -(-t_hat // 2)  # ceil(t_hat / 2): first round of the low phase
@@ -808,9 +1028,91 @@ def adaptive_k_schedule(t: int, T: int, k: int, gamma: float, t_hat: int) -> int
         neutral = late_start - 1  # last round of the low phase
     else:
         neutral = -1
-    if t == neutral:
-        return k
-    return k_lo if low_start <= t < late_start else k_hi
+    return k_hi, k_lo, low_start, late_start, neutral
+
+
+def _adaptive_k_tail_sum(t: int, T: int, k: int, gamma: float, t_hat: int) -> int:
+    """``sum(adaptive_k_schedule(s, T, k, gamma, t_hat) for s in range(t, T))`` in O(1)."""
+    k_hi, k_lo, low_start, late_start, neutral = _adaptive_phases(T, k, gamma, t_hat)
+    n_low = max(0, late_start - max(t, low_start))
+    n_high = (T - t) - n_low
+    total = n_high * k_hi + n_low * k_lo
+    if neutral >= t:
+        total += k - (k_lo if low_start <= neutral < late_start else k_hi)
+    return total
+
+
+def adaptive_k_budgeted(
+    t: int, T: int, k: int, gamma: float, t_hat: int, spent: int, *, d: int | None = None
+) -> int:
+    """AdapTop-K ``k_t`` for round ``t`` (0-based) re-planned from the ``spent`` entries of rounds ``0..t-1``.
+
+    Paper: M. Ruan, G. Yan, Y. Xiao, L. Song, W. Xu, "Adaptive Top-K in SGD
+    for Communication-Efficient Distributed Learning in Multi-Robot
+    Collaboration" (adaptive-topk.txt): schedule eq. (21) / (36), budget
+    constraint ``sum_t k_t <= K = T k`` (eq. (4), (15)).
+
+    :func:`adaptive_k_schedule` assumes ``t_hat`` is fixed for the whole run.
+    When ``t_hat`` is only estimated after some rounds (the paper's formula
+    needs ``F(w_0)``, known after round 1), the rounds already played used a
+    provisional ``t_hat`` and the fixed schedule no longer adds up to ``T k``
+    (d = 20,000, ratio 0.01, T = 5: provisional ``t_hat = T`` then 0 gives
+    300 + 100 + 200 + 300 + 300 = 1,200). Here the remaining budget
+    ``B = T k - spent`` is spread over rounds ``t..T-1`` in proportion to the
+    paper's schedule for those rounds under the current ``t_hat`` (its
+    ``(1 +- gamma) k`` shape): ``k_t = round(B w_t / sum_{s >= t} w_s)``,
+    rounded half up in exact integer arithmetic, then clipped to
+    ``[max(1, B - c (R - 1)), min(c, B - (R - 1))]`` with ``R = T - t`` rounds
+    left and per-round cap ``c = min(2k, d)`` (``2k >= (1 + gamma) k``, the
+    most the paper ever sends; ``d`` if given). Every later call re-plans, so
+    rounding is absorbed as it goes and the last round takes exactly what is left.
+
+    Guarantee: if ``spent`` is the sum of this function's earlier results
+    (whatever ``t_hat`` each call used -- changed once after round 0, at any
+    round, or every round), then ``sum_{t<T} k_t == T k`` exactly and
+    ``1 <= k_t <= c`` for every round (so ``k_t <= d`` when ``d`` is given).
+    Proof sketch: ``R <= B <= c R`` holds at ``t = 0`` (``1 <= k <= c``), and
+    the clip keeps it; at ``R = 1`` the clip range is ``{B}``.
+
+    Normal case: with one ``t_hat`` from the start and ``spent`` following
+    the schedule, the result equals :func:`adaptive_k_schedule` exactly (then
+    ``B`` equals the schedule's remaining sum, so each share is exact), as
+    long as that schedule lies in ``[1, c]``. It does not when
+    ``k_lo = 2k - round((1 + gamma) k) == 0`` (``gamma`` near 1, or ``k = 1``
+    with ``gamma >= 0.5``) -- then every round still gets at least one entry
+    (top-k of 0 entries is not a round a strategy can run) and the high
+    rounds give the difference back -- or when ``k_hi > d``.
+
+    Budget too small (only if ``spent`` is *not* what earlier calls returned):
+    ``B <= 0`` gives 0 (the budget is exhausted or overspent, the total then
+    cannot be ``T k``); ``0 < B < R`` gives 1 (one entry per round until the
+    budget runs out); ``B > c R`` gives ``c`` (the total falls short). The
+    result is never negative.
+    """
+    _adaptive_k_check(T, k, gamma, t_hat)
+    _adaptive_k_check_round(t, T)
+    if not _is_int(spent) or spent < 0:
+        raise ValueError(f"AdapTop-K: spent must be an int >= 0, got {spent!r}")
+    t, T, k, t_hat, spent = int(t), int(T), int(k), int(t_hat), int(spent)
+    cap = 2 * k
+    if d is not None:
+        if not _is_int(d) or d < k:
+            raise ValueError(f"AdapTop-K: d must be an int >= k = {k}, got {d!r}")
+        cap = min(cap, int(d))
+    rounds_left = T - t
+    budget = T * k - spent
+    if budget <= 0:
+        return 0
+    if budget < rounds_left:
+        return 1
+    weight = adaptive_k_schedule(t, T, k, gamma, t_hat)
+    weight_sum = _adaptive_k_tail_sum(t, T, k, gamma, t_hat)
+    if weight_sum <= 0:  # every remaining round has weight 0 (k_lo == 0): split evenly
+        weight, weight_sum = 1, rounds_left
+    share = (2 * budget * weight + weight_sum) // (2 * weight_sum)  # round(B w / S), half up, exact
+    low = max(1, budget - cap * (rounds_left - 1))
+    high = min(cap, budget - (rounds_left - 1))
+    return min(max(share, low), high)
 
 
 def adaptive_k_rounds(T: int, k: int, gamma: float, t_hat: int) -> list[int]:
@@ -820,64 +1122,8 @@ def adaptive_k_rounds(T: int, k: int, gamma: float, t_hat: int) -> list[int]:
 
 
 # ============================================================ factory
-def _as_int(name: str, v: Any) -> int:
-    """Int from a config value: int, integral float, or numeric string."""
-    if isinstance(v, bool):
-        raise ValueError(f"parameter {name!r} must be an integer, got bool {v!r}")
-    if _is_int(v):
-        return int(v)
-    if isinstance(v, str):
-        try:
-            v = float(v.strip())
-        except ValueError:
-            raise ValueError(f"parameter {name!r} must be an integer, got {v!r}") from None
-    if isinstance(v, float) and math.isfinite(v) and v == int(v):
-        return int(v)
-    raise ValueError(f"parameter {name!r} must be an integer, got {v!r}")
-
-
-def _as_float(name: str, v: Any) -> float:
-    if isinstance(v, bool):
-        raise ValueError(f"parameter {name!r} must be a number, got bool {v!r}")
-    if isinstance(v, numbers.Real):
-        return float(v)
-    if isinstance(v, str):
-        try:
-            return float(v.strip())
-        except ValueError:
-            pass
-    raise ValueError(f"parameter {name!r} must be a number, got {v!r}")
-
-
-def _as_optional_int(name: str, v: Any) -> int | None:
-    # Flower ConfigRecords cannot hold None; an empty string or "none" means unset
-    if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null")):
-        return None
-    return _as_int(name, v)
-
-
-_PARAMS: dict[str, dict[str, Callable[[str, Any], Any]]] = {
-    "topk": {"k": _as_int, "ratio": _as_float},
-    "randomk": {"k": _as_int, "ratio": _as_float, "seed": _as_optional_int},
-    "rtopk": {"k": _as_int, "ratio": _as_float, "r": _as_int, "n_workers": _as_int, "seed": _as_optional_int},
-    "hard-threshold": {"lam": _as_float, "k": _as_int},
-    "none": {},
-}
-COMPRESSOR_NAMES: tuple[str, ...] = tuple(_PARAMS)
-_ALIASES = {
-    "top-k": "topk",
-    "random-k": "randomk",
-    "rtop-k": "rtopk",
-    "r-topk": "rtopk",
-    "hardthreshold": "hard-threshold",
-    "threshold": "hard-threshold",
-    "identity": "none",
-    "dense": "none",
-}
-
-
-def build_compressor(name: str, **params: Any) -> Callable[..., SparseTensor]:
-    """Build a compressor from plain config values (as they arrive in a Flower ConfigRecord).
+def build_compressor(name: str, **params: Any) -> Compressor:
+    """Build a registered compressor from plain config values (as they arrive in a Flower ConfigRecord).
 
     ============================  =============================================
     name                          params
@@ -889,6 +1135,7 @@ def build_compressor(name: str, **params: Any) -> Callable[..., SparseTensor]:
     ``"none"``                    (identity: every entry)
     ============================  =============================================
 
+    plus whatever else is in :data:`COMPRESSORS` (:func:`register_compressor`).
     Names are case-insensitive, ``_`` and ``-`` are interchangeable, and
     ``top-k``, ``random-k``, ``rtop-k``, ``identity`` are accepted aliases.
     Numbers may be given as strings (``"0.001"``); integer parameters accept
@@ -898,30 +1145,31 @@ def build_compressor(name: str, **params: Any) -> Callable[..., SparseTensor]:
     """
     if not isinstance(name, str):
         raise ValueError(f"compressor name must be a string, got {name!r}")
-    key = name.strip().lower().replace("_", "-")
+    key = _normalise_name(name)
     key = _ALIASES.get(key, key)
-    if key not in _PARAMS:
-        raise ValueError(f"unknown compressor {name!r}; known: {', '.join(COMPRESSOR_NAMES)}")
-    spec = _PARAMS[key]
-    unknown = sorted(set(params) - set(spec))
-    if unknown:
-        raise ValueError(
-            f"compressor {key!r} does not take parameter(s) {unknown}; it takes {sorted(spec) or 'none'}"
-        )
-    args = {p: spec[p](p, v) for p, v in params.items() if v is not None}
-    args = {p: v for p, v in args.items() if v is not None}
+    cls = COMPRESSORS.get(key)
+    if cls is None:
+        aliases = f" (aliases: {', '.join(sorted(_ALIASES))})" if _ALIASES else ""
+        raise ValueError(f"unknown compressor {name!r}; known: {', '.join(COMPRESSORS)}{aliases}")
+    factory = getattr(cls, "from_config", None)
     try:
-        if key == "topk":
-            return TopK(**args)
-        if key == "randomk":
-            return RandomK(**args)
-        if key == "rtopk":
-            return RTopK(**args)
-        if key == "hard-threshold":
-            if ("lam" in args) == ("k" in args):
-                raise ValueError("hard-threshold: give exactly one of lam (threshold) or k (lam = 1/(2 sqrt k))")
-            lam = args["lam"] if "lam" in args else hard_threshold_for_topk(args["k"])
-            return HardThreshold(lam)
-        return Identity()
+        if factory is not None:
+            return factory(**params)
+        args = {p: v for p, v in params.items() if v is not None}
+        _check_signature(cls, args)
+        return cls(**args)
     except ValueError as err:
         raise ValueError(f"compressor {key!r}: {err}") from None
+
+
+def _check_signature(cls: type, args: dict[str, Any]) -> None:
+    """``ValueError`` naming the parameter if ``cls(**args)`` would not bind."""
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):  # no introspectable signature: let the call decide
+        return
+    try:
+        sig.bind(**args)
+    except TypeError as err:
+        takes = [p.name for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        raise ValueError(f"{err}; {cls.__name__} takes {takes or 'no parameters'}") from None

@@ -3,15 +3,20 @@
 Compressors, error memories and the wire codec all work on one flat 1-D
 vector: top-K is global over the whole model, as in every seed paper. The
 vector is the concatenation, in record order, of every floating-point array
-(weights, biases and float buffers such as BatchNorm running statistics);
-integer arrays (``num_batches_tracked``) are not part of it, stay at their
-initial values on the server and are local state on clients.
+(weights, biases and float buffers such as BatchNorm running statistics, of
+any float dtype: float16 entries widen exactly to float32). The other arrays
+are *exact* arrays: integer arrays (BatchNorm's ``num_batches_tracked``) and
+any float array the user names in ``exact=`` travel whole, beside the
+vector, and are averaged like FedAvg averages them, never compressed.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import json
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,32 +28,99 @@ __all__ = ["FlatLayout", "vector_hash"]
 
 @dataclass(frozen=True)
 class FlatLayout:
-    """Names, shapes and dtypes of the arrays packed into the flat vector."""
+    """Names, shapes and dtypes of the arrays packed into the flat vector.
+
+    ``passthrough`` holds the exact arrays (see the module docstring) with
+    their values in the record the layout was made from; ``order`` is every
+    array name in record order, so :meth:`unflatten` gives back a record with
+    the same keys in the same order.
+    """
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[str, ...]
-    # Non-float arrays travel unchanged beside the vector (e.g. BN counters).
     passthrough: tuple[tuple[str, np.ndarray], ...] = ()
+    order: tuple[str, ...] = ()
 
     @property
     def numel(self) -> int:
         return int(sum(int(np.prod(s)) for s in self.shapes))
 
+    @property
+    def exact_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.passthrough)
+
     @classmethod
-    def from_arrayrecord(cls, record: ArrayRecord) -> "FlatLayout":
+    def from_arrayrecord(cls, record: ArrayRecord, exact: Iterable[str] = ()) -> "FlatLayout":
+        """The layout of ``record``; float arrays matching a pattern of ``exact`` (fnmatch) stay exact."""
+        patterns = [exact] if isinstance(exact, str) else list(exact)
         names, shapes, dtypes, passthrough = [], [], [], []
         for name, array in record.items():
             nd = array.numpy()
-            if np.issubdtype(nd.dtype, np.floating):
+            if np.issubdtype(nd.dtype, np.floating) and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
                 names.append(name)
                 shapes.append(tuple(nd.shape))
                 dtypes.append(str(nd.dtype))
             else:
                 passthrough.append((name, nd.copy()))
         if not names:
-            raise ValueError("the ArrayRecord holds no floating-point arrays")
-        return cls(tuple(names), tuple(shapes), tuple(dtypes), tuple(passthrough))
+            raise ValueError("the ArrayRecord holds no floating-point arrays to compress")
+        return cls(tuple(names), tuple(shapes), tuple(dtypes), tuple(passthrough), tuple(record.keys()))
+
+    # ------------------------------------------------------------ wire form
+    def to_json(self) -> str:
+        """Names, shapes and dtypes (not values) of every array, in record order."""
+        flat = {n: ("flat", list(s), d) for n, s, d in zip(self.names, self.shapes, self.dtypes)}
+        exact = {n: ("exact", list(nd.shape), str(nd.dtype)) for n, nd in self.passthrough}
+        arrays = [[n, *(flat.get(n) or exact[n])] for n in (self.order or (*self.names, *self.exact_names))]
+        return json.dumps(arrays, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "FlatLayout":
+        """The layout :meth:`to_json` wrote; exact arrays hold zeros until values arrive."""
+        try:
+            arrays = json.loads(text)
+            names, shapes, dtypes, passthrough, order = [], [], [], [], []
+            for name, kind, shape, dtype in arrays:
+                shape = tuple(int(n) for n in shape)
+                if any(n < 0 for n in shape) or kind not in ("flat", "exact") or not isinstance(name, str):
+                    raise ValueError(f"bad entry {name!r}")
+                np_dtype = np.dtype(dtype)
+                if kind == "flat":
+                    if not np.issubdtype(np_dtype, np.floating):
+                        raise ValueError(f"flat array {name!r} has dtype {dtype}")
+                    names.append(name)
+                    shapes.append(shape)
+                    dtypes.append(str(np_dtype))
+                else:
+                    passthrough.append((name, np.zeros(shape, dtype=np_dtype)))
+                order.append(name)
+        except (TypeError, ValueError, json.JSONDecodeError) as exc:
+            raise ValueError(f"malformed layout: {exc}") from None
+        if not names or len(set(order)) != len(order):
+            raise ValueError("malformed layout: no flat arrays, or a name twice")
+        return cls(tuple(names), tuple(shapes), tuple(dtypes), tuple(passthrough), tuple(order))
+
+    def exact_record(self, record: ArrayRecord) -> ArrayRecord:
+        """The exact arrays of ``record`` (checked: present, same shape and dtype)."""
+        out = ArrayRecord()
+        for name, template in self.passthrough:
+            if name not in record:
+                raise ValueError(f"array {name!r} missing from the record")
+            nd = record[name].numpy()
+            if nd.shape != template.shape or nd.dtype != template.dtype:
+                raise ValueError(
+                    f"array {name!r} is {nd.dtype}{list(nd.shape)}, expected {template.dtype}{list(template.shape)}"
+                )
+            out[name] = Array(np.require(nd, requirements="C"))  # ascontiguousarray would make 0-d arrays 1-d
+        return out
+
+    def with_exact(self, record: ArrayRecord) -> "FlatLayout":
+        """This layout with the exact arrays' values taken from ``record``."""
+        exact = self.exact_record(record)
+        return FlatLayout(
+            self.names, self.shapes, self.dtypes, tuple((n, exact[n].numpy()) for n in self.exact_names), self.order
+        )
 
     @classmethod
     def from_state_dict(cls, state_dict: "OrderedDict[str, torch.Tensor]") -> "FlatLayout":
@@ -81,14 +153,16 @@ class FlatLayout:
         if vector.dim() != 1 or vector.numel() != self.numel:
             raise ValueError(f"vector has shape {tuple(vector.shape)}, expected ({self.numel},)")
         vec = vector.detach().to("cpu", torch.float32).numpy()
-        record = ArrayRecord()
+        arrays: dict[str, np.ndarray] = {}
         offset = 0
         for name, shape, dtype in zip(self.names, self.shapes, self.dtypes):
             n = int(np.prod(shape))
-            record[name] = Array(vec[offset : offset + n].reshape(shape).astype(dtype, copy=True))
+            arrays[name] = vec[offset : offset + n].reshape(shape).astype(dtype, copy=True)
             offset += n
-        for name, nd in self.passthrough:
-            record[name] = Array(nd)
+        arrays.update(self.passthrough)
+        record = ArrayRecord()
+        for name in self.order or arrays:
+            record[name] = Array(arrays[name])
         return record
 
     def to_state_dict(self, vector: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":

@@ -161,7 +161,8 @@ def _initial_model(cfg: RunConfig):
     return build_model(cfg.model, num_classes=10, seed=cfg.seed, **_dataset_shape(cfg.dataset))
 
 
-def _train_config(cfg: RunConfig, state_dir: str, state_fsync: bool = True) -> ConfigRecord:
+def _train_config(cfg: RunConfig) -> ConfigRecord:
+    """The built-in ClientApp's train config (:mod:`fl_sparse.clients.app`)."""
     return ConfigRecord(
         {
             "dataset": cfg.dataset,
@@ -175,9 +176,6 @@ def _train_config(cfg: RunConfig, state_dir: str, state_fsync: bool = True) -> C
             "lr": float(cfg.lr),
             "momentum": float(cfg.momentum),
             "weight-decay": float(cfg.weight_decay),
-            "state-dir": state_dir,
-            # A temporary state dir (removed after the run) needs no fsync per save.
-            "state-fsync": bool(state_fsync),
         }
     )
 
@@ -219,6 +217,11 @@ def strategy_from_config(cfg: RunConfig):
         positions=cfg.positions,
         lr=cfg.lr,
         fraction_train=cfg.fraction,
+        # Evaluation is central (evaluate_fn); every connected client may train.
+        fraction_evaluate=0.0,
+        min_train_nodes=1,
+        min_evaluate_nodes=0,
+        min_available_nodes=1,
         seed=cfg.seed,
         diagnostics=cfg.diagnostics,
     )
@@ -275,12 +278,15 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
         state_dir = simulation_state_dir(layout.numel, cfg.clients)
     else:
         state_dir = tempfile.mkdtemp(prefix="fl-sparse-state-")
+    strategy.client_state_dir = state_dir
+    # A temporary state dir (removed after the run) needs no fsync per save.
+    strategy.client_state_fsync = not own_state_dir
     try:
         strategy.start(
             grid=grid,
             initial_arrays=initial,
             num_rounds=cfg.rounds,
-            train_config=_train_config(cfg, state_dir, state_fsync=not own_state_dir),
+            train_config=_train_config(cfg),
             evaluate_fn=evaluate_fn,
         )
     finally:

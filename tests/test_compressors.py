@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from fl_sparse import compressors as C
 from fl_sparse.compressors import (
+    COMPRESSORS,
+    Compressor,
     HardThreshold,
     Identity,
     RandomK,
@@ -23,6 +25,7 @@ from fl_sparse.compressors import (
     build_compressor,
     hard_threshold_for_topk,
     magnitude_topk_indices,
+    register_compressor,
 )
 from fl_sparse.sparse import SparseTensor
 
@@ -538,6 +541,152 @@ def test_build_compressor_from_config_values():
 def test_build_compressor_rejects_bad_config(name, params, match):
     with pytest.raises(ValueError, match=match):
         build_compressor(name, **params)
+
+
+# ----------------------------------------------------------------- registry
+BUILTIN_CONFIGS = {
+    "topk": {"ratio": 0.1},
+    "randomk": {"ratio": 0.1, "seed": 0},
+    "rtopk": {"ratio": 0.1, "n_workers": 3},
+    "hard-threshold": {"lam": 0.5},
+    "none": {},
+}
+
+
+@pytest.fixture
+def every_other():
+    """A compressor defined here, registered for the test and unregistered after it."""
+
+    @register_compressor("test-every-other")
+    class EveryOther:
+        def __init__(self, offset: int = 0) -> None:
+            if offset not in (0, 1):
+                raise ValueError(f"offset must be 0 or 1, got {offset!r}")
+            self.offset = offset
+
+        def k_for(self, numel: int) -> int:
+            return max(0, (numel - self.offset + 1) // 2)
+
+        def __call__(self, x, *, generator=None):
+            idx = torch.arange(self.offset, x.numel(), 2, device=x.device)
+            return SparseTensor(idx, x[idx], x.numel())
+
+    try:
+        yield EveryOther
+    finally:
+        COMPRESSORS.pop("test-every-other", None)
+
+
+def test_registry_holds_the_builtins_and_names():
+    assert {n: COMPRESSORS[n] for n in BUILTIN_CONFIGS} == {
+        "topk": TopK, "randomk": RandomK, "rtopk": RTopK, "hard-threshold": HardThreshold, "none": Identity,
+    }
+    assert set(BUILTIN_CONFIGS) <= set(C.COMPRESSOR_NAMES)
+    for alias, cls in [("top-k", TopK), ("Random_K", RandomK), ("rtop-k", RTopK), ("r-topk", RTopK),
+                       ("threshold", HardThreshold), ("HardThreshold", HardThreshold), ("identity", Identity),
+                       ("dense", Identity)]:
+        params = BUILTIN_CONFIGS[next(n for n, c in COMPRESSORS.items() if c is cls)]
+        assert type(build_compressor(alias, **params)) is cls, alias
+    assert {"COMPRESSORS", "register_compressor", "Compressor", "adaptive_k_budgeted"} <= set(C.__all__)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [TopK(ratio=0.1), TopK(k=3), RandomK(ratio=0.1), RTopK(ratio=0.1, n_workers=2), HardThreshold(0.1), Identity()],
+    ids=repr,
+)
+def test_builtins_satisfy_the_protocol(obj):
+    assert isinstance(obj, Compressor)
+    x = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    s = obj(x, generator=torch.Generator().manual_seed(1))
+    assert_well_formed(s, x)
+    assert s.nnz <= obj.k_for(50)
+    assert not isinstance(object(), Compressor)
+
+
+def test_hard_threshold_and_identity_k_for_is_numel():
+    assert HardThreshold(0.1).k_for(17) == 17 and Identity().k_for(17) == 17
+    assert HardThreshold(0.0).k_for(0) == 0 and Identity().k_for(0) == 0
+
+
+def test_registered_class_is_built_by_name(every_other):
+    comp = build_compressor(name="test-every-other", offset=1)
+    assert isinstance(comp, every_other) and isinstance(comp, Compressor)
+    x = torch.arange(7, dtype=torch.float32)
+    s = comp(x)
+    assert s.indices.tolist() == [1, 3, 5] and s.nnz == comp.k_for(7)
+    assert build_compressor("TEST_every_other").offset == 0  # names normalised; None/absent -> default
+    assert build_compressor("test-every-other", offset=None).offset == 0
+    assert "test-every-other" in C.COMPRESSOR_NAMES
+    with pytest.raises(ValueError, match="'test-every-other'.*offset must be 0 or 1"):
+        build_compressor("test-every-other", offset=5)
+    with pytest.raises(ValueError, match="stride.*takes \\['offset'\\]"):
+        build_compressor("test-every-other", stride=2)
+
+
+def test_registration_does_not_leak():
+    assert "test-every-other" not in COMPRESSORS
+    assert "test-every-other" not in C.COMPRESSOR_NAMES
+
+
+def test_duplicate_registration_raises_unless_replace(every_other):
+    class Other:
+        def k_for(self, numel):
+            return numel
+
+        def __call__(self, x, *, generator=None):
+            return Identity()(x)
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_compressor("test-every-other")(Other)
+    with pytest.raises(ValueError, match="already registered"):
+        register_compressor("TOPK")(Other)  # normalised names collide too
+    with pytest.raises(ValueError, match="already registered"):
+        register_compressor("identity")(Other)  # an alias is taken as well
+    assert COMPRESSORS["test-every-other"] is every_other and COMPRESSORS["topk"] is TopK
+    register_compressor("test-every-other", replace=True)(Other)
+    assert COMPRESSORS["test-every-other"] is Other
+
+
+def test_registration_requires_the_protocol_methods():
+    class NoKFor:
+        def __call__(self, x, *, generator=None):
+            return Identity()(x)
+
+    class NoCall:
+        def k_for(self, numel):
+            return numel
+
+    for cls in (NoKFor, NoCall):
+        with pytest.raises(TypeError, match="lacks"):
+            register_compressor("test-bad")(cls)
+    assert "test-bad" not in COMPRESSORS
+
+
+def test_unknown_name_lists_the_registered_names(every_other):
+    with pytest.raises(ValueError, match="unknown compressor 'nope'") as info:
+        build_compressor("nope")
+    for name in (*BUILTIN_CONFIGS, "test-every-other"):
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSORS))
+@HYP
+@given(d=st.integers(0, 3_000), seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_every_registered_compressor_takes_generator_and_respects_k_for(name, d, seed, scale):
+    params = BUILTIN_CONFIGS.get(name, {})
+    try:
+        comp = build_compressor(name, **params)
+    except ValueError:
+        pytest.skip(f"no sample config for {name!r}")
+    x = torch.randn(d, generator=torch.Generator().manual_seed(seed)) * scale
+    a = comp(x, generator=torch.Generator().manual_seed(seed + 1))
+    assert_well_formed(a, x)
+    bound = comp.k_for(d)
+    assert a.nnz <= (d if bound is None else bound)
+    # random ones are reproducible given the generator (equal states -> equal results)
+    b = comp(x, generator=torch.Generator().manual_seed(seed + 1))
+    assert torch.equal(a.indices, b.indices)
 
 
 def test_quantizers_reexported_when_available():

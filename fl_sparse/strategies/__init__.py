@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fl_sparse.strategies.base import SparseFedAvg, ServerState
+from fl_sparse.strategies.base import ClientUpdate, ServerState, SparseFedAvg
 from fl_sparse.strategies.named import (
     AdaptiveTopKSGD,
     BidirectionalTopKSGD,
@@ -16,10 +16,13 @@ from fl_sparse.strategies.named import (
     RTopKSGD,
     TopKSGD,
 )
+from fl_sparse.strategies.ssgd_mv import SSGDMajorityVote
 
 __all__ = [
     "SparseFedAvg",
     "ServerState",
+    "ClientUpdate",
+    "SSGDMajorityVote",
     "DenseFedAvg",
     "TopKSGD",
     "BidirectionalTopKSGD",

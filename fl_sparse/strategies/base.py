@@ -7,22 +7,25 @@ model moves by ``w <- w - update``)::
     server, configure_train(t):
         sample clients S_t
         for q in S_t: send sync_q (brings q's model copy to w_{t-1}, exactly)
-                      + the uplink compressor spec C_up,t
-    client q:
+                      + the uplink compressor spec C_up,t + the user's train config
+    client q (SparseMod around the user's train function):
         w <- apply(sync_q);  assert hash(w) == hash(w_{t-1})
-        Δ_q = w - SGD_H(w)                 H local steps
+        Δ_q = w - train(w)                 the user's H local steps
         a_q = e_q + Δ_q                    error compensation
         s_q = C_up,t(a_q)                  top-K / rTop-k / threshold / ...
         e_q <- a_q - decode(encode(s_q))   error keeps what was not sent
-        reply encode(s_q)
-    server, aggregate_train(t):
-        g_t = Σ_q p_q s_q,   p_q = n_q / Σ n                    (uplink aggregate)
-        ĝ_t = C_down(g_t + δ_{t-1});  δ_t = g_t + δ_{t-1} - ĝ_t   (server error, optional)
-        w_t = w_{t-1} - ĝ_t
+        reply encode(s_q), the user's metrics
+    server, aggregate_train(t):                                  hooks, in order
+        read and validate the replies                            read_replies
+        g_t = Σ_q p_q s_q,   p_q = n_q / Σ n                     aggregate_updates
+        ĝ_t = C_down(g_t + δ_{t-1});  δ_t = g_t + δ_{t-1} - ĝ_t  compress_downlink
+        w_t = w_{t-1} - ĝ_t                                      apply_update
+        metrics of the round                                     round_metrics
 
 Without a downlink compressor ``ĝ_t = g_t`` (the sparse union of the uplink
 updates): that is the paper's *unidirectional* top-K SGD (Algorithm 1); with
-``C_down = TopK`` it is *bidirectional* top-K SGD (Algorithm 2).
+``C_down = TopK`` it is *bidirectional* top-K SGD (Algorithm 2). The math is
+in :mod:`fl_sparse.algorithms`; the messages in :mod:`fl_sparse.protocol`.
 
 **Keeping clients in sync.** Every client keeps its own copy of the model
 and the server never sends the dense model after a client's first round.
@@ -46,6 +49,26 @@ wrong size, or is missing never touches the global model: it is dropped and
 logged, and the client is told next round that its update was not
 accepted, so it puts the update back into its error memory.
 
+**FedAvg's contract, and what differs by design.** Every option of
+:class:`flwr.serverapp.strategy.FedAvg` is honoured, with FedAvg's defaults
+and positional order: sampling (``fraction_train`` — 0 skips training —,
+``min_train_nodes``, ``min_available_nodes``: sampling waits for them),
+``weighted_by_key`` (the weight of each client's update and of its
+metrics), ``arrayrecord_key`` (where the client's train function finds the
+model and puts the trained one), ``configrecord_key`` (the user's
+``train_config``, passed through untouched), ``train_metrics_aggr_fn`` and
+federated evaluation. By design: a train message carries the sync payload
+instead of the dense model, a reply carries the encoded update instead of
+the trained model (the client needs :class:`~fl_sparse.clients.SparseMod`),
+and a bad reply is dropped and logged instead of raising. ``start`` asks
+every connected node once for its stable key (a small ``identify`` train
+message the mod answers) so that sampling with a fixed ``seed`` is
+reproducible; ``configure_train`` itself does no network I/O. A round with
+no valid reply returns ``(None, None)``, as FedAvg does. The train
+MetricRecord of each round (``Result.train_metrics_clientapp``) holds the
+aggregated client metrics plus ``uplink_bytes``, ``downlink_bytes`` and the
+other numbers of :attr:`ServerState.round_metrics`.
+
 Subclass and override the hooks :meth:`uplink_spec`,
 :meth:`aggregate_updates` and :meth:`compress_downlink` to build new
 methods; the named strategies in this package are small subclasses. Example,
@@ -55,8 +78,7 @@ a strategy that sends top-K with a ratio that halves every 10 rounds::
 
     class DecayingTopK(SparseFedAvg):
         def uplink_spec(self, server_round, num_clients):
-            ratio = self.ratio * 0.5 ** ((server_round - 1) // 10)
-            return {"name": "topk", "ratio": ratio}
+            return {"name": "topk", "ratio": 0.01 * 0.5 ** ((server_round - 1) // 10)}
 """
 
 from __future__ import annotations
@@ -66,30 +88,28 @@ import math
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fl_sparse import codec
+from fl_sparse import algorithms, codec, protocol
 from fl_sparse.compressors import build_compressor
 from fl_sparse.flat import FlatLayout, vector_hash
 from fl_sparse.memory import ErrorFeedback
+from fl_sparse.protocol import Instruction, Report, UplinkMetrics
 from fl_sparse.sparse import SparseTensor
 
-__all__ = ["SparseFedAvg", "ServerState", "UPDATE_KEY", "SYNC_KEY"]
+__all__ = ["SparseFedAvg", "ServerState", "ClientUpdate"]
 
-UPDATE_KEY = "update"  # ArrayRecord in a client's reply: the encoded sparse update
-SYNC_KEY = "sync"  # ArrayRecord in a train message: brings the client's model up to date
-DIAG_KEY = "diagnostics"  # ArrayRecord in a reply when diagnostics are on (dense a, step)
-CLIENT_KEY = "client"  # ConfigRecord in a reply: model hash, version
-METRICS_KEY = "metrics"  # MetricRecord in a reply
+_UNKNOWN_KEY = 1 << 62  # orders nodes without a known partition id after those with one
 
 
 @dataclass
@@ -97,16 +117,18 @@ class ServerState:
     """What the server remembers between rounds (cf. powerSGD_hook's PowerSGDState).
 
     ``model`` is w_t, ``version`` the round that produced it (0 = initial),
-    ``server_error`` is δ_t, ``history`` holds the positions changed by each
-    applied update (to build catch-up payloads), ``client_versions`` the
-    version each client holds and ``accepted`` the last round whose update
-    from that client was aggregated.
+    ``server_error`` is δ_t, ``exact`` the current values of the arrays sent
+    exactly, ``history`` holds the positions changed by each applied update
+    (to build catch-up payloads), ``client_versions`` the version each client
+    holds and ``accepted`` the last round whose update from that client was
+    aggregated. ``round_metrics[t]`` holds the numbers of round t.
     """
 
     layout: FlatLayout | None = None
     model: torch.Tensor | None = None
     version: int = 0
     server_error: ErrorFeedback = field(default_factory=ErrorFeedback)
+    exact: ArrayRecord | None = None
     last_update_record: ArrayRecord | None = None
     history: "OrderedDict[int, torch.Tensor]" = field(default_factory=OrderedDict)
     client_versions: dict[int, int] = field(default_factory=dict)
@@ -115,11 +137,31 @@ class ServerState:
     round_metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
+@dataclass
+class ClientUpdate:
+    """One accepted reply: the decoded update and everything that came with it."""
+
+    node: int
+    update: SparseTensor
+    weight: float
+    user_content: RecordDict  # the user's own records (metrics), protocol records removed
+    uplink: UplinkMetrics
+    position_bits: int
+    value_bits: int
+    total_bytes: int
+    exact: ArrayRecord | None = None
+    diagnostics: ArrayRecord | None = None
+
+
 class SparseFedAvg(FedAvg):
     """FedAvg with compressed uplink, optional compressed downlink, error feedback.
 
     Parameters
     ----------
+    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes,
+    min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key,
+    train_metrics_aggr_fn, evaluate_metrics_aggr_fn :
+        As in :class:`flwr.serverapp.strategy.FedAvg`, same defaults and order.
     uplink : dict
         Uplink compressor spec, built on every client with
         :func:`fl_sparse.compressors.build_compressor`, e.g.
@@ -137,18 +179,32 @@ class SparseFedAvg(FedAvg):
     client_error_feedback : bool
         Clients keep their error memory e between rounds (default). ``False``
         drops what was not sent (e.g. AdapTop-K without error compensation).
+    exact_arrays : iterable of str
+        Names (fnmatch patterns) of float arrays to send exactly, never
+        compressed (integer arrays always are).
     seed : int
-        Seeds client sampling (a fixed seed gives the same run).
+        Seeds client sampling and random compressors (a fixed seed gives the same run).
     diagnostics : bool
         Ask clients for their dense ``a_q`` and step ``Δ_q`` (not counted as
         traffic) to estimate ρ and ρ̂ of the bidirectional paper each round.
-    fraction_train, min_train_nodes, min_available_nodes, ... :
-        As in :class:`flwr.serverapp.strategy.FedAvg`. Federated evaluation is
-        off by default (``fraction_evaluate=0``): evaluate centrally instead.
+    client_state_dir, client_state_fsync :
+        A hint for where clients without a state folder of their own keep
+        their state, and whether they need to fsync it (the simulation's
+        temporary folder: no). A node's own setting wins.
     """
 
     def __init__(
         self,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         *,
         uplink: dict[str, Any] | None = None,
         downlink=None,
@@ -158,25 +214,39 @@ class SparseFedAvg(FedAvg):
         downlink_positions: str = "raw",
         server_error_feedback: bool = True,
         client_error_feedback: bool = True,
+        exact_arrays: Iterable[str] = (),
         seed: int = 0,
         diagnostics: bool = False,
-        fraction_train: float = 1.0,
-        fraction_evaluate: float = 0.0,
-        min_train_nodes: int = 1,
-        min_evaluate_nodes: int = 0,
-        min_available_nodes: int = 1,
-        **fedavg_kwargs: Any,
+        client_state_dir: str | None = None,
+        client_state_fsync: bool = True,
     ) -> None:
+        if not 0.0 <= fraction_train <= 1.0:
+            raise ValueError(f"fraction_train must be in [0, 1], got {fraction_train}")
+        if not 0.0 <= fraction_evaluate <= 1.0:
+            raise ValueError(f"fraction_evaluate must be in [0, 1], got {fraction_evaluate}")
+        for name, value in (
+            ("min_train_nodes", min_train_nodes),
+            ("min_evaluate_nodes", min_evaluate_nodes),
+            ("min_available_nodes", min_available_nodes),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        for name, value in (("weighted_by_key", weighted_by_key), ("arrayrecord_key", arrayrecord_key),
+                            ("configrecord_key", configrecord_key)):
+            if not isinstance(value, str) or not value or protocol.is_protocol_key(value):
+                raise ValueError(f"{name} must be a non-empty str not starting with {protocol.PREFIX!r}, got {value!r}")
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,
             min_train_nodes=min_train_nodes,
             min_evaluate_nodes=min_evaluate_nodes,
             min_available_nodes=min_available_nodes,
-            **fedavg_kwargs,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
         )
-        if not 0.0 < fraction_train <= 1.0:
-            raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
         self.uplink = dict(uplink or {"name": "none"})
         # Fail at construction, not on the clients, if the spec is wrong.
         build_compressor(**_with_defaults(self.uplink))
@@ -193,14 +263,19 @@ class SparseFedAvg(FedAvg):
         self.downlink_positions = downlink_positions
         self.server_error_feedback = server_error_feedback
         self.client_error_feedback = client_error_feedback
-        self.seed = seed
+        self.exact_arrays = tuple([exact_arrays] if isinstance(exact_arrays, str) else exact_arrays)
+        self.seed = int(seed)
         self.diagnostics = diagnostics
+        self.client_state_dir = client_state_dir or ""
+        self.client_state_fsync = bool(client_state_fsync)
         self.state = ServerState()
+        self.node_keys: dict[int, tuple[int, int]] = {}
         self._round_compressor = None
         self._sync_cache: dict[int | None, tuple[str, ArrayRecord | None]] = {}
+        self._returned: ArrayRecord | None = None  # the arrays aggregate_train last returned
         self._local_steps = 1
-        self.node_keys: dict[int, tuple[int, int]] = {}
         self._round_started = 0.0
+        self._timeout = 3600.0
 
     # ----------------------------------------------------------------- hooks
     def uplink_spec(self, server_round: int, num_clients: int) -> dict[str, Any]:
@@ -211,18 +286,14 @@ class SparseFedAvg(FedAvg):
         self, server_round: int, updates: list[SparseTensor], weights: list[float]
     ) -> SparseTensor:
         """g_t = Σ_q p_q s_q (override for other aggregation rules)."""
-        return SparseTensor.sum(updates, weights)
+        return algorithms.weighted_sum(updates, weights)
 
     def compress_downlink(self, server_round: int, aggregate: SparseTensor) -> SparseTensor:
         """ĝ_t from g_t; keeps δ_t when a downlink compressor is set."""
-        if self.downlink is None:
-            return codec.lossy_roundtrip(aggregate, values=self.downlink_values)
-        error = self.state.server_error
-        compensated = error.compensate(aggregate.to_dense()) if self.server_error_feedback else aggregate.to_dense()
-        sent = codec.lossy_roundtrip(self.downlink(compensated), values=self.downlink_values)
-        if self.server_error_feedback:
-            error.update(compensated, sent)
-        return sent
+        memory = self.state.server_error if self.server_error_feedback else None
+        return algorithms.server_compress(
+            aggregate, memory, self.downlink, quantize=lambda s: codec.lossy_roundtrip(s, values=self.downlink_values)
+        )
 
     # --------------------------------------------------------------- summary
     def summary(self) -> None:
@@ -237,100 +308,142 @@ class SparseFedAvg(FedAvg):
             self.server_error_feedback,
         )
 
-    # ------------------------------------------------------------- sampling
-    def sample(self, server_round: int, grid: Grid) -> list[int]:
-        """Seeded sample of connected nodes, reproducible across runs.
+    # ------------------------------------------------------------------ start
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn=None,
+    ):
+        """Flower's round loop; first takes ``initial_arrays`` as w_0 and identifies the nodes."""
+        self._timeout = float(timeout)
+        self.initialize(initial_arrays)
+        self.identify(grid)
+        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
 
-        Flower's default sampling uses the global RNG over node ids, and node
-        ids are random per run; here nodes are ordered by their stable client
-        key (partition id, asked once per node with a ``query.identify``
-        message) and drawn with an RNG seeded by (seed, round).
+    def identify(self, grid: Grid) -> None:
+        """Learn the stable key (partition id) of connected nodes seen for the first time.
+
+        One small ``identify`` train message per new node, answered by
+        :class:`~fl_sparse.clients.SparseMod` without training. Nodes that
+        join later are learned from their first reply.
         """
-        while len(all_nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
-            log(INFO, "Waiting for nodes: %d connected, %d required", len(all_nodes), self.min_available_nodes)
-            time.sleep(0.5)
-        self._identify(grid, all_nodes)
-        ordered = sorted(all_nodes, key=lambda n: (self.node_keys.get(n, (1 << 62, n)), n))
-        size = max(int(len(ordered) * self.fraction_train), self.min_train_nodes)
-        size = min(size, len(ordered))
-        rng = random.Random(self.seed * 1_000_003 + server_round)
-        return rng.sample(ordered, size)
-
-    def _identify(self, grid: Grid, nodes: list[int]) -> None:
-        """Learn the stable key of nodes seen for the first time (one small round trip)."""
-        unknown = [n for n in nodes if n not in self.node_keys]
+        unknown = [n for n in sorted(grid.get_node_ids()) if n not in self.node_keys]
         if not unknown:
             return
+        instr = Instruction(server_round=0, phase=protocol.PHASE_IDENTIFY).to_record()
         queries = [
-            Message(content=RecordDict({"config": ConfigRecord()}), message_type="query.identify", dst_node_id=n)
+            Message(content=RecordDict({protocol.RECORD: instr}), message_type=MessageType.TRAIN, dst_node_id=n)
             for n in unknown
         ]
-        for reply in grid.send_and_receive(queries, timeout=60):
-            node = reply.metadata.src_node_id
-            if reply.has_error() or "client" not in reply.content.config_records:
-                continue
-            pid = reply.content.config_records["client"].get("partition-id", -1)
-            if isinstance(pid, int) and pid >= 0:
-                self.node_keys[node] = (pid, node)
-        for n in unknown:
-            self.node_keys.setdefault(n, (1 << 62, n))
+        for reply in grid.send_and_receive(queries, timeout=min(self._timeout, 60.0)):
+            if not reply.has_error():
+                try:
+                    self._learn_key(reply.metadata.src_node_id, Report.read(reply.content))
+                except protocol.ProtocolError:
+                    pass
+
+    def _learn_key(self, node: int, report: Report) -> None:
+        if report.partition_id >= 0:
+            self.node_keys[node] = (report.partition_id, node)
+
+    def _order(self, node: int) -> tuple[int, int]:
+        """Nodes in a fixed order (by stable client key): reproducible sampling and float sums."""
+        return self.node_keys.get(node, (_UNKNOWN_KEY, node))
+
+    # ------------------------------------------------------------- sampling
+    def sample(self, server_round: int, grid: Grid) -> list[int]:
+        """FedAvg's sample size and waiting, drawn reproducibly.
+
+        Waits, as FedAvg does, until ``max(min_available_nodes, sample
+        size)`` nodes are connected; nodes are ordered by their stable key and
+        drawn with an RNG seeded by (seed, round).
+        """
+        size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
+        need = max(self.min_available_nodes, size)
+        while len(nodes := list(grid.get_node_ids())) < need:
+            log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).", len(nodes), need)
+            time.sleep(1)
+        ordered = sorted(nodes, key=self._order)
+        rng = random.Random(self.seed * 1_000_003 + server_round)
+        return rng.sample(ordered, min(size, len(ordered)))
 
     # -------------------------------------------------------- configure_train
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample clients; send each the sync payload it needs and the uplink spec."""
-        st = self.state
-        if st.model is None:
-            self.initialize(arrays)
+        """Sample clients; send each the sync payload it needs, the uplink spec and the user's config."""
+        if self.fraction_train == 0.0:
+            return []
+        self.adopt(arrays)
         node_ids = self.sample(server_round, grid)
-        spec = self.prepare_round(server_round, len(node_ids))
-        base = ConfigRecord(dict(config))
-        self._local_steps = max(1, int(config.get("local-steps", 1)))
-        base["server-round"] = server_round
-        base["uplink"] = json.dumps(spec, sort_keys=True)
-        base["uplink-values"] = self.uplink_values
-        base["uplink-positions"] = self.uplink_positions
-        base["diagnostics"] = self.diagnostics
-        base["error-feedback"] = self.client_error_feedback
-        base["model-version"] = st.version
-        base["model-hash"] = vector_hash(st.model)
-
-        messages, modes, downlink_bytes = self.messages_with_sync(node_ids, base, MessageType.TRAIN)
-        st.round_metrics.setdefault(server_round, {}).update({
-            "round": server_round,
-            "clients": len(node_ids),
-            "downlink_bytes": downlink_bytes,
-            "sync_modes": modes,
-        })
+        spec = self.prepare_round(server_round, len(node_ids), config)
+        config["server-round"] = server_round  # as FedAvg does
+        instr = self.instruction(server_round, phase=protocol.PHASE_TRAIN, uplink=json.dumps(spec, sort_keys=True))
+        messages, modes, downlink_bytes = self.messages_with_sync(node_ids, config, instr)
+        self.state.round_metrics.setdefault(server_round, {}).update(
+            {"round": server_round, "clients": len(node_ids), "downlink_bytes": downlink_bytes, "sync_modes": modes}
+        )
         log(INFO, "configure_train: %d clients, downlink %s B, sync %s", len(node_ids), downlink_bytes, modes)
         return messages
 
-    def messages_with_sync(
-        self, node_ids: list[int], base: ConfigRecord, message_type: str, per_node=None
-    ) -> tuple[list[Message], dict[str, int], int]:
-        """One message per node: ``base`` config, the node's sync payload and protocol fields.
+    def instruction(self, server_round: int, **fields: Any) -> Instruction:
+        """The round's instruction common to every client (sync fields are added per node)."""
+        st = self.state
+        return Instruction(
+            server_round=server_round,
+            model_version=st.version,
+            model_hash=vector_hash(st.model),
+            arrays_key=self.arrayrecord_key,
+            uplink_values=self.uplink_values,
+            uplink_positions=self.uplink_positions,
+            error_feedback=self.client_error_feedback,
+            seed=self.seed,
+            diagnostics=self.diagnostics,
+            state_dir=self.client_state_dir,
+            state_fsync=self.client_state_fsync,
+            **fields,
+        )
 
-        ``per_node(node) -> dict`` adds node-specific config entries. Returns the
-        messages, how many of each sync mode, and the sync bytes sent.
+    def messages_with_sync(
+        self, node_ids: list[int], config: ConfigRecord, instr: Instruction, per_node=None
+    ) -> tuple[list[Message], dict[str, int], int]:
+        """One message per node: the user's config, the instruction, the node's sync payload.
+
+        ``per_node(node) -> dict`` adds node-specific instruction fields.
+        Returns the messages, how many of each sync mode, and the bytes sent
+        (sync payloads and exact arrays).
         """
         st = self.state
         messages, modes, total = [], {}, 0
+        exact_bytes = _record_bytes(st.exact) if st.layout.exact_names else 0
+        layout_json = st.layout.to_json()
         for node in node_ids:
             have = st.client_versions.get(node)
             mode, payload = self.sync_for(node)
-            cfg = ConfigRecord(dict(base))
-            cfg["sync-mode"] = mode
-            cfg["base-version"] = -1 if have is None else have
-            cfg["accepted-round"] = st.accepted.get(node, -1)
-            for key, value in (per_node(node) if per_node else {}).items():
-                cfg[key] = value
-            content = RecordDict({self.configrecord_key: cfg})
+            node_instr = Instruction(
+                **{
+                    **instr.__dict__,
+                    "sync_mode": mode,
+                    "base_version": -1 if have is None else have,
+                    "accepted_round": st.accepted.get(node, -1),
+                    "layout": layout_json if mode == "dense" else "",
+                    **(per_node(node) if per_node else {}),
+                }
+            )
+            content = RecordDict({self.configrecord_key: config, protocol.RECORD: node_instr.to_record()})
             if payload is not None:
-                content[SYNC_KEY] = payload
+                content[protocol.SYNC] = payload
                 total += codec.wire_size(payload).total_bytes
+            if exact_bytes:
+                content[protocol.EXACT] = st.exact
+                total += exact_bytes
             modes[mode] = modes.get(mode, 0) + 1
-            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         return messages, modes, total
 
     def sync_for(self, node: int) -> tuple[str, ArrayRecord | None]:
@@ -340,21 +453,44 @@ class SparseFedAvg(FedAvg):
             self._sync_cache[have] = self.sync_payload(have)
         return self._sync_cache[have]
 
-    def prepare_round(self, server_round: int, num_clients: int) -> dict[str, Any]:
+    def prepare_round(self, server_round: int, num_clients: int, config: ConfigRecord) -> dict[str, Any]:
         """Fix this round's uplink spec (validated here, before anything is sent)."""
         self._round_started = time.perf_counter()
-        self._sync_cache: dict[int | None, tuple[str, ArrayRecord | None]] = {}
+        self._sync_cache = {}
+        self._local_steps = max(1, int(config.get("local-steps", 1)))
         spec = _with_defaults(self.uplink_spec(server_round, num_clients))
         self._round_compressor = build_compressor(**spec)
         return spec
 
     def initialize(self, arrays: ArrayRecord) -> None:
-        """Take w_0 from the initial ArrayRecord (done by the first configure_train)."""
+        """Take w_0 from ``arrays``: a new run (every client gets a dense sync first)."""
         st = self.state
-        st.layout = FlatLayout.from_arrayrecord(arrays)
+        st.layout = FlatLayout.from_arrayrecord(arrays, exact=self.exact_arrays)
         st.model = st.layout.flatten(arrays).clone()
+        st.exact = st.layout.exact_record(arrays)
         st.version = 0
         st.server_error = ErrorFeedback(st.model.numel())
+        st.last_update_record = None
+        st.history.clear()
+        st.client_versions.clear()
+        st.accepted.clear()
+        self._returned = None
+
+    def adopt(self, arrays: ArrayRecord) -> None:
+        """Start from ``arrays``: a no-op when they are the model this strategy holds."""
+        st = self.state
+        if st.model is not None and (arrays is self._returned or self._holds(arrays)):
+            return
+        self.initialize(arrays)
+
+    def _holds(self, arrays: ArrayRecord) -> bool:
+        st = self.state
+        try:
+            return torch.equal(st.layout.flatten(arrays), st.model) and all(
+                np.array_equal(arrays[n].numpy(), st.exact[n].numpy()) for n in st.layout.exact_names
+            )
+        except (ValueError, KeyError):
+            return False
 
     def sync_payload(self, have: int | None) -> tuple[str, ArrayRecord | None]:
         """The cheapest exact way to bring a client from version ``have`` to now."""
@@ -379,94 +515,181 @@ class SparseFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Decode, validate, aggregate, compress the downlink, update w."""
+        """Read the replies, aggregate, compress the downlink, update w (the hooks, in order)."""
         st = self.state
-        assert st.model is not None and st.layout is not None, "configure_train runs first"
-        numel = st.model.numel()
-        updates, weights, metrics, dense_diag = [], [], [], []
-        failures, uplink_bytes, uplink_bits = 0, 0, []
+        if st.model is None:
+            raise RuntimeError("aggregate_train before configure_train: no global model yet")
+        updates = self.read_replies(server_round, replies)
+        rm = st.round_metrics.setdefault(server_round, {"round": server_round})
+        rm["accepted"] = len(updates)
+        if not updates:
+            log(WARNING, "round %d: no valid update; global model unchanged", server_round)
+            rm.update(self._empty_round_metrics())
+            return None, None
+        total = math.fsum(u.weight for u in updates)
+        p = [u.weight / total for u in updates]
+        aggregate = self.aggregate_updates(server_round, [u.update for u in updates], p)
+        delta_before = st.server_error.error.clone() if (self.diagnostics and self.downlink is not None) else None
+        sent = self.compress_downlink(server_round, aggregate)
+        record = self.apply_update(server_round, sent)
+        self.aggregate_exact(updates, p)
+        rm.update(self.round_metrics(server_round, updates, p, aggregate, record))
+        diag = [u.diagnostics for u in updates if u.diagnostics is not None]
+        if self.diagnostics and len(diag) == len(updates):
+            rm.update(self._rho_estimates(diag, p, delta_before, aggregate))
+        self._returned = st.layout.with_exact(st.exact).unflatten(st.model)
+        return self._returned, self.train_metrics(server_round, updates)
+
+    def read_replies(self, server_round: int, replies: Iterable[Message]) -> list[ClientUpdate]:
+        """The valid replies as :class:`ClientUpdate`, in stable client order; the rest dropped and logged."""
+        st = self.state
         expected_hash = vector_hash(st.model)
-        max_nnz = self._max_uplink_nnz(server_round, numel)
-        for msg in replies:
+        updates, failures = [], 0
+        for msg in sorted(replies, key=lambda m: self._order(m.metadata.src_node_id)):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 failures += 1
                 self.drop_reply(server_round, "client %d failed: %s", node, msg.error.reason)
                 continue
             try:
-                update, wire, m, client_cfg = self._read_reply(msg, numel, max_nnz)
+                report = Report.read(msg.content)
+                if report.server_round != server_round:
+                    raise protocol.ProtocolError(f"reply for round {report.server_round}")
+                self._learn_key(node, report)
+                update = self.read_update(server_round, node, msg, report, expected_hash)
             except codec.PayloadError as exc:
                 failures += 1
                 self.drop_reply(server_round, "rejected reply from client %d: %s", node, exc)
                 continue
-            st.client_versions[node] = int(client_cfg.get("model-version", -1))
-            if client_cfg.get("model-hash") != expected_hash:
-                failures += 1
-                self.drop_reply(server_round, "client %d trained from a different model; dropped", node)
-                continue
             updates.append(update)
-            uplink_bytes += wire.total_bytes
-            uplink_bits.append((wire.position_bits, wire.value_bits))
-            weights.append(float(m["num-examples"]))
-            metrics.append(m)
             st.accepted[node] = server_round
-            if self.diagnostics and DIAG_KEY in msg.content.array_records:
-                dense_diag.append(msg.content.array_records[DIAG_KEY])
+        st.round_metrics.setdefault(server_round, {"round": server_round})["failures"] = failures
+        return updates
 
-        rm = st.round_metrics.setdefault(server_round, {"round": server_round})
-        rm["failures"] = failures
-        rm["accepted"] = len(updates)
-        if not updates:
-            log(WARNING, "round %d: no valid update; global model unchanged", server_round)
-            rm.update(self._empty_round_metrics())
-            return None, MetricRecord({"accepted": 0, "failures": failures})
+    def read_update(
+        self, server_round: int, node: int, msg: Message, report: Report, expected_hash: str
+    ) -> ClientUpdate:
+        """One reply's update, checked; raises :class:`fl_sparse.codec.PayloadError` naming the problem."""
+        st = self.state
+        st.client_versions[node] = report.model_version
+        if report.model_hash != expected_hash:
+            st.client_versions.pop(node, None)
+            raise protocol.ProtocolError("the client trained from a different model")
+        numel = st.model.numel()
+        record = protocol.array_record(msg.content, protocol.UPDATE, what="reply")
+        update = codec.decode(record, numel, max_nnz=self._max_uplink_nnz(numel))
+        size = codec.wire_size(record)  # count what arrived, not what the client says it sent
+        user_content = self.user_content(server_round, node, msg)
+        return ClientUpdate(
+            node=node,
+            update=update,
+            weight=self.weight_of(user_content),
+            user_content=user_content,
+            uplink=UplinkMetrics.read(msg.content),
+            position_bits=size.position_bits,
+            value_bits=size.value_bits,
+            total_bytes=size.total_bytes,
+            exact=self._read_exact(msg.content),
+            diagnostics=msg.content.array_records.get(protocol.DIAGNOSTICS) if self.diagnostics else None,
+        )
 
-        total = sum(weights)
-        p = [w / total for w in weights]
-        aggregate = self.aggregate_updates(server_round, updates, p)
-        delta_before = st.server_error.error.clone() if (self.diagnostics and self.downlink is not None) else None
-        sent = self.compress_downlink(server_round, aggregate)
+    def user_content(self, server_round: int, node: int, msg: Message) -> RecordDict:
+        """The user's own records of a reply (override where they came in an earlier message)."""
+        return protocol.user_records(msg.content)
+
+    def weight_of(self, user_content: RecordDict) -> float:
+        """The reply's weight: its ``weighted_by_key`` metric, a finite number > 0."""
+        for record in user_content.metric_records.values():
+            if self.weighted_by_key in record:
+                value = record[self.weighted_by_key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                    raise protocol.ProtocolError(f"weight {self.weighted_by_key!r} must be a finite number > 0, got {value!r}")
+                return float(value)
+        raise protocol.ProtocolError(f"reply metrics lack the weight {self.weighted_by_key!r}")
+
+    def _read_exact(self, content: RecordDict) -> ArrayRecord | None:
+        layout = self.state.layout
+        if not layout.exact_names:
+            return None
+        record = protocol.array_record(content, protocol.EXACT, what="reply")
+        try:
+            exact = layout.with_exact(self.state.exact).exact_record(record)
+        except ValueError as exc:
+            raise protocol.ProtocolError(str(exc)) from None
+        for name in layout.exact_names:
+            nd = exact[name].numpy()
+            if np.issubdtype(nd.dtype, np.floating) and not np.isfinite(nd).all():
+                raise protocol.ProtocolError(f"exact array {name!r} is not finite")
+        return exact
+
+    def apply_update(self, server_round: int, sent: SparseTensor) -> ArrayRecord:
+        """w_t = w_{t−1} − ĝ_t with ĝ_t exactly as the clients will decode it; returns its record."""
+        st = self.state
         record = codec.encode(sent, values=self.downlink_values, positions=self.downlink_positions)
-        # The server applies exactly what the clients will decode.
-        sent = codec.decode(record, numel)
-        sent.add_(st.model, alpha=-1.0)
+        decoded = codec.decode(record, st.model.numel())
+        decoded.add_(st.model, alpha=-1.0)
         st.version = server_round
         st.last_update_record = record
-        st.history[server_round] = sent.indices
+        st.history[server_round] = decoded.indices
         self._prune_history()
+        st.round_metrics.setdefault(server_round, {})["downlink_density"] = decoded.density
+        return record
 
-        server_error_norm = st.server_error.norm() if self.downlink is not None else 0.0
+    def aggregate_exact(self, updates: list[ClientUpdate], p: list[float]) -> None:
+        """The exact arrays: their weighted average, as FedAvg takes it (rounded for integer arrays)."""
+        st = self.state
+        if not st.layout.exact_names:
+            return
+        out = ArrayRecord()
+        for name in st.layout.exact_names:
+            dtype = st.exact[name].numpy().dtype
+            acc = sum(pq * u.exact[name].numpy().astype(np.float64) for u, pq in zip(updates, p))
+            if not np.issubdtype(dtype, np.floating):
+                acc = np.rint(acc)
+            out[name] = Array(np.asarray(acc).astype(dtype))
+        st.exact = out
+
+    def round_metrics(
+        self, server_round: int, updates: list[ClientUpdate], p: list[float], aggregate: SparseTensor, record: ArrayRecord
+    ) -> dict[str, Any]:
+        """The round's numbers for :attr:`ServerState.round_metrics` (bytes, densities, errors, bits)."""
+        st = self.state
+        numel = st.model.numel()
         # Bits per parameter per local step (Q / (d H)), as in the SSGD-MV paper's Table 1:
         # uplink averaged over the clients, downlink for the update every client receives.
         d_h = numel * self._local_steps
         down = codec.wire_size(record)
-        client_sq = sum(float(m["error-norm"]) ** 2 * pq for m, pq in zip(metrics, p))
-        st.cumulative_total_error += sum(float(m["compression-error"]) * pq for m, pq in zip(metrics, p))
-        rm.update(
-            {
-                "train_loss": sum(float(m["train-loss"]) * pq for m, pq in zip(metrics, p)),
-                "uplink_bytes": uplink_bytes,
-                "downlink_update_bytes": codec.wire_size(record).total_bytes,
-                "density": sum(float(m["density"]) for m in metrics) / len(metrics),
-                "downlink_density": sent.density,
-                "aggregate_density": aggregate.density,
-                "client_error_norm": math.sqrt(client_sq),
-                "server_error_norm": server_error_norm,
-                "cumulative_total_error": st.cumulative_total_error,
-                "q_loc_up": sum(b[0] for b in uplink_bits) / len(uplink_bits) / d_h,
-                "q_val_up": sum(b[1] for b in uplink_bits) / len(uplink_bits) / d_h,
-                "q_loc_down": down.position_bits / d_h,
-                "q_val_down": down.value_bits / d_h,
-                "num_examples": int(total),
-                "round_seconds": time.perf_counter() - self._round_started,
-            }
-        )
-        if dense_diag:
-            rm.update(self._rho_estimates(dense_diag, p, delta_before, aggregate))
-        agg = MetricRecord(
-            {k: v for k, v in rm.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        )
-        return st.layout.unflatten(st.model), agg
+        client_sq = sum(u.uplink.error_norm**2 * pq for u, pq in zip(updates, p))
+        st.cumulative_total_error += sum(u.uplink.compression_error * pq for u, pq in zip(updates, p))
+        return {
+            "uplink_bytes": sum(u.total_bytes for u in updates),
+            "downlink_update_bytes": down.total_bytes,
+            "density": sum(u.uplink.density for u in updates) / len(updates),
+            "aggregate_density": aggregate.density,
+            "client_error_norm": math.sqrt(client_sq),
+            "server_error_norm": st.server_error.norm() if self.downlink is not None else 0.0,
+            "cumulative_total_error": st.cumulative_total_error,
+            "q_loc_up": sum(u.position_bits for u in updates) / len(updates) / d_h,
+            "q_val_up": sum(u.value_bits for u in updates) / len(updates) / d_h,
+            "q_loc_down": down.position_bits / d_h,
+            "q_val_down": down.value_bits / d_h,
+            "num_examples": int(sum(u.weight for u in updates)) if self.weighted_by_key == "num-examples" else None,
+            "train_loss": _weighted_metric(updates, p, "train-loss"),
+            "round_seconds": time.perf_counter() - self._round_started,
+        }
+
+    def train_metrics(self, server_round: int, updates: list[ClientUpdate]) -> MetricRecord:
+        """The clients' metrics aggregated by ``train_metrics_aggr_fn``, plus this round's numbers."""
+        user = self.train_metrics_aggr_fn([u.user_content for u in updates], self.weighted_by_key)
+        ours = {
+            k: v
+            for k, v in self.state.round_metrics[server_round].items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in user
+        }
+        merged = MetricRecord(dict(user))
+        for k, v in ours.items():
+            merged[k] = v
+        return merged
 
     # ---------------------------------------------------------------- helpers
     def drop_reply(self, server_round: int, why: str, node: int, *args: Any) -> None:
@@ -478,18 +701,10 @@ class SparseFedAvg(FedAvg):
         self.state.client_versions.pop(node, None)
         log(WARNING, "round %d: " + why, server_round, node, *args)
 
-    def _max_uplink_nnz(self, server_round: int, numel: int) -> int:
+    def _max_uplink_nnz(self, numel: int) -> int:
         """Cap on entries a client may declare (guards allocation on decode)."""
         k_for = getattr(self._round_compressor, "k_for", None)
         return numel if k_for is None else min(numel, int(k_for(numel)))
-
-    def _read_reply(self, msg: Message, numel: int, max_nnz: int):
-        record, m, client = read_reply_records(msg.content, UPDATE_KEY)
-        if not isinstance(client.get("model-version"), int) or not isinstance(client.get("model-hash"), str):
-            raise codec.PayloadError("client record needs an int 'model-version' and a str 'model-hash'")
-        update = codec.decode(record, numel, max_nnz=max_nnz)
-        # Count what arrived, not what the client says it sent.
-        return update, codec.wire_size(record), m, client
 
     def _prune_history(self) -> None:
         """Forget positions older than any client could use cheaply.
@@ -531,48 +746,48 @@ class SparseFedAvg(FedAvg):
         with Top_K the downlink compressor (or the uplink one if none) and
         Σ Top_K(p a) = g_t, the aggregate of what was actually sent.
         """
-        a = sum(pq * torch.from_numpy(d["a"].numpy()).float() for d, pq in zip(diag, p))
-        step = sum(pq * torch.from_numpy(d["step"].numpy()).float() for d, pq in zip(diag, p))
+        numel = self.state.model.numel()
+        try:
+            a = sum(pq * _dense(d, "a", numel) for d, pq in zip(diag, p))
+            step = sum(pq * _dense(d, "step", numel) for d, pq in zip(diag, p))
+        except ValueError as exc:
+            log(WARNING, "diagnostics ignored: %s", exc)
+            return {}
         step_norm = float(step.norm())
-        if step_norm == 0.0:
+        if step_norm == 0.0 or not math.isfinite(step_norm):
             return {}
         top = self.downlink or build_compressor(**_with_defaults(self.uplink))
         g = aggregate.to_dense()
-        rho_hat = float((top(a).to_dense() - g).norm()) / step_norm
-        out = {"rho_hat": rho_hat}
+        out = {"rho_hat": float((top(a).to_dense() - g).norm()) / step_norm}
         if delta_before is not None:
-            rho = float((top(delta_before + a).to_dense() - top(delta_before + g).to_dense()).norm()) / step_norm
-            out["rho"] = rho
+            out["rho"] = float((top(delta_before + a).to_dense() - top(delta_before + g).to_dense()).norm()) / step_norm
         return out
 
 
-CLIENT_METRICS = ("num-examples", "train-loss", "density", "error-norm", "compression-error")
+def _dense(record: ArrayRecord, key: str, numel: int) -> torch.Tensor:
+    if key not in record:
+        raise ValueError(f"no {key!r}")
+    x = torch.from_numpy(np.asarray(record[key].numpy(), dtype=np.float32)).reshape(-1)
+    if x.numel() != numel:
+        raise ValueError(f"{key!r} has {x.numel()} entries, expected {numel}")
+    return x
 
 
-def read_reply_records(content: RecordDict, payload_key: str) -> tuple[ArrayRecord, MetricRecord, ConfigRecord]:
-    """The payload, metrics and client records of a train reply, checked.
+def _weighted_metric(updates: list[ClientUpdate], p: list[float], key: str) -> float:
+    """Σ p_q m_q over the replies whose user metrics have a finite number ``key`` (NaN if none)."""
+    total, mass = 0.0, 0.0
+    for u, pq in zip(updates, p):
+        for record in u.user_content.metric_records.values():
+            v = record.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                total += pq * float(v)
+                mass += pq
+                break
+    return total / mass if mass > 0 else float("nan")
 
-    Raises :class:`fl_sparse.codec.PayloadError` naming what is missing or
-    wrong: a record, a metric, a non-finite or negative number, no examples.
-    """
-    if payload_key not in content.array_records:
-        raise codec.PayloadError(f"reply has no '{payload_key}' ArrayRecord")
-    if METRICS_KEY not in content.metric_records:
-        raise codec.PayloadError(f"reply has no '{METRICS_KEY}' MetricRecord")
-    if CLIENT_KEY not in content.config_records:
-        raise codec.PayloadError(f"reply has no '{CLIENT_KEY}' ConfigRecord")
-    m = content.metric_records[METRICS_KEY]
-    for key in CLIENT_METRICS:
-        if key not in m:
-            raise codec.PayloadError(f"reply metrics lack '{key}'")
-        v = m[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
-            raise codec.PayloadError(f"metric {key!r} must be a finite number, got {v!r}")
-        if key != "train-loss" and float(v) < 0:
-            raise codec.PayloadError(f"metric {key!r} must be >= 0, got {v!r}")
-    if float(m["num-examples"]) <= 0:
-        raise codec.PayloadError(f"num-examples must be positive, got {m['num-examples']!r}")
-    return content.array_records[payload_key], m, content.config_records[CLIENT_KEY]
+
+def _record_bytes(record: ArrayRecord) -> int:
+    return int(sum(len(array.data) for array in record.values()))
 
 
 def _with_defaults(spec: dict[str, Any]) -> dict[str, Any]:

@@ -38,8 +38,8 @@ class DenseFedAvg(SparseFedAvg):
     per-round costs compare like with like.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(uplink={"name": "none"}, downlink=None, **kwargs)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, uplink={"name": "none"}, downlink=None, **kwargs)
 
 
 class TopKSGD(SparseFedAvg):
@@ -49,10 +49,10 @@ class TopKSGD(SparseFedAvg):
     Server:   g_t = Σ_q p_q Top_K(a_q); send g_t (a union of supports) to all.
     """
 
-    def __init__(self, *, ratio: float | None = 0.001, k: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, ratio: float | None = 0.001, k: int | None = None, **kwargs: Any) -> None:
         if k is not None:
             ratio = None
-        super().__init__(uplink={"name": "topk", **_budget(ratio, k)}, downlink=None, **kwargs)
+        super().__init__(*args, uplink={"name": "topk", **_budget(ratio, k)}, downlink=None, **kwargs)
 
 
 class BidirectionalTopKSGD(SparseFedAvg):
@@ -64,7 +64,7 @@ class BidirectionalTopKSGD(SparseFedAvg):
 
     def __init__(
         self,
-        *,
+        *args: Any,
         ratio: float | None = 0.001,
         k: int | None = None,
         downlink_ratio: float | None = None,
@@ -79,7 +79,7 @@ class BidirectionalTopKSGD(SparseFedAvg):
             downlink_ratio = None
         downlink = TopK(downlink_k, ratio=downlink_ratio) if downlink_k is not None else TopK(ratio=downlink_ratio)
         kwargs.setdefault("server_error_feedback", True)
-        super().__init__(uplink={"name": "topk", **_budget(ratio, k)}, downlink=downlink, **kwargs)
+        super().__init__(*args, uplink={"name": "topk", **_budget(ratio, k)}, downlink=downlink, **kwargs)
 
 
 class RTopKSGD(SparseFedAvg):
@@ -91,12 +91,12 @@ class RTopKSGD(SparseFedAvg):
     """
 
     def __init__(
-        self, *, ratio: float | None = 0.001, k: int | None = None, r: int | None = None, **kwargs: Any
+        self, *args: Any, ratio: float | None = 0.001, k: int | None = None, r: int | None = None, **kwargs: Any
     ) -> None:
         if k is not None:
             ratio = None
         self.r = r
-        super().__init__(uplink={"name": "rtopk", **_budget(ratio, k), "n_workers": 1}, downlink=None, **kwargs)
+        super().__init__(*args, uplink={"name": "rtopk", **_budget(ratio, k), "n_workers": 1}, downlink=None, **kwargs)
 
     def uplink_spec(self, server_round: int, num_clients: int) -> dict[str, Any]:
         spec = dict(self.uplink)
@@ -117,12 +117,12 @@ class HardThresholdSGD(SparseFedAvg):
     model size is known.
     """
 
-    def __init__(self, *, threshold: float | None = None, ratio: float = 0.001, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, threshold: float | None = None, ratio: float = 0.001, **kwargs: Any) -> None:
         if threshold is not None and not (threshold >= 0.0 and math.isfinite(threshold)):
             raise ValueError(f"threshold must be a finite number >= 0, got {threshold}")
         self.threshold = None if threshold is None else float(threshold)
         self.ratio = float(ratio)
-        super().__init__(uplink={"name": "hard-threshold", "lam": self.threshold or 0.0}, downlink=None, **kwargs)
+        super().__init__(*args, uplink={"name": "hard-threshold", "lam": self.threshold or 0.0}, downlink=None, **kwargs)
 
     def uplink_spec(self, server_round: int, num_clients: int) -> dict[str, Any]:
         if self.threshold is None and self.state.model is not None:
@@ -148,7 +148,7 @@ class AdaptiveTopKSGD(SparseFedAvg):
 
     def __init__(
         self,
-        *,
+        *args: Any,
         ratio: float = 0.001,
         num_rounds: int,
         gamma: float = 0.5,
@@ -172,6 +172,7 @@ class AdaptiveTopKSGD(SparseFedAvg):
         self.t_hat = t_hat
         self.estimate = {"eta": float(lr), "mu": float(mu), "L": float(L), "sigma_sq": float(sigma_sq)}
         super().__init__(
+            *args,
             uplink={"name": "topk", "ratio": self.ratio},
             downlink=None,
             client_error_feedback=error_feedback,

@@ -11,7 +11,7 @@ One round ``t`` (project sign convention: ``Δ = w_before − w_after``, the
 model moves by ``w ← w − ĝ``)::
 
     server  configure_train(t):
-              sample S_t; send each q the sync payload for w_{t-1} ─ phase 1, "train.vote"
+              sample S_t; send each q the sync payload for w_{t-1} ─ phase 1, "vote"
     client q  w ← sync(w);  Δ_q = w − SGD_H(w);  a_q = e_q + Δ_q
               M_q = supp Top_K(a_q)                           (Alg. 1 l. 9-10)
               MV / RS: reply M_q  (K positions)
@@ -21,7 +21,7 @@ model moves by ``w ← w − ĝ``)::
     server    MV: M_t = Top_K(Σ_q M_q)                        (Alg. 1 l. 14)
               RS: M_t = K distinct positions drawn ∝ Σ_q M_q without replacement (l. 15)
               AD: M_sum += Σ_q (add_q − drop_q); M_t = Top_K(M_sum)   (Alg. 2 l. 20-22)
-              send M_t to the voters ─ phase 2, "train.values"
+              send M_t to the voters ─ phase 2, "values"
     client q  s_q = a_q[M_t] (quantized: Q(a_q[M_t])); e_q ← a_q − s_q;  reply s_q (values only)
     server  aggregate_train(t):
               g_t = Σ_q p_q s_q on M_t;  w_t = w_{t-1} − g_t
@@ -32,13 +32,15 @@ Why the vote happens inside ``configure_train``
 -----------------------------------------------
 Flower's :meth:`Strategy.start` sends what ``configure_train`` returns and
 hands the replies to ``aggregate_train``. Here ``configure_train`` runs the
-whole vote phase itself (``grid.send_and_receive`` of the ``train.vote``
-messages, tally, mask selection) and returns the ``train.values`` messages,
-which ``start`` sends; ``aggregate_train`` aggregates the value replies.
-So both phases use the Grid, and Flower's own round loop (``Result``,
-``evaluate_fn``, federated evaluation, logging) is reused unchanged instead
-of being copied into an overridden ``start`` (which is overridden only to
-remember the ``timeout`` for the vote phase).
+whole vote phase itself (``grid.send_and_receive`` of the vote messages,
+tally, mask selection) and returns the values messages, which ``start``
+sends; ``aggregate_train`` (the base's, with its hooks) aggregates the value
+replies. Both phases are ordinary ``train`` messages whose
+:class:`~fl_sparse.protocol.Instruction` names the phase, so a user's
+ClientApp needs nothing but :class:`~fl_sparse.clients.SparseMod`: the vote
+phase calls the user's train function once, the values phase answers from
+the update kept since. Flower's own round loop (``Result``, ``evaluate_fn``,
+federated evaluation, logging) is reused unchanged.
 
 Mask selection
 --------------
@@ -115,140 +117,38 @@ Client memory
 Between the two phases a client keeps its compensated vector ``a`` (dense,
 4·d bytes, in ``ClientState.extra``) next to its model copy and error
 memory; plus the last mask (8·K bytes) and, for AD, two votes (16·K bytes).
-See :mod:`fl_sparse.clients.ssgd_mv`.
+See :mod:`fl_sparse.clients.mod`.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fl_sparse import codec
+from fl_sparse import codec, protocol
+from fl_sparse.algorithms import is_member, select_majority, select_weighted, vote_counts
 from fl_sparse.compressors import TopK
 from fl_sparse.flat import vector_hash
+from fl_sparse.protocol import Instruction, Report, UplinkMetrics
 from fl_sparse.sparse import SparseTensor
-from fl_sparse.strategies.base import CLIENT_KEY, SparseFedAvg, read_reply_records
+from fl_sparse.strategies.base import ClientUpdate, SparseFedAvg
 
-__all__ = [
-    "SSGDMajorityVote",
-    "build_ssgd_mv",
-    "vote_counts",
-    "select_majority",
-    "select_weighted",
-    "VOTE_MESSAGE_TYPE",
-    "VALUES_MESSAGE_TYPE",
-]
-
-VOTE_MESSAGE_TYPE = "train.vote"
-VALUES_MESSAGE_TYPE = "train.values"
-
-# record keys (server <-> client)
-VOTE_KEY = "vote"  # full vote: K positions
-ADD_KEY = "vote-add"  # add-drop vote: positions added ...
-DROP_KEY = "vote-drop"  # ... and dropped
-MASK_KEY = "mask"  # phase 2 request: the common mask M_t
-VALUES_KEY = "update"  # phase 2 reply: a_q on M_t (values only)
+__all__ = ["SSGDMajorityVote", "build_ssgd_mv", "vote_counts", "select_majority", "select_weighted"]
 
 SELECTIONS = ("majority", "weighted")
 TIE_BREAKS = ("random", "index")
-
-
-# ====================================================================== mask selection
-def vote_counts(votes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions, counts) of a list of votes: sorted distinct positions and how many votes each got."""
-    if not votes:
-        empty = torch.empty(0, dtype=torch.int64)
-        return empty, empty
-    positions, counts = torch.unique(torch.cat([v.to(torch.int64) for v in votes]), sorted=True, return_counts=True)
-    return positions, counts
 
 
 def _round_generator(seed: int, server_round: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(server_round)) * 7_919 + salt)
 
 
-def _fill(chosen: torch.Tensor, voted: torch.Tensor, k: int, numel: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``chosen`` plus ``k − len(chosen)`` positions that got no vote (random, or lowest without a generator)."""
-    need = k - chosen.numel()
-    if need <= 0:
-        return chosen.sort().values
-    free = torch.ones(numel, dtype=torch.bool)
-    free[voted] = False
-    candidates = torch.nonzero(free).flatten()
-    if generator is not None:
-        keys = torch.rand(candidates.numel(), generator=generator)
-        candidates = candidates[torch.topk(keys, need, largest=False).indices]
-    else:
-        candidates = candidates[:need]
-    return torch.cat([chosen, candidates]).sort().values
-
-
-def select_majority(
-    positions: torch.Tensor,
-    counts: torch.Tensor,
-    k: int,
-    numel: int,
-    *,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Sorted int64 mask: the ``k`` positions with the most votes (Alg. 1 l. 14 / Alg. 2 l. 22).
-
-    ``positions`` are the voted positions (sorted, distinct), ``counts`` their
-    vote counts (> 0). Ties at the k-th count: a random subset drawn with
-    ``generator`` (seeded by the caller: reproducible), or the lowest
-    positions if ``generator`` is None. Fewer than ``k`` voted positions:
-    filled up with unvoted ones the same way.
-    """
-    k = max(0, min(int(k), numel))
-    n = positions.numel()
-    if n <= k:
-        return _fill(positions.to(torch.int64), positions, k, numel, generator)
-    counts = counts.to(torch.int64)
-    kth = torch.kthvalue(counts, n - k + 1).values
-    above = positions[counts > kth]
-    tied = positions[counts == kth]
-    need = k - above.numel()
-    if generator is not None:
-        tied = tied[torch.randperm(tied.numel(), generator=generator)[:need]]
-    else:
-        tied = tied[:need]
-    return torch.cat([above, tied]).to(torch.int64).sort().values
-
-
-def select_weighted(
-    positions: torch.Tensor,
-    counts: torch.Tensor,
-    k: int,
-    numel: int,
-    *,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """Sorted int64 mask of ``k`` distinct positions drawn ∝ votes without replacement (Alg. 1 l. 15).
-
-    Exponential race: position ``i`` gets the key ``E_i = −log(U_i) / w_i``
-    (``E_i ~ Exp(w_i)``); the ``k`` smallest keys are the first ``k`` draws of
-    sequential sampling without replacement with probabilities ∝ ``w``.
-    """
-    k = max(0, min(int(k), numel))
-    n = positions.numel()
-    if n <= k:
-        return _fill(positions.to(torch.int64), positions, k, numel, generator)
-    w = counts.to(torch.float64)
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
-    keys = -torch.log(u) / w  # u == 0 gives +inf: never drawn (probability 2**-53)
-    chosen = positions[torch.topk(keys, k, largest=False, sorted=False).indices]
-    return chosen.to(torch.int64).sort().values
-
-
-# ====================================================================== strategy
 class SSGDMajorityVote(SparseFedAvg):
     """SSGD-MV (Algorithm 1), SSGD-MV-RS and SSGD-MV-AD (Algorithm 2) on Flower's Grid.
 
@@ -270,16 +170,14 @@ class SSGDMajorityVote(SparseFedAvg):
         Position code of votes and mask: "block" (the paper's), "rice" or "raw".
     tie_break : "random" | "index"
         How ties at the K-th vote count are broken (seeded random, or lowest positions).
-    seed : int
-        Seeds client sampling, tie-breaking and RS draws.
-    **kwargs :
-        As :class:`~fl_sparse.strategies.base.SparseFedAvg` (``fraction_train``, ...).
-        ``diagnostics`` (ρ estimates) is not supported here and is ignored.
+    *args, **kwargs :
+        As :class:`~fl_sparse.strategies.base.SparseFedAvg` (FedAvg's options,
+        ``seed``, ...). ``diagnostics`` (ρ estimates) is not supported here and is ignored.
     """
 
     def __init__(
         self,
-        *,
+        *args: Any,
         ratio: float | None = 0.01,
         k: int | None = None,
         selection: str = "majority",
@@ -311,6 +209,7 @@ class SSGDMajorityVote(SparseFedAvg):
         if kwargs.pop("diagnostics", False):
             log(WARNING, "SSGDMajorityVote: diagnostics (rho estimates) are not supported; ignored")
         super().__init__(
+            *args,
             uplink={"name": "topk", **budget},
             downlink=None,
             uplink_values=uplink_values,
@@ -330,10 +229,9 @@ class SSGDMajorityVote(SparseFedAvg):
         self.mask: torch.Tensor | None = None
         self.mask_round: int = -1
         self.values_record: ArrayRecord | None = None
-        self._voters: dict[int, int] = {}  # node -> round, voters of the current round
-        self._round: dict[str, Any] = {}
+        self._voters: dict[int, RecordDict] = {}  # this round's accepted voters -> their user records
+        self._vote_exact: dict[int, ArrayRecord | None] = {}  # ... and their exact arrays
         self._round_mask: torch.Tensor | None = None
-        self._timeout: float = 3600.0
 
     # ------------------------------------------------------------------ budget
     def k_for(self, numel: int) -> int:
@@ -341,12 +239,6 @@ class SSGDMajorityVote(SparseFedAvg):
 
     def k_ad_for(self, numel: int) -> int:
         return 0 if self.add_drop_compressor is None else min(self.add_drop_compressor.k_for(numel), self.k_for(numel))
-
-    # ------------------------------------------------------------------ Flower loop
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600, *args, **kwargs):
-        """Flower's round loop, unchanged; only remembers ``timeout`` for the vote phase."""
-        self._timeout = float(timeout)
-        return super().start(grid, initial_arrays, num_rounds, timeout, *args, **kwargs)
 
     def summary(self) -> None:
         super().summary()
@@ -369,43 +261,47 @@ class SSGDMajorityVote(SparseFedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Phase 1 (vote) on the grid, then return the phase-2 (values) messages."""
+        if self.fraction_train == 0.0:
+            return []
+        self.adopt(arrays)
         st = self.state
-        if st.model is None:
-            self.initialize(arrays)
         numel = st.model.numel()
         node_ids = self.sample(server_round, grid)
-        self.prepare_round(server_round, len(node_ids))
+        self.prepare_round(server_round, len(node_ids), config)
+        config["server-round"] = server_round
         k, k_ad = self.k_for(numel), self.k_ad_for(numel)
-        local_steps = max(1, int(config.get("local-steps", 1)))
-        self._round = {"round": server_round, "k": k, "k_ad": k_ad, "local_steps": local_steps, "numel": numel}
 
-        vote_msgs, modes, sync_bytes = self.vote_messages(server_round, node_ids, config)
+        instr = self.instruction(
+            server_round, phase=protocol.PHASE_VOTE, vote_k=k, add_drop_k=k_ad,
+            vote_positions=self.positions, mask_round=self.mask_round,
+        )
+        vote_msgs, modes, sync_bytes = self.messages_with_sync(
+            node_ids, config, instr, per_node=lambda n: {"vote_round": self.votes[n][0] if n in self.votes else -1}
+        )
         replies = grid.send_and_receive(vote_msgs, timeout=self._timeout) if vote_msgs else []
         tally = self.tally_votes(server_round, replies)
-        mask = self.select_mask(server_round, tally["votes"])
+        mask = self.select_mask(server_round, tally["votes"], tally)
         mask_record = codec.encode_positions(mask, numel, positions=self.positions)
         mask_size = codec.wire_size(mask_record)
-        self._voters = {node: server_round for node in tally["nodes"]}
         self._round_mask = mask
 
-        values_cfg = ConfigRecord(dict(config))
-        values_cfg["server-round"] = server_round
-        values_cfg["vote-k"] = k
-        values_cfg["uplink-values"] = self.uplink_values
-        values_cfg["error-feedback"] = self.client_error_feedback
-        messages = []
-        for node in tally["nodes"]:
-            content = RecordDict({self.configrecord_key: ConfigRecord(dict(values_cfg)), MASK_KEY: mask_record})
-            messages.append(Message(content=content, message_type=VALUES_MESSAGE_TYPE, dst_node_id=node))
-
-        d_h = numel * local_steps
+        values_instr = self.instruction(server_round, phase=protocol.PHASE_VALUES, vote_k=k).to_record()
+        messages = [
+            Message(
+                content=RecordDict({protocol.RECORD: values_instr, protocol.MASK: mask_record}),
+                message_type=MessageType.TRAIN,
+                dst_node_id=node,
+            )
+            for node in self._voters
+        ]
+        d_h = numel * self._local_steps
         rm = st.round_metrics.setdefault(server_round, {"round": server_round})
         rm.update(
             {
                 "round": server_round,
                 "clients": len(node_ids),
                 "sync_modes": modes,
-                "vote_accepted": len(tally["nodes"]),
+                "vote_accepted": len(self._voters),
                 "vote_failures": tally["failures"],
                 "vote_uplink_bytes": tally["bytes"],
                 "mask_bytes": mask_size.total_bytes,
@@ -413,37 +309,14 @@ class SSGDMajorityVote(SparseFedAvg):
                 "q_loc_up": (sum(tally["bits"]) / len(tally["bits"]) / d_h) if tally["bits"] else float("nan"),
                 "q_loc_down": mask_size.position_bits / d_h,
                 "vote_changes": (sum(tally["changes"]) / len(tally["changes"])) if tally["changes"] else 0.0,
-                "mask_vote_share": self._round.get("mask_vote_share", float("nan")),
             }
         )
         log(
             INFO,
             "configure_train: %d clients, %d votes accepted, mask K=%d, downlink %s B, sync %s",
-            len(node_ids), len(tally["nodes"]), k, rm["downlink_bytes"], modes,
+            len(node_ids), len(self._voters), k, rm["downlink_bytes"], modes,
         )
         return messages
-
-    def vote_messages(
-        self, server_round: int, node_ids: list[int], config: ConfigRecord
-    ) -> tuple[list[Message], dict[str, int], int]:
-        """Phase-1 messages: the sync payload each client needs, and the vote spec."""
-        st = self.state
-        numel = st.model.numel()
-        base = ConfigRecord(dict(config))
-        base["server-round"] = server_round
-        base["vote-k"] = self.k_for(numel)
-        base["add-drop-k"] = self.k_ad_for(numel)
-        base["vote-positions"] = self.positions
-        base["uplink-values"] = self.uplink_values
-        base["error-feedback"] = self.client_error_feedback
-        base["model-version"] = st.version
-        base["model-hash"] = vector_hash(st.model)
-        base["mask-round"] = self.mask_round
-
-        def vote_round(node: int) -> dict[str, int]:
-            return {"vote-round": self.votes[node][0] if node in self.votes else -1}
-
-        return self.messages_with_sync(node_ids, base, VOTE_MESSAGE_TYPE, per_node=vote_round)
 
     def sync_for(self, node: int) -> tuple[str, ArrayRecord | None]:
         """``"values"`` (the last aggregate's values on the last mask) for a client of the last round, else the base's sync."""
@@ -462,14 +335,16 @@ class SSGDMajorityVote(SparseFedAvg):
     def tally_votes(self, server_round: int, replies: Iterable[Message]) -> dict[str, Any]:
         """Validate the vote replies; for AD update ``M_sum`` and the clients' votes.
 
-        Returns the accepted nodes, this round's votes (MV/RS), the bits and
-        bytes of each accepted vote, the number of add-drop changes and the failures.
+        Remembers the accepted voters (and their metrics, for the weights of
+        phase 2). Returns this round's votes (MV/RS), the bits and bytes of
+        each accepted vote, the number of add-drop changes and the failures.
         """
         st = self.state
         numel = st.model.numel()
         k, k_ad = self.k_for(numel), self.k_ad_for(numel)
         expected_hash = vector_hash(st.model)
-        nodes, votes, bits, changes = [], [], [], []
+        self._voters, self._vote_exact = {}, {}
+        votes, bits, changes = [], [], []
         failures, nbytes = 0, 0
         for msg in sorted(replies, key=lambda m: self._order(m.metadata.src_node_id)):
             node = msg.metadata.src_node_id
@@ -478,64 +353,62 @@ class SSGDMajorityVote(SparseFedAvg):
                 self.drop_reply(server_round, "client %d failed to vote: %s", node, msg.error.reason)
                 continue
             try:
-                parsed = self._read_vote(msg, numel, k, k_ad, node)
+                report = Report.read(msg.content)
+                if report.server_round != server_round:
+                    raise protocol.ProtocolError(f"vote for round {report.server_round}")
+                self._learn_key(node, report)
+                st.client_versions[node] = report.model_version
+                if report.model_hash != expected_hash:
+                    raise protocol.ProtocolError("the client trained from a different model")
+                user = protocol.user_records(msg.content)
+                self.weight_of(user)  # checked now: phase 2 uses it
+                parsed = self._read_vote(msg.content, report, numel, k, k_ad, node)
+                exact = self._read_exact(msg.content)
             except codec.PayloadError as exc:
                 failures += 1
                 self.drop_reply(server_round, "rejected vote from client %d: %s", node, exc)
-                continue
-            client_cfg = parsed["client"]
-            st.client_versions[node] = int(client_cfg.get("model-version", -1))
-            if client_cfg.get("model-hash") != expected_hash:
-                failures += 1
-                self.drop_reply(server_round, "client %d trained from a different model; vote dropped", node)
                 continue
             if self.add_drop:
                 self._apply_vote(node, server_round, parsed)
                 changes.append(parsed["changes"])
             else:
                 votes.append(parsed["vote"])
-            nodes.append(node)
+            self._voters[node] = user
+            self._vote_exact[node] = exact
             bits.append(parsed["bits"])
             nbytes += parsed["bytes"]
-        return {"nodes": nodes, "votes": votes, "bits": bits, "bytes": nbytes, "changes": changes, "failures": failures}
+        return {"votes": votes, "bits": bits, "bytes": nbytes, "changes": changes, "failures": failures}
 
-    def _read_vote(self, msg: Message, numel: int, k: int, k_ad: int, node: int) -> dict[str, Any]:
-        content = msg.content
-        if CLIENT_KEY not in content.config_records:
-            raise codec.PayloadError(f"vote reply has no '{CLIENT_KEY}' ConfigRecord")
-        client_cfg = content.config_records[CLIENT_KEY]
-        kind = client_cfg.get("vote-kind", "full")
+    def _read_vote(self, content: RecordDict, report: Report, numel: int, k: int, k_ad: int, node: int) -> dict[str, Any]:
         arrays = content.array_records
-        if kind == "full":
-            if VOTE_KEY not in arrays:
-                raise codec.PayloadError(f"full vote without a '{VOTE_KEY}' record")
-            vote = codec.decode_positions(arrays[VOTE_KEY], numel, max_nnz=k)
+        if report.vote_kind == "full":
+            record = protocol.array_record(content, protocol.VOTE, what="full vote")
+            vote = codec.decode_positions(record, numel, max_nnz=k)
             if vote.numel() != k:
-                raise codec.PayloadError(f"a vote must have exactly K={k} positions, got {vote.numel()}")
-            sizes = [codec.wire_size(arrays[VOTE_KEY])]
+                raise protocol.ProtocolError(f"a vote must have exactly K={k} positions, got {vote.numel()}")
+            sizes = [codec.wire_size(record)]
             out = {"kind": "full", "vote": vote, "changes": k}
-        elif kind == "add-drop":
+        elif report.vote_kind == "add-drop":
             if not self.add_drop:
-                raise codec.PayloadError("add-drop vote, but this strategy takes full votes")
-            if ADD_KEY not in arrays or DROP_KEY not in arrays:
-                raise codec.PayloadError(f"add-drop vote needs '{ADD_KEY}' and '{DROP_KEY}' records")
-            adds = codec.decode_positions(arrays[ADD_KEY], numel, max_nnz=k_ad)
-            drops = codec.decode_positions(arrays[DROP_KEY], numel, max_nnz=k_ad)
+                raise protocol.ProtocolError("add-drop vote, but this strategy takes full votes")
+            if protocol.VOTE_ADD not in arrays or protocol.VOTE_DROP not in arrays:
+                raise protocol.ProtocolError(f"add-drop vote needs {protocol.VOTE_ADD!r} and {protocol.VOTE_DROP!r} records")
+            adds = codec.decode_positions(arrays[protocol.VOTE_ADD], numel, max_nnz=k_ad)
+            drops = codec.decode_positions(arrays[protocol.VOTE_DROP], numel, max_nnz=k_ad)
             if adds.numel() != drops.numel():
-                raise codec.PayloadError(f"{adds.numel()} adds but {drops.numel()} drops")
-            base_round = client_cfg.get("vote-base-round", -2)
+                raise protocol.ProtocolError(f"{adds.numel()} adds but {drops.numel()} drops")
+            base_round = report.vote_base_round
             if node not in self.votes or self.votes[node][0] != base_round:
-                raise codec.PayloadError(f"add-drop relative to vote of round {base_round}, which the server does not hold")
+                raise protocol.ProtocolError(f"add-drop relative to vote of round {base_round}, which the server does not hold")
             prev = self.votes[node][1].to(torch.int64)
-            if adds.numel() and bool(_member(adds, prev).any()):
-                raise codec.PayloadError("an added position is already in the client's vote")
-            if drops.numel() and not bool(_member(drops, prev).all()):
-                raise codec.PayloadError("a dropped position is not in the client's vote")
-            sizes = [codec.wire_size(arrays[ADD_KEY]), codec.wire_size(arrays[DROP_KEY])]
+            if adds.numel() and bool(is_member(adds, prev).any()):
+                raise protocol.ProtocolError("an added position is already in the client's vote")
+            if drops.numel() and not bool(is_member(drops, prev).all()):
+                raise protocol.ProtocolError("a dropped position is not in the client's vote")
+            sizes = [codec.wire_size(arrays[protocol.VOTE_ADD]), codec.wire_size(arrays[protocol.VOTE_DROP])]
             out = {"kind": "add-drop", "adds": adds, "drops": drops, "changes": int(adds.numel())}
         else:
-            raise codec.PayloadError(f"unknown vote-kind {kind!r}")
-        out["client"] = client_cfg
+            raise protocol.ProtocolError(f"unknown vote-kind {report.vote_kind!r}")
         out["bits"] = sum(s.position_bits for s in sizes)
         out["bytes"] = sum(s.total_bytes for s in sizes)
         return out
@@ -554,11 +427,11 @@ class SSGDMajorityVote(SparseFedAvg):
             prev = self.votes[node][1].to(torch.int64)
             m_sum.index_add_(0, adds, _ones(adds.numel(), 1))
             m_sum.index_add_(0, drops, _ones(drops.numel(), -1))
-            keep = prev[~_member(prev, drops)] if drops.numel() else prev
+            keep = prev[~is_member(prev, drops)] if drops.numel() else prev
             new = torch.cat([keep, adds]).sort().values
         self.votes[node] = (server_round, new.to(torch.int32 if m_sum.numel() <= 2**31 - 1 else torch.int64))
 
-    def select_mask(self, server_round: int, votes: list[torch.Tensor]) -> torch.Tensor:
+    def select_mask(self, server_round: int, votes: list[torch.Tensor], tally: dict[str, Any] | None = None) -> torch.Tensor:
         """M_t from this round's votes (MV, RS) or from M_sum (AD)."""
         numel = self.state.model.numel()
         k = self.k_for(numel)
@@ -574,127 +447,85 @@ class SSGDMajorityVote(SparseFedAvg):
             mask = select_majority(positions, counts, k, numel, generator=gen)
         # share of all votes that landed on the mask (1.0: the mask holds every vote)
         total = int(counts.sum())
-        self._round["mask_vote_share"] = (
-            int(counts[_member(positions, mask)].sum()) / total if total else float("nan")
-        )
+        share = int(counts[is_member(positions, mask)].sum()) / total if total else float("nan")
+        self.state.round_metrics.setdefault(server_round, {"round": server_round})["mask_vote_share"] = share
         return mask
 
     # ------------------------------------------------------------------ phase 2: values
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the values on the common mask; update w; keep the downlink records."""
-        st = self.state
-        assert st.model is not None and st.layout is not None, "configure_train runs first"
-        numel = st.model.numel()
+    def read_update(
+        self, server_round: int, node: int, msg: Message, report: Report, expected_hash: str
+    ) -> ClientUpdate:
+        """A client's values on this round's mask M_t (no positions: the server knows M_t)."""
         mask = self._round_mask
-        rm = st.round_metrics.setdefault(server_round, {"round": server_round})
-        local_steps = self._round.get("local_steps", 1)
-        d_h = numel * local_steps
-        updates, weights, metrics, value_bits = [], [], [], []
-        failures, uplink_bytes = 0, 0
-        for msg in sorted(replies, key=lambda m: self._order(m.metadata.src_node_id)):
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                failures += 1
-                self.drop_reply(server_round, "client %d failed in the values phase: %s", node, msg.error.reason)
-                continue
-            try:
-                if mask is None or self._voters.get(node) != server_round:
-                    raise codec.PayloadError("values from a client that was not asked for them this round")
-                values, size, m = self._read_values(msg, server_round, mask.numel())
-            except codec.PayloadError as exc:
-                failures += 1
-                self.drop_reply(server_round, "rejected values from client %d: %s", node, exc)
-                continue
-            updates.append(values)
-            weights.append(float(m["num-examples"]))
-            metrics.append(m)
-            value_bits.append(size.value_bits)
-            uplink_bytes += size.total_bytes
-            st.accepted[node] = server_round
-        self._voters = {}
+        if mask is None or node not in self._voters:
+            raise protocol.ProtocolError("values from a client that was not asked for them this round")
+        record = protocol.array_record(msg.content, protocol.UPDATE, what="values reply")
+        values = codec.decode_values(record, mask.numel())
+        size = codec.wire_size(record)
+        user = self._voters[node]
+        return ClientUpdate(
+            node=node,
+            update=SparseTensor(mask, values, self.state.model.numel()),
+            weight=self.weight_of(user),
+            user_content=user,
+            uplink=UplinkMetrics.read(msg.content),
+            position_bits=0,
+            value_bits=size.value_bits,
+            total_bytes=size.total_bytes,
+            exact=self._vote_exact.get(node),
+        )
 
-        rm["failures"] = rm.get("vote_failures", 0) + failures
-        rm["accepted"] = len(updates)
-        rm["uplink_bytes"] = rm.get("vote_uplink_bytes", 0) + uplink_bytes
-        if not updates:
-            log(WARNING, "round %d: no valid update; global model unchanged", server_round)
-            rm.update(self._empty_round_metrics())
-            rm["uplink_bytes"] = rm.get("vote_uplink_bytes", 0)
-            rm.update({"q_val_up": float("nan"), "q_val_down": float("nan")})
-            return None, MetricRecord({"accepted": 0, "failures": rm["failures"]})
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        """The base's aggregation of the values replies; then the voters of this round are forgotten."""
+        try:
+            return super().aggregate_train(server_round, replies)
+        finally:
+            self._voters, self._vote_exact = {}, {}
 
-        total = sum(weights)
-        p = [w / total for w in weights]
-        aggregate = torch.zeros(mask.numel(), dtype=torch.float32)
-        for v, pq in zip(updates, p):
-            aggregate.add_(v, alpha=pq)
-        raw = self.downlink_values_for(aggregate, mask)
-        values_record = codec.encode_values(raw, values=self.downlink_values)
-        sent = SparseTensor(mask, codec.decode_values(values_record, mask.numel()), numel)
-        # Non-participants of this round may get it as a classic "delta" sync: same values, with positions.
-        sparse_record = codec.encode(SparseTensor(mask, raw, numel), values=self.downlink_values, positions=self.positions)
-        sent.add_(st.model, alpha=-1.0)  # w_t = w_{t-1} − g_t, exactly what the clients will apply
-        st.version = server_round
-        st.last_update_record = sparse_record
-        st.history[server_round] = mask
-        self._prune_history()
-        self.mask, self.mask_round, self.values_record = mask, server_round, values_record
+    def compress_downlink(self, server_round: int, aggregate: SparseTensor) -> SparseTensor:
+        """g_t on M_t; with a lossy value code the server error δ keeps what quantization lost."""
+        mask = self._round_mask
+        numel = self.state.model.numel()
+        raw = aggregate.to_dense()[mask]
+        if self.downlink_values != "fp32" and self.server_error_feedback:
+            error = self.state.server_error
+            dense = torch.zeros(numel, dtype=torch.float32)
+            dense[mask] = raw
+            compensated = error.compensate(dense)
+            raw = compensated[mask]
+            error.update(compensated, codec.lossy_roundtrip(SparseTensor(mask, raw, numel), values=self.downlink_values))
+        return SparseTensor(mask, raw, numel)
 
-        vsize = codec.wire_size(values_record)
-        server_error_norm = st.server_error.norm() if self._lossy_downlink() else 0.0
-        client_sq = sum(float(m["error-norm"]) ** 2 * pq for m, pq in zip(metrics, p))
-        st.cumulative_total_error += sum(float(m["compression-error"]) * pq for m, pq in zip(metrics, p))
-        rm.update(
+    def apply_update(self, server_round: int, sent: SparseTensor) -> ArrayRecord:
+        """The base's update, and the values-only record that clients of this round get as their sync."""
+        record = super().apply_update(server_round, sent)
+        self.mask, self.mask_round = sent.indices, server_round
+        self.values_record = codec.encode_values(sent.values, values=self.downlink_values)
+        return record
+
+    def round_metrics(self, server_round, updates, p, aggregate, record) -> dict[str, Any]:
+        """The base's numbers, with SSGD-MV's accounting: votes up, mask and values down."""
+        out = super().round_metrics(server_round, updates, p, aggregate, record)
+        rm = self.state.round_metrics[server_round]
+        numel = self.state.model.numel()
+        vsize = codec.wire_size(self.values_record)
+        out.update(
             {
-                "train_loss": sum(float(m["train-loss"]) * pq for m, pq in zip(metrics, p)),
+                "uplink_bytes": out["uplink_bytes"] + rm.get("vote_uplink_bytes", 0),
                 "downlink_update_bytes": vsize.total_bytes,
-                "density": mask.numel() / numel,
-                "downlink_density": mask.numel() / numel,
-                "aggregate_density": mask.numel() / numel,
-                "client_error_norm": math.sqrt(client_sq),
-                "server_error_norm": server_error_norm,
-                "cumulative_total_error": st.cumulative_total_error,
-                "num_examples": int(total),
-                "q_val_up": sum(value_bits) / len(value_bits) / d_h,
-                "q_val_down": vsize.value_bits / d_h,
-                "round_seconds": time.perf_counter() - self._round_started,
+                "density": self._round_mask.numel() / numel,
+                "q_loc_up": rm.get("q_loc_up", float("nan")),
+                "q_loc_down": rm.get("q_loc_down", float("nan")),
+                "q_val_down": vsize.value_bits / (numel * self._local_steps),
+                "server_error_norm": self.state.server_error.norm()
+                if self.downlink_values != "fp32" and self.server_error_feedback
+                else 0.0,
             }
         )
-        agg = MetricRecord(
-            {k: v for k, v in rm.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        )
-        return st.layout.unflatten(st.model), agg
-
-    def _lossy_downlink(self) -> bool:
-        return self.downlink_values != "fp32" and self.server_error_feedback
-
-    def downlink_values_for(self, aggregate: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The values to encode for the downlink: g_t on M_t, plus the server error δ if the code is lossy."""
-        if not self._lossy_downlink():
-            return aggregate
-        error = self.state.server_error
-        numel = self.state.model.numel()
-        dense = torch.zeros(numel, dtype=torch.float32)
-        dense[mask] = aggregate
-        compensated = error.compensate(dense)
-        raw = compensated[mask]
-        error.update(compensated, codec.lossy_roundtrip(SparseTensor(mask, raw, numel), values=self.downlink_values))
-        return raw
-
-    def _read_values(self, msg: Message, server_round: int, k: int):
-        record, m, client = read_reply_records(msg.content, VALUES_KEY)
-        if client.get("server-round") != server_round:
-            raise codec.PayloadError("values reply for another round")
-        values = codec.decode_values(record, k)
-        return values, codec.wire_size(record), m
+        rm["failures"] = rm.get("vote_failures", 0) + rm.get("failures", 0)
+        return out
 
     # ------------------------------------------------------------------ helpers
-    def _order(self, node: int) -> tuple[int, int]:
-        """Replies in a fixed order (by stable client key): reproducible float sums."""
-        return self.node_keys.get(node, (1 << 62, node))
-
     def check_vote_invariants(self) -> None:
         """Raise AssertionError unless M_sum is the sum of the stored votes and each has K positions (AD)."""
         if not self.add_drop:
@@ -711,15 +542,6 @@ class SSGDMajorityVote(SparseFedAvg):
 
 def _ones(n: int, sign: int) -> torch.Tensor:
     return torch.full((n,), sign, dtype=torch.int32)
-
-
-def _member(x: torch.Tensor, sorted_set: torch.Tensor) -> torch.Tensor:
-    """``x[i] in sorted_set`` for a sorted 1-D ``sorted_set`` (binary search; faster than isin)."""
-    if sorted_set.numel() == 0:
-        return torch.zeros(x.shape, dtype=torch.bool)
-    s = sorted_set.to(torch.int64)
-    pos = torch.searchsorted(s, x.to(torch.int64)).clamp_(max=s.numel() - 1)
-    return s[pos] == x
 
 
 # ====================================================================== factory

@@ -1,0 +1,387 @@
+"""``SparseMod``: make any Flower ClientApp send compressed, error-compensated updates.
+
+Put it in front of an ordinary train function, as Flower's own
+``fixedclipping_mod`` goes in front of one for differential privacy::
+
+    from flwr.clientapp import ClientApp
+    from fl_sparse.clients import SparseMod
+
+    app = ClientApp(mods=[SparseMod()])
+
+    @app.train()
+    def train(msg, context):
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        ...                                   # train as usual
+        return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                                   "metrics": MetricRecord({"num-examples": n})}), reply_to=msg)
+
+and run it with any strategy of :mod:`fl_sparse.strategies` on the server.
+The train function contains nothing sparse. Per train message from an
+fl-sparse strategy (:mod:`fl_sparse.protocol` for the records)::
+
+    on the way in:   w ← sync(w_stored)               exact copy of the server's w_{t-1}
+                     check hash(w); put an update the server did not take back into e
+                     hand the user  {arrays: w (same keys, shapes, dtypes), config, ...}
+    the user trains: returns w' (and metrics)
+    on the way out:  Δ = w − w'                        (float arrays, as one flat vector)
+                     a = e + Δ;  s = Q(C_t(a));  e ← a − s      C_t: the round's uplink spec
+                     store (w, e) durably; reply encode(s), the exact arrays, the user's metrics
+
+SSGD-MV's two phases (:mod:`fl_sparse.strategies.ssgd_mv`) are train messages
+too: the vote phase calls the train function once and replies with the top-K
+positions of ``a`` (or add/drop changes); the values phase replies with ``a``
+on the server's common mask without calling it again. Evaluate and query
+messages, and train messages that carry no fl-sparse instruction, pass
+through untouched.
+
+Integer arrays (BatchNorm's ``num_batches_tracked``) and the float arrays the
+server's strategy names in ``exact_arrays`` are not compressed: the server
+sends their current values with every message and the client returns the
+trained values whole.
+
+State between rounds (model copy, error memory, SSGD-MV votes) lives in a
+:class:`~fl_sparse.clients.state.ClientStateStore`, one file per client, not
+in ``context.state``: see that module for why. The folder is, in order: the
+``state_dir`` given to the mod, the SuperNode's ``--node-config
+state-dir=...``, ``$FL_SPARSE_STATE_DIR``, the server's hint (the
+simulation's temporary folder), ``~/.cache/fl-sparse/state``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fl_sparse import algorithms, codec, protocol
+from fl_sparse.clients.state import ClientState, ClientStateStore
+from fl_sparse.compressors import build_compressor, magnitude_topk_indices
+from fl_sparse.flat import FlatLayout, vector_hash
+from fl_sparse.memory import ErrorFeedback
+from fl_sparse.protocol import Instruction, Report, UplinkMetrics
+from fl_sparse.sparse import SparseTensor
+
+__all__ = ["SparseMod", "SyncError", "client_key", "client_generator_seed", "DEFAULT_STATE_DIR"]
+
+DEFAULT_STATE_DIR = Path.home() / ".cache" / "fl-sparse" / "state"
+
+# ClientState.extra keys
+_LAYOUT = "layout"  # the model's FlatLayout as JSON bytes (uint8), from the last dense sync
+_PENDING_INDICES, _PENDING_VALUES, _PENDING_ROUND = "pending_indices", "pending_values", "pending_round"
+_A, _A_ROUND = "ssgd_a", "ssgd_a_round"  # a, kept from the vote phase for the values phase
+_MASK, _MASK_ROUND = "ssgd_mask", "ssgd_mask_round"  # the last common mask
+_VOTE, _VOTE_ROUND = "ssgd_vote", "ssgd_vote_round"  # the vote sent before the last one
+_SENT_VOTE, _SENT_VOTE_ROUND = "ssgd_sent_vote", "ssgd_sent_vote_round"  # the last vote sent
+
+
+class SyncError(RuntimeError):
+    """The client's stored model is not the version the server's sync assumes."""
+
+
+def client_key(context: Context) -> str:
+    """Stable name of this client: its partition if it has one, else its node id."""
+    pid = context.node_config.get("partition-id")
+    return f"client-{pid}" if pid is not None else f"node-{context.node_id}"
+
+
+def _partition_id(context: Context) -> int:
+    pid = context.node_config.get("partition-id")
+    return int(pid) if pid is not None else -1
+
+
+def client_generator_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """Seed of a client's random draws in a round: reproducible, distinct per client."""
+    return (int(seed) * 1_000_003 + int(server_round)) * 10_007 + int(partition_id)
+
+
+# ====================================================================== sync
+def apply_sync(state: ClientState, instr: Instruction, content: RecordDict, numel: int) -> None:
+    """Bring ``state.model`` to the server's ``model-version`` exactly, or raise SyncError."""
+    mode = instr.sync_mode
+    if mode == "none":
+        if state.model is None or state.model_version != instr.model_version:
+            raise SyncError(f"server assumes version {instr.model_version}, client holds {state.model_version}")
+        return
+    if protocol.SYNC not in content.array_records:
+        raise SyncError(f"sync-mode {mode!r} without a {protocol.SYNC!r} payload")
+    record = content.array_records[protocol.SYNC]
+    if mode == "dense":
+        state.model = codec.decode_dense(record, numel).clone()
+    else:
+        if state.model is None or state.model_version != instr.base_version:
+            raise SyncError(f"{mode} sync needs version {instr.base_version}, client holds {state.model_version}")
+        if mode == "delta":
+            codec.decode(record, numel).add_(state.model, alpha=-1.0)  # w <- w - ĝ, the server's exact operation
+        elif mode == "set":
+            sparse = codec.decode(record, numel)
+            state.model[sparse.indices] = sparse.values
+        else:  # "values": SSGD-MV's last aggregate, on the last mask this client holds
+            if _MASK not in state.extra or int(state.extra[_MASK_ROUND]) != instr.mask_round:
+                have = int(state.extra[_MASK_ROUND]) if _MASK_ROUND in state.extra else -1
+                raise SyncError(f"values sync on the mask of round {instr.mask_round}, client holds round {have}")
+            mask = state.extra[_MASK]
+            values = codec.decode_values(record, mask.numel())
+            SparseTensor(mask, values, numel).add_(state.model, alpha=-1.0)
+    state.model_version = instr.model_version
+
+
+def restore_unaccepted(state: ClientState, instr: Instruction) -> None:
+    """Put last round's update back into the error if the server did not aggregate it."""
+    pending = state.extra.get(_PENDING_INDICES)
+    if pending is None:
+        return
+    if instr.accepted_round != int(state.extra[_PENDING_ROUND].item()) and state.error is not None:
+        state.error.index_add_(0, pending, state.extra[_PENDING_VALUES])
+    for key in (_PENDING_INDICES, _PENDING_VALUES, _PENDING_ROUND):
+        state.extra.pop(key, None)
+
+
+def _remember_sent(state: ClientState, sent: SparseTensor, server_round: int) -> None:
+    state.extra[_PENDING_INDICES] = sent.indices.to("cpu")
+    state.extra[_PENDING_VALUES] = sent.values.to("cpu", torch.float32)
+    state.extra[_PENDING_ROUND] = torch.tensor(server_round)
+
+
+def _memory(state: ClientState, numel: int, error_feedback: bool) -> ErrorFeedback:
+    memory = ErrorFeedback(numel)
+    if state.error is not None and error_feedback:
+        memory.load_state_dict({"numel": numel, "error": state.error})
+    return memory
+
+
+# ====================================================================== the mod
+@dataclass
+class _Session:
+    """One train message's client state and where it is stored."""
+
+    store: ClientStateStore
+    key: str
+    state: ClientState
+
+    def layout(self, instr: Instruction) -> FlatLayout:
+        if instr.layout:
+            text = instr.layout
+            self.state.extra[_LAYOUT] = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
+        elif _LAYOUT in self.state.extra:
+            text = bytes(self.state.extra[_LAYOUT].numpy()).decode()
+        else:
+            raise SyncError("no model layout: this client needs a dense sync first")
+        try:
+            return FlatLayout.from_json(text)
+        except ValueError as exc:
+            raise protocol.ProtocolError(str(exc)) from None
+
+    def save(self) -> None:
+        self.store.save(self.key, self.state)
+
+
+class SparseMod:
+    """Flower client mod: sparse, error-compensated uplink for any train function.
+
+    Parameters
+    ----------
+    state_dir : str or Path, optional
+        Folder for the clients' state files (model copy, error memory). Wins
+        over the node config, ``$FL_SPARSE_STATE_DIR`` and the server's hint.
+    durable : bool, optional
+        fsync every state save (default: yes, except in a folder the server
+        says is throw-away, i.e. the simulation's temporary one).
+
+    The mod reads everything else (compressor, wire codes, error feedback,
+    SSGD-MV phase) from the server's instruction in each message.
+    """
+
+    def __init__(self, *, state_dir: str | os.PathLike | None = None, durable: bool | None = None) -> None:
+        self.state_dir = None if state_dir is None else Path(state_dir)
+        self.durable = durable
+
+    def __repr__(self) -> str:
+        return f"SparseMod(state_dir={self.state_dir!r})"
+
+    # -------------------------------------------------------------- plumbing
+    def _open(self, context: Context, instr: Instruction) -> _Session:
+        own = self.state_dir or context.node_config.get("state-dir") or os.environ.get("FL_SPARSE_STATE_DIR")
+        root = own or instr.state_dir or str(DEFAULT_STATE_DIR)
+        durable = self.durable if self.durable is not None else (bool(own) or not instr.state_dir or instr.state_fsync)
+        store = ClientStateStore(Path(str(root)) / f"run-{context.run_id}", durable=durable)
+        key = client_key(context)
+        return _Session(store, key, store.load(key))
+
+    def _report(self, context: Context, instr: Instruction, state: ClientState | None, **extra) -> ConfigRecord:
+        return Report(
+            server_round=instr.server_round,
+            model_version=state.model_version if state is not None else -1,
+            model_hash=extra.pop("model_hash", ""),
+            client_key=client_key(context),
+            partition_id=_partition_id(context),
+            **extra,
+        ).to_record()
+
+    # ------------------------------------------------------------------ call
+    def __call__(self, msg: Message, context: Context, call_next) -> Message:
+        if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN:
+            return call_next(msg, context)
+        instr = Instruction.read(msg.content)
+        if instr is None:  # not from an fl-sparse strategy
+            return call_next(msg, context)
+        if instr.phase == protocol.PHASE_IDENTIFY:
+            content = RecordDict({protocol.RECORD: self._report(context, instr, None)})
+            return Message(content=content, reply_to=msg)
+        session = self._open(context, instr)
+        if instr.phase == protocol.PHASE_VALUES:
+            content = self._values_phase(session, instr, msg.content)
+            content[protocol.RECORD] = self._report(context, instr, session.state)
+            session.save()
+            return Message(content=content, reply_to=msg)
+
+        state = session.state
+        layout = session.layout(instr)
+        numel = layout.numel
+        apply_sync(state, instr, msg.content, numel)
+        model_hash = vector_hash(state.model)
+        if model_hash != instr.model_hash:
+            raise SyncError("model after sync does not match the server's hash")
+        restore_unaccepted(state, instr)
+        if _A in state.extra:  # a vote whose values phase never came: nothing of a was sent
+            state.error = state.extra.pop(_A)
+            state.extra.pop(_A_ROUND, None)
+
+        # The user's train function sees their own records and the dense model, nothing else.
+        user_in = protocol.user_records(msg.content)
+        exact = protocol.array_record(msg.content, protocol.EXACT) if layout.exact_names else None
+        if exact is not None:
+            layout = layout.with_exact(exact)
+        user_in[instr.arrays_key] = layout.unflatten(state.model)
+        user_reply = call_next(Message(content=user_in, metadata=msg.metadata), context)
+        if user_reply.has_error():
+            return user_reply  # nothing saved: the state is as before this message
+
+        trained = _trained_arrays(user_reply.content, instr.arrays_key)
+        try:
+            w_after = layout.flatten(trained)
+            exact_after = layout.exact_record(trained)
+        except ValueError as exc:
+            raise ValueError(f"the train function's arrays do not match the global model: {exc}") from None
+        step = state.model - w_after
+        if not bool(torch.isfinite(step).all()):
+            raise ValueError("the train function returned non-finite parameters")
+
+        content = RecordDict({k: v for k, v in user_reply.content.items() if k != instr.arrays_key})
+        memory = _memory(state, numel, instr.error_feedback)
+        if instr.phase == protocol.PHASE_VOTE:
+            extra = self._vote_phase(state, memory, step, instr, content)
+        else:
+            self._train_phase(state, memory, step, instr, content, _partition_id(context))
+            extra = {}
+        if layout.exact_names:
+            content[protocol.EXACT] = exact_after
+        content[protocol.RECORD] = self._report(context, instr, state, model_hash=model_hash, **extra)
+        session.save()
+        return Message(content=content, reply_to=msg)
+
+    # ------------------------------------------------------------ phases
+    def _train_phase(self, state, memory, step, instr: Instruction, content: RecordDict, partition_id: int) -> None:
+        """[ZDL] Algorithm 1/2, worker side: error-compensated compression of Δ."""
+        compressor = build_compressor(**instr.uplink_spec())
+        # Random compressors (rTop-k, random-k) draw from (seed, round, client): reproducible.
+        generator = torch.Generator().manual_seed(client_generator_seed(instr.seed, instr.server_round, partition_id))
+        values, positions = instr.uplink_values, instr.uplink_positions
+        result = algorithms.client_compress(
+            step, memory, lambda a: compressor(a, generator=generator), quantize=lambda s: codec.lossy_roundtrip(s, values=values)
+        )
+        record = codec.encode(result.sent, values=values, positions=positions)
+        state.error = memory.error.detach()
+        _remember_sent(state, result.sent, instr.server_round)
+        content[protocol.UPDATE] = record
+        content[protocol.METRICS] = UplinkMetrics(
+            uplink_bytes=codec.wire_size(record).total_bytes,
+            density=result.sent.density,
+            error_norm=memory.norm(),
+            compression_error=result.compression_error,
+        ).to_record()
+        if instr.diagnostics:
+            content[protocol.DIAGNOSTICS] = ArrayRecord({"a": result.compensated, "step": step})
+
+    def _vote_phase(self, state, memory, step, instr: Instruction, content: RecordDict) -> dict:
+        """[OOG] Alg. 1 l. 9-10 / Alg. 2 l. 11-15: vote with supp Top_K(a), or its changes; keep a."""
+        numel = step.numel()
+        a = memory.compensate(step)
+        k = instr.vote_k
+        top = magnitude_topk_indices(a, k)
+        positions = instr.vote_positions
+        report = {"vote_kind": "full"}
+        if instr.add_drop_k > 0:
+            base = _stored_vote(state, instr.vote_round)
+            if base is not None and base.numel() == k:
+                vote, adds, drops = algorithms.add_drop(a, base, top, instr.add_drop_k)
+                content[protocol.VOTE_ADD] = codec.encode_positions(adds, numel, positions=positions)
+                content[protocol.VOTE_DROP] = codec.encode_positions(drops, numel, positions=positions)
+                report = {"vote_kind": "add-drop", "vote_base_round": instr.vote_round}
+                state.extra[_VOTE], state.extra[_VOTE_ROUND] = base, torch.tensor(instr.vote_round)
+            else:
+                vote = top
+                content[protocol.VOTE] = codec.encode_positions(top, numel, positions=positions)
+                state.extra.pop(_VOTE, None)
+                state.extra.pop(_VOTE_ROUND, None)
+            state.extra[_SENT_VOTE], state.extra[_SENT_VOTE_ROUND] = vote, torch.tensor(instr.server_round)
+        else:
+            content[protocol.VOTE] = codec.encode_positions(top, numel, positions=positions)
+        state.extra[_A] = a.detach().to(torch.float32)
+        state.extra[_A_ROUND] = torch.tensor(instr.server_round)
+        return report
+
+    def _values_phase(self, session: _Session, instr: Instruction, content_in: RecordDict) -> RecordDict:
+        """[OOG] Alg. 1: send a on the common mask M_t; e ← a − Q(a[M_t])."""
+        state = session.state
+        if _A not in state.extra or int(state.extra[_A_ROUND]) != instr.server_round:
+            raise SyncError(f"no vote-phase state for round {instr.server_round}")
+        a = state.extra.pop(_A)
+        state.extra.pop(_A_ROUND)
+        numel = a.numel()
+        mask = codec.decode_positions(protocol.array_record(content_in, protocol.MASK), numel, max_nnz=instr.vote_k)
+        values = a[mask]
+        record = codec.encode_values(values, values=instr.uplink_values)
+        sent = codec.lossy_roundtrip(SparseTensor(mask, values, numel), values=instr.uplink_values)
+        memory = ErrorFeedback(numel)
+        memory.update(a, sent)
+        state.error = memory.error
+        _remember_sent(state, sent, instr.server_round)
+        state.extra[_MASK], state.extra[_MASK_ROUND] = mask, torch.tensor(instr.server_round)
+        return RecordDict(
+            {
+                protocol.UPDATE: record,
+                protocol.METRICS: UplinkMetrics(
+                    uplink_bytes=codec.wire_size(record).total_bytes,
+                    density=mask.numel() / numel if numel else 0.0,
+                    error_norm=memory.norm(),
+                    compression_error=memory.norm() ** 2,
+                ).to_record(),
+            }
+        )
+
+
+def _stored_vote(state: ClientState, vote_round: int) -> torch.Tensor | None:
+    """The vote of that round if this client still has it (the last one sent or the one before)."""
+    if vote_round < 0:
+        return None
+    for key, round_key in ((_SENT_VOTE, _SENT_VOTE_ROUND), (_VOTE, _VOTE_ROUND)):
+        if key in state.extra and int(state.extra[round_key]) == vote_round:
+            return state.extra[key]
+    return None
+
+
+def _trained_arrays(content: RecordDict, key: str) -> ArrayRecord:
+    """The ArrayRecord the train function returned: under ``key``, or its only ArrayRecord."""
+    records = content.array_records
+    if key in records:
+        return records[key]
+    if len(records) == 1:
+        return next(iter(records.values()))
+    raise ValueError(
+        f"the train function must return the trained model as an ArrayRecord under {key!r} "
+        f"(found {sorted(records) or 'none'})"
+    )
+
