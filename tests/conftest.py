@@ -9,3 +9,8 @@ import tempfile
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fl-sparse-flwr-home-"))
+
+import sys
+
+# tests/ has no __init__.py: make its helper modules (inprocess.py) importable by name.
+sys.path.insert(0, os.path.dirname(__file__))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fl_sparse.compressors import TopK, adaptive_k_schedule, adaptive_k_t_hat, hard_threshold_for_topk
+from fl_sparse.compressors import TopK, adaptive_k_budgeted, adaptive_k_t_hat, hard_threshold_for_topk
 from fl_sparse.strategies.base import SparseFedAvg
 
 __all__ = [
@@ -135,8 +135,9 @@ class AdaptiveTopKSGD(SparseFedAvg):
     """AdapTop-K (adaptive-topk paper, Algorithms 1 and 2): k_t under a fixed budget T·k.
 
     Round t = 0..T−1 sends k_t = (1+γ)k for t < t̂/2 and t ≥ (t̂+T)/2, and
-    (1−γ)k in between (:func:`fl_sparse.compressors.adaptive_k_schedule`;
-    Σ_t k_t = T·k exactly). ``t_hat`` is the paper's hyper-parameter; when it
+    (1−γ)k in between (:func:`fl_sparse.compressors.adaptive_k_schedule`),
+    re-planned from what was spent (:func:`fl_sparse.compressors.adaptive_k_budgeted`)
+    so that Σ_t k_t = T·k exactly even when t̂ is estimated after round 1. ``t_hat`` is the paper's hyper-parameter; when it
     is ``None`` it is estimated after round 1 with the paper's formula
     (:func:`fl_sparse.compressors.adaptive_k_t_hat`, Lemma 3 / Lemma 8) from
     F(w_0) ≈ the clients' mean round-1 training loss, η = ``lr`` and the
@@ -169,7 +170,8 @@ class AdaptiveTopKSGD(SparseFedAvg):
         self.ratio = float(ratio)
         self.num_rounds = int(num_rounds)
         self.gamma = float(gamma)
-        self.t_hat = t_hat
+        self.t_hat = self._t_hat_given = t_hat
+        self.spent = 0  # Σ k_t of the rounds planned so far
         self.estimate = {"eta": float(lr), "mu": float(mu), "L": float(L), "sigma_sq": float(sigma_sq)}
         super().__init__(
             *args,
@@ -193,11 +195,27 @@ class AdaptiveTopKSGD(SparseFedAvg):
         self.state.round_metrics.setdefault(server_round, {"round": server_round})["t_hat"] = self.t_hat
         return self.t_hat
 
+    def initialize(self, arrays) -> None:
+        super().initialize(arrays)
+        self.t_hat = self._t_hat_given
+        self.spent = 0
+
     def uplink_spec(self, server_round: int, num_clients: int) -> dict[str, Any]:
+        """k_t of the budgeted schedule: Σ_{t<T} k_t = T·k exactly, whatever t̂ turns out to be.
+
+        Round 1 runs before t̂ can be estimated (it needs F(w_0)); the rounds
+        after it re-plan the remaining budget T·k − spent
+        (:func:`fl_sparse.compressors.adaptive_k_budgeted`). Rounds past
+        ``num_rounds`` are outside the budget and send k.
+        """
         if self.state.model is None:
             return dict(self.uplink)
         numel = self.state.model.numel()
         k = TopK(ratio=self.ratio).k_for(numel)
-        t = min(server_round - 1, self.num_rounds - 1)
-        k_t = adaptive_k_schedule(t, self.num_rounds, k, self.gamma, self._t_hat(server_round, numel, k))
-        return {"name": "topk", "k": int(max(1, min(numel, k_t)))}
+        t = server_round - 1
+        if t >= self.num_rounds:
+            return {"name": "topk", "k": k}
+        t_hat = self._t_hat(server_round, numel, k)
+        k_t = adaptive_k_budgeted(t, self.num_rounds, k, self.gamma, t_hat, self.spent, d=numel)
+        self.spent += k_t
+        return {"name": "topk", "k": int(k_t)}
