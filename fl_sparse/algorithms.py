@@ -67,10 +67,11 @@ def _exact(sparse: SparseTensor) -> SparseTensor:
 # ====================================================================== [ZDL] Alg. 1 / 2
 @dataclass
 class ClientStep:
-    """One client round: ``a = e + Δ``, ``sent = Q(C(a))``, ``e ← a − sent``."""
+    """One client round: ``a = e + Δ``, ``s = C(a)``, ``sent = Q(s)``, ``e ← a − sent``."""
 
     compensated: torch.Tensor  # a
-    sent: SparseTensor  # exactly what the server will decode
+    compressed: SparseTensor  # C(a): what to encode (the value code applies Q)
+    sent: SparseTensor  # Q(C(a)): exactly what the server will decode
     compression_error: float  # ‖a − sent‖², the round's error (hard-threshold paper's "total error" term)
 
 
@@ -92,9 +93,10 @@ def client_compress(
     into plain compression: no error feedback).
     """
     a = memory.compensate(step)
-    sent = quantize(compress(a))
+    compressed = compress(a)
+    sent = quantize(compressed)
     memory.update(a, sent)
-    return ClientStep(a, sent, memory.norm() ** 2)
+    return ClientStep(a, compressed, sent, memory.norm() ** 2)
 
 
 def weighted_sum(updates: list[SparseTensor], weights: list[float]) -> SparseTensor:
@@ -108,21 +110,23 @@ def server_compress(
     compress: Callable[[torch.Tensor], SparseTensor] | None,
     quantize: Quantize = _exact,
 ) -> SparseTensor:
-    """Server side of [ZDL]: what goes down, ĝ_t.
+    """Server side of [ZDL]: what goes down, before the value code: ĝ_t = Q(returned).
 
-    Algorithm 1 (``compress is None``): ĝ_t = Q(g_t), the union of the uplink
-    supports. Algorithm 2: ``g = g_t + δ_{t−1}``, ``ĝ_t = Q(Top_K(g))``,
-    ``δ_t = g − ĝ_t`` (``memory`` holds δ; ``None`` drops it).
+    Algorithm 1 (``compress is None``): the aggregate g_t itself, the union of
+    the uplink supports. Algorithm 2: ``g = g_t + δ_{t−1}``, returns
+    ``Top_K(g)`` and keeps ``δ_t = g − Q(Top_K(g))`` (``memory`` holds δ;
+    ``None`` drops it). The caller encodes the result; the value code applies
+    ``Q``, so the model moves by exactly what the clients decode.
     """
     if compress is None:
-        return quantize(aggregate)
+        return aggregate
     dense = aggregate.to_dense()
     if memory is None:
-        return quantize(compress(dense))
+        return compress(dense)
     g = memory.compensate(dense)
-    sent = quantize(compress(g))
-    memory.update(g, sent)
-    return sent
+    compressed = compress(g)
+    memory.update(g, quantize(compressed))
+    return compressed
 
 
 # ====================================================================== [OOG] voting

@@ -279,6 +279,7 @@ class SparseMod:
         if layout.exact_names:
             content[protocol.EXACT] = exact_after
         content[protocol.RECORD] = self._report(context, instr, state, model_hash=model_hash, **extra)
+        state.steps_done += 1  # rounds this client has trained
         session.save()
         return Message(content=content, reply_to=msg)
 
@@ -292,7 +293,7 @@ class SparseMod:
         result = algorithms.client_compress(
             step, memory, lambda a: compressor(a, generator=generator), quantize=lambda s: codec.lossy_roundtrip(s, values=values)
         )
-        record = codec.encode(result.sent, values=values, positions=positions)
+        record = codec.encode(result.compressed, values=values, positions=positions)
         state.error = memory.error.detach()
         _remember_sent(state, result.sent, instr.server_round)
         content[protocol.UPDATE] = record

@@ -66,8 +66,8 @@ class ClientState:
 
     ``model`` is the client's copy of the global model at ``model_version``
     (``None`` before the first dense sync); ``error`` is the error-feedback
-    memory; ``steps_done`` counts local SGD steps so data order continues
-    across rounds; ``extra`` holds strategy-specific tensors (e.g. the
+    memory; ``steps_done`` counts the rounds this client has trained;
+    ``extra`` holds strategy-specific tensors (e.g. the
     previous vote of SSGD-MV-AD).
     """
 

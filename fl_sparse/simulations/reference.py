@@ -1,31 +1,35 @@
 """The seed papers' algorithms as one plain loop, without Flower.
 
-This is the yardstick for the Flower strategies: with H = 1, full
-participation and the same seed, :func:`reference_run` and
-``fl-sparse simulate`` must end on the same parameters (tests check 1e-6),
-and the speed benchmark measures Flower's overhead against it. The per-round
-math is the same code the client mod and the strategies run
-(:mod:`fl_sparse.algorithms`); only the messaging is left out.
+This is the yardstick for the Flower strategies: with H = 1 and the same
+seed, :func:`reference_run` and ``fl-sparse simulate`` must end on the same
+parameters (tests check 1e-6) -- also with partial participation, unequal
+(Dirichlet) partitions and q-bit values both ways -- and the speed benchmark
+measures Flower's overhead against it. The per-round math is the same code
+the client mod and the strategies run (:mod:`fl_sparse.algorithms`); only the
+messaging (and with it the model sync) is left out.
 
 Per round t (Algorithms 1 and 2 of the bidirectional top-K paper, H local
-steps, weights p_q = n_q / Σ n)::
+steps, weights p_q = n_q / Σ_{S_t} n)::
 
-    for every worker q:
+    S_t = the strategies' seeded sample of the clients (fraction of them)
+    for every worker q in S_t (the others keep their error e_q):
         Δ_q = w − SGD_H(w)          same minibatches as the built-in client
-        a_q = e_q + Δ_q;  s_q = C(a_q);  e_q = a_q − s_q
+        a_q = e_q + Δ_q;  s_q = Q(C(a_q));  e_q = a_q − s_q
     g = Σ_q p_q s_q
-    bidirectional:  g = g + δ;  ĝ = Top_K(g);  δ = g − ĝ    else ĝ = g
+    bidirectional:  g = g + δ;  ĝ = Q(Top_K(g));  δ = g − ĝ    else ĝ = Q(g)
     w = w − ĝ
 """
 
 from __future__ import annotations
 
+import random
+
 import torch
 
-from fl_sparse import algorithms
+from fl_sparse import algorithms, codec
 from fl_sparse.clients.app import local_training
 from fl_sparse.clients.mod import client_generator_seed
-from fl_sparse.compressors import TopK, build_compressor
+from fl_sparse.compressors import TopK, build_compressor, hard_threshold_for_topk
 from fl_sparse.flat import FlatLayout
 from fl_sparse.memory import ErrorFeedback
 from fl_sparse.server_app import RunConfig, _initial_model, _train_config
@@ -34,23 +38,28 @@ from fl_sparse.tasks.builtin import TaskSpec, get_task
 __all__ = ["reference_run"]
 
 
-def _uplink_spec(cfg: RunConfig, num_clients: int) -> dict:
+def _uplink_spec(cfg: RunConfig, num_clients: int, numel: int) -> dict:
     if cfg.strategy in ("topk", "bidirectional-topk"):
         return {"name": "topk", "ratio": cfg.ratio}
     if cfg.strategy == "rtopk":
         return {"name": "rtopk", "ratio": cfg.ratio, "n_workers": num_clients}
     if cfg.strategy == "hard-threshold":
-        return {"name": "hard-threshold", "lam": cfg.threshold}
+        lam = cfg.threshold if cfg.threshold is not None else hard_threshold_for_topk(TopK(ratio=cfg.ratio).k_for(numel))
+        return {"name": "hard-threshold", "lam": lam}
     if cfg.strategy == "fedavg":
         return {"name": "none"}
     raise ValueError(f"no reference loop for strategy {cfg.strategy!r}")
 
 
+def sample(seed: int, server_round: int, clients: int, fraction: float) -> list[int]:
+    """The partitions the strategies sample in a round (:meth:`SparseFedAvg.sample`, nodes ordered by partition)."""
+    size = min(max(int(clients * fraction), 1), clients)
+    return sorted(random.Random(seed * 1_000_003 + server_round).sample(range(clients), size))
+
+
 def reference_run(cfg: RunConfig) -> torch.Tensor:
-    """Final flat parameters of ``cfg`` run as a plain loop (full participation only)."""
+    """Final flat parameters of ``cfg`` run as a plain loop."""
     cfg.validate()
-    if cfg.fraction != 1.0:
-        raise ValueError("the reference loop assumes full participation (fraction = 1)")
     model = _initial_model(cfg)
     layout = FlatLayout.from_state_dict(model.state_dict())
     w = layout.flatten_state_dict(model.state_dict()).clone()
@@ -58,23 +67,30 @@ def reference_run(cfg: RunConfig) -> torch.Tensor:
         get_task(TaskSpec(cfg.dataset, cfg.model, cfg.partition, cfg.alpha, cfg.clients, q, cfg.seed))
         for q in range(cfg.clients)
     ]
-    total = sum(t.num_examples for t in tasks)
-    p = [t.num_examples / total for t in tasks]
     memories = [ErrorFeedback(w.numel()) for _ in tasks]
     server_memory = ErrorFeedback(w.numel())
-    compressor = build_compressor(**_uplink_spec(cfg, cfg.clients))
     downlink = TopK(ratio=cfg.downlink_ratio or cfg.ratio) if cfg.strategy == "bidirectional-topk" else None
     config = _train_config(cfg)
     device = torch.device("cpu")
+    # As build_strategy: dense FedAvg is the uncompressed baseline, whatever value_bits says.
+    values = "fp32" if cfg.value_bits >= 32 or cfg.strategy == "fedavg" else f"q{int(cfg.value_bits)}"
+
+    def quantize(sparse):
+        return codec.lossy_roundtrip(sparse, values=values)
 
     for t in range(1, cfg.rounds + 1):
+        chosen = sample(cfg.seed, t, cfg.clients, cfg.fraction)
+        compressor = build_compressor(**_uplink_spec(cfg, len(chosen), w.numel()))
         sent = []
-        for q, task in enumerate(tasks):
+        for q in chosen:
+            task = tasks[q]
             task.model_at(w, device)
             local_training(task, config, t, device)
             step = w - task.model_vector(device)
             gen = torch.Generator().manual_seed(client_generator_seed(cfg.seed, t, q))
-            sent.append(algorithms.client_compress(step, memories[q], lambda a: compressor(a, generator=gen)).sent)
-        g = algorithms.weighted_sum(sent, p)
-        w = w - algorithms.server_compress(g, server_memory, downlink).to_dense()
+            compress = lambda a, gen=gen: compressor(a, generator=gen)  # noqa: E731
+            sent.append(algorithms.client_compress(step, memories[q], compress, quantize).sent)
+        total = sum(tasks[q].num_examples for q in chosen)
+        g = algorithms.weighted_sum(sent, [tasks[q].num_examples / total for q in chosen])
+        w = w - quantize(algorithms.server_compress(g, server_memory, downlink, quantize)).to_dense()
     return w
