@@ -53,11 +53,25 @@ def test_unknown_choice_is_rejected_by_the_parser(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_parser_defaults_match_run_config():
-    args = build_parser().parse_args(["simulate"])
-    d = RunConfig()
-    for name in ("strategy", "dataset", "model", "clients", "rounds", "local_steps", "ratio", "seed"):
-        assert getattr(args, name) == getattr(d, name)
+def test_cli_defaults_mean_what_the_flower_app_defaults_mean():
+    """``fl-sparse simulate`` with no flags and ``flwr run .`` with pyproject's run config: one run config.
+
+    The CLI's defaults come from RunConfig; the Flower app's from pyproject's
+    ``[tool.flwr.app.config]``, read through ``RunConfig.from_run_config``
+    (where e.g. ``threshold = 0.0`` and ``downlink-ratio = -1`` stand for "unset").
+    """
+    import tomllib
+    from dataclasses import fields
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    app = RunConfig.from_run_config(pyproject["tool"]["flwr"]["app"]["config"])
+    names = {f.name for f in fields(RunConfig)}
+    args = vars(build_parser().parse_args(["simulate"]))
+    cli = RunConfig(**{k: v for k, v in args.items() if k in names})
+    machine_only = {"num_cpus", "num_gpus", "quiet"}  # not run settings: how this machine runs it
+    differ = {n: (getattr(cli, n), getattr(app, n)) for n in names - machine_only if getattr(cli, n) != getattr(app, n)}
+    assert not differ, differ
 
 
 @pytest.mark.slow

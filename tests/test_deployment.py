@@ -307,8 +307,14 @@ def _deployment_restart(procs: Procs, tmp_path: Path) -> None:
     before = decode_state(state_files()[0].read_bytes())
     procs.kill(nodes[1], signal.SIGKILL)
     rounds_at_kill = len(_read_metrics(out))
-    time.sleep(1.0)
+    # A fresh port (the killed node's may linger in TIME_WAIT: "address already in use"),
+    # and the run goes on only once the SuperLink has registered the restarted node.
+    node_ports[1] = _free_port()
     nodes[1] = start_node(1, "-restarted")
+    _wait_for(
+        lambda: superlink_log.read_text(errors="replace").count("Activated node_id") >= 3,
+        60, "the restarted SuperNode to register", procs,
+    )
 
     _finish(procs, run_proc, run_log)
     rows = _read_metrics(out)

@@ -126,11 +126,15 @@ def test_fractional_properties(v, bits):
 
 @SETTINGS
 @given(v=float32_vectors, bits=bit_budgets)
-def test_fractional_is_deterministic(v, bits):
+def test_fractional_is_permutation_equivariant(v, bits):
+    """The code of an entry depends on its value and the vector's value set, not on positions or memory layout."""
     q = FractionalQuantizer(bits)
-    c1, m1 = q.encode(torch.from_numpy(v))
-    c2, m2 = q.encode(torch.from_numpy(v.copy()))
-    assert torch.equal(c1, c2) and torch.equal(m1, m2)
+    perm = torch.from_numpy(np.random.default_rng(len(v)).permutation(len(v)))
+    x = torch.from_numpy(v)
+    codes, means = q.encode(x)
+    codes_p, means_p = q.encode(x[perm])  # a permuted, non-contiguous copy
+    assert torch.equal(codes_p, codes[perm])
+    assert torch.equal(means_p, means)
 
 
 @settings(max_examples=40, deadline=None)
