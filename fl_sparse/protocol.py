@@ -160,7 +160,9 @@ def _to_items(obj) -> dict[str, Any]:
 class Instruction:
     """What the server tells a client's :class:`~fl_sparse.clients.SparseMod` in a train message.
 
-    Sync: ``sync_mode`` (one of :data:`SYNC_MODES`) brings the client from
+    ``generation`` names the strategy's run: when it changes (a new
+    ``start``), the client forgets its error memory and votes from the last
+    one. Sync: ``sync_mode`` (one of :data:`SYNC_MODES`) brings the client from
     ``base_version`` to ``model_version``, whose flat model hashes to
     ``model_hash``; ``layout`` (JSON of :class:`~fl_sparse.flat.FlatLayout`)
     comes with every dense sync. ``accepted_round`` is the last round whose
@@ -178,6 +180,7 @@ class Instruction:
 
     server_round: int
     phase: str = PHASE_TRAIN
+    generation: str = ""
     model_version: int = 0
     model_hash: str = ""
     sync_mode: str = "none"

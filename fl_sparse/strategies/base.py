@@ -83,9 +83,11 @@ a strategy that sends top-K with a ratio that halves every 10 rounds::
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -107,7 +109,7 @@ from fl_sparse.memory import ErrorFeedback
 from fl_sparse.protocol import Instruction, Report, UplinkMetrics
 from fl_sparse.sparse import SparseTensor
 
-__all__ = ["SparseFedAvg", "ServerState", "ClientUpdate"]
+__all__ = ["SparseFedAvg", "ServerState", "ClientUpdate", "with_fedavg_signature"]
 
 _UNKNOWN_KEY = 1 << 62  # orders nodes without a known partition id after those with one
 
@@ -117,7 +119,9 @@ class ServerState:
     """What the server remembers between rounds (cf. powerSGD_hook's PowerSGDState).
 
     ``model`` is w_t, ``version`` the round that produced it (0 = initial),
-    ``server_error`` is δ_t, ``exact`` the current values of the arrays sent
+    ``server_error`` is δ_t, ``generation`` a random name of this run of
+    the strategy (a new ``start`` is a new generation: clients drop what they
+    remember of the last one), ``exact`` the current values of the arrays sent
     exactly, ``history`` holds the positions changed by each applied update
     (to build catch-up payloads), ``client_versions`` the version each client
     holds and ``accepted`` the last round whose update from that client was
@@ -127,6 +131,7 @@ class ServerState:
     layout: FlatLayout | None = None
     model: torch.Tensor | None = None
     version: int = 0
+    generation: str = ""
     server_error: ErrorFeedback = field(default_factory=ErrorFeedback)
     exact: ArrayRecord | None = None
     last_update_record: ArrayRecord | None = None
@@ -398,6 +403,7 @@ class SparseFedAvg(FedAvg):
             server_round=server_round,
             model_version=st.version,
             model_hash=vector_hash(st.model),
+            generation=st.generation,
             arrays_key=self.arrayrecord_key,
             uplink_values=self.uplink_values,
             uplink_positions=self.uplink_positions,
@@ -469,6 +475,7 @@ class SparseFedAvg(FedAvg):
         st.model = st.layout.flatten(arrays).clone()
         st.exact = st.layout.exact_record(arrays)
         st.version = 0
+        st.generation = secrets.token_hex(8)
         st.server_error = ErrorFeedback(st.model.numel())
         st.last_update_record = None
         st.history.clear()
@@ -762,6 +769,24 @@ class SparseFedAvg(FedAvg):
         if delta_before is not None:
             out["rho"] = float((top(delta_before + a).to_dense() - top(delta_before + g).to_dense()).norm()) / step_norm
         return out
+
+
+def with_fedavg_signature(cls):
+    """Class decorator: ``inspect.signature`` of a subclass shows FedAvg's parameters too.
+
+    The named strategies take ``*args`` (FedAvg's ten parameters, in FedAvg's
+    order) and ``**kwargs`` (the base's keyword-only options) and pass them on;
+    this writes the full signature out for ``help()``, IDEs and tools.
+    """
+    own = inspect.signature(cls.__init__).parameters.values()
+    base = list(inspect.signature(SparseFedAvg.__init__).parameters.values())
+    fixed = {"uplink", "downlink"}  # set by the subclass itself
+    keyword = [p for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    names = {p.name for p in keyword}
+    keyword += [p for p in base if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in names | fixed]
+    positional = [p for p in base if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    cls.__init__.__signature__ = inspect.Signature(positional + keyword)
+    return cls
 
 
 def _dense(record: ArrayRecord, key: str, numel: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from fl_sparse.compressors import TopK, adaptive_k_budgeted, adaptive_k_t_hat, hard_threshold_for_topk
-from fl_sparse.strategies.base import SparseFedAvg
+from fl_sparse.strategies.base import SparseFedAvg, with_fedavg_signature
 
 __all__ = [
     "DenseFedAvg",
@@ -31,6 +31,7 @@ def _budget(ratio: float | None, k: int | None) -> dict[str, Any]:
     return {"ratio": float(ratio)} if ratio is not None else {"k": int(k)}
 
 
+@with_fedavg_signature
 class DenseFedAvg(SparseFedAvg):
     """Uncompressed baseline: clients send their whole update, the server the whole aggregate.
 
@@ -42,6 +43,7 @@ class DenseFedAvg(SparseFedAvg):
         super().__init__(*args, uplink={"name": "none"}, downlink=None, **kwargs)
 
 
+@with_fedavg_signature
 class TopKSGD(SparseFedAvg):
     """Unidirectional top-K SGD (Algorithm 1 of the bidirectional paper).
 
@@ -55,6 +57,7 @@ class TopKSGD(SparseFedAvg):
         super().__init__(*args, uplink={"name": "topk", **_budget(ratio, k)}, downlink=None, **kwargs)
 
 
+@with_fedavg_signature
 class BidirectionalTopKSGD(SparseFedAvg):
     """Bidirectional top-K SGD (Algorithm 2 of the bidirectional paper).
 
@@ -82,6 +85,7 @@ class BidirectionalTopKSGD(SparseFedAvg):
         super().__init__(*args, uplink={"name": "topk", **_budget(ratio, k)}, downlink=downlink, **kwargs)
 
 
+@with_fedavg_signature
 class RTopKSGD(SparseFedAvg):
     """rTop-k with error compensation (rTop-k paper, Algorithm 1).
 
@@ -108,6 +112,7 @@ class RTopKSGD(SparseFedAvg):
         return spec
 
 
+@with_fedavg_signature
 class HardThresholdSGD(SparseFedAvg):
     """Hard-threshold sparsifier with error feedback: send every |a_i| ≥ λ.
 
@@ -131,6 +136,7 @@ class HardThresholdSGD(SparseFedAvg):
         return {"name": "hard-threshold", "lam": self.threshold or 0.0}
 
 
+@with_fedavg_signature
 class AdaptiveTopKSGD(SparseFedAvg):
     """AdapTop-K (adaptive-topk paper, Algorithms 1 and 2): k_t under a fixed budget T·k.
 
@@ -171,7 +177,7 @@ class AdaptiveTopKSGD(SparseFedAvg):
         self.num_rounds = int(num_rounds)
         self.gamma = float(gamma)
         self.t_hat = self._t_hat_given = t_hat
-        self.spent = 0  # Σ k_t of the rounds planned so far
+        self.planned: dict[int, int] = {}  # round index t -> k_t
         self.estimate = {"eta": float(lr), "mu": float(mu), "L": float(L), "sigma_sq": float(sigma_sq)}
         super().__init__(
             *args,
@@ -198,7 +204,7 @@ class AdaptiveTopKSGD(SparseFedAvg):
     def initialize(self, arrays) -> None:
         super().initialize(arrays)
         self.t_hat = self._t_hat_given
-        self.spent = 0
+        self.planned = {}
 
     def uplink_spec(self, server_round: int, num_clients: int) -> dict[str, Any]:
         """k_t of the budgeted schedule: Σ_{t<T} k_t = T·k exactly, whatever t̂ turns out to be.
@@ -215,7 +221,8 @@ class AdaptiveTopKSGD(SparseFedAvg):
         t = server_round - 1
         if t >= self.num_rounds:
             return {"name": "topk", "k": k}
-        t_hat = self._t_hat(server_round, numel, k)
-        k_t = adaptive_k_budgeted(t, self.num_rounds, k, self.gamma, t_hat, self.spent, d=numel)
-        self.spent += k_t
-        return {"name": "topk", "k": int(k_t)}
+        if t not in self.planned:  # asked twice for a round (a retried configure_train): same k_t
+            spent = sum(k for r, k in self.planned.items() if r < t)
+            t_hat = self._t_hat(server_round, numel, k)
+            self.planned[t] = adaptive_k_budgeted(t, self.num_rounds, k, self.gamma, t_hat, spent, d=numel)
+        return {"name": "topk", "k": int(self.planned[t])}

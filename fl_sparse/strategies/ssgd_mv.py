@@ -137,7 +137,7 @@ from fl_sparse.compressors import TopK
 from fl_sparse.flat import vector_hash
 from fl_sparse.protocol import Instruction, Report, UplinkMetrics
 from fl_sparse.sparse import SparseTensor
-from fl_sparse.strategies.base import ClientUpdate, SparseFedAvg
+from fl_sparse.strategies.base import ClientUpdate, SparseFedAvg, with_fedavg_signature
 
 __all__ = ["SSGDMajorityVote", "build_ssgd_mv", "vote_counts", "select_majority", "select_weighted"]
 
@@ -149,6 +149,7 @@ def _round_generator(seed: int, server_round: int, salt: int) -> torch.Generator
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(server_round)) * 7_919 + salt)
 
 
+@with_fedavg_signature
 class SSGDMajorityVote(SparseFedAvg):
     """SSGD-MV (Algorithm 1), SSGD-MV-RS and SSGD-MV-AD (Algorithm 2) on Flower's Grid.
 

@@ -176,17 +176,7 @@ def sampled_pids(grid: InProcessGrid, since: int) -> list[int]:
     [
         FedAvg,
         SparseFedAvg,
-        *[
-            pytest.param(
-                c,
-                marks=pytest.mark.xfail(
-                    strict=True,
-                    reason="BUG: named strategies are __init__(*args, <own kw>, **kwargs): inspect.signature "
-                    "(help(), IDEs, Flower tooling) does not show FedAvg's ten parameters or their defaults",
-                ),
-            )
-            for c in OURS
-        ],
+        *OURS,
     ],
 )
 def test_signature_has_fedavgs_first_ten_parameters_in_order_with_its_defaults(cls):

@@ -1,0 +1,1 @@
+"""sparse_quickstart: a Flower / PyTorch app whose updates travel top-K sparsified."""
