@@ -160,6 +160,7 @@ def _to_items(obj) -> dict[str, Any]:
 class Instruction:
     """What the server tells a client's :class:`~fl_sparse.clients.SparseMod` in a train message.
 
+    ``nonce`` is fresh for every message; the reply must echo it.
     ``generation`` names the strategy's run: when it changes (a new
     ``start``), the client forgets its error memory and votes from the last
     one. Sync: ``sync_mode`` (one of :data:`SYNC_MODES`) brings the client from
@@ -181,6 +182,7 @@ class Instruction:
     server_round: int
     phase: str = PHASE_TRAIN
     generation: str = ""
+    nonce: str = ""
     model_version: int = 0
     model_hash: str = ""
     sync_mode: str = "none"
@@ -243,14 +245,15 @@ class Instruction:
 class Report:
     """What a client's mod tells the server beside its payload.
 
-    ``model_version`` and ``model_hash`` name the model the client trained
-    from (after the sync), ``server_round`` the round this reply answers,
+    ``nonce`` echoes the instruction's; ``model_version`` and
+    ``model_hash`` name the model the client trained from (after the sync), ``server_round`` the round this reply answers,
     ``client_key`` the client's stable name (its partition id when it has
     one; ``partition_id`` is -1 without one) for reproducible sampling and
     ordering; ``vote_kind`` / ``vote_base_round`` describe an SSGD-MV vote.
     """
 
     server_round: int
+    nonce: str = ""
     model_version: int = -1
     model_hash: str = ""
     client_key: str = ""

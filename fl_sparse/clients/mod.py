@@ -70,6 +70,7 @@ DEFAULT_STATE_DIR = Path.home() / ".cache" / "fl-sparse" / "state"
 
 # ClientState.extra keys
 _LAYOUT = "layout"  # the model's FlatLayout as JSON bytes (uint8), from the last dense sync
+_GENERATION = "generation"  # the strategy run this state belongs to (bytes, uint8)
 _PENDING_INDICES, _PENDING_VALUES, _PENDING_ROUND = "pending_indices", "pending_values", "pending_round"
 _A, _A_ROUND = "ssgd_a", "ssgd_a_round"  # a, kept from the vote phase for the values phase
 _MASK, _MASK_ROUND = "ssgd_mask", "ssgd_mask_round"  # the last common mask
@@ -174,6 +175,17 @@ class _Session:
         except ValueError as exc:
             raise protocol.ProtocolError(str(exc)) from None
 
+    def join(self, generation: str) -> None:
+        """A new run of the strategy (a new ``start``): forget the last run's error, votes and pending update."""
+        stored = self.state.extra.get(_GENERATION)
+        if stored is not None and bytes(stored.numpy()).decode() == generation:
+            return
+        if stored is not None or self.state.error is not None:
+            self.state.error = None
+            for key in [k for k in self.state.extra if k != _LAYOUT]:
+                del self.state.extra[key]
+        self.state.extra[_GENERATION] = torch.tensor(list(generation.encode()), dtype=torch.uint8)
+
     def save(self) -> None:
         self.store.save(self.key, self.state)
 
@@ -208,11 +220,14 @@ class SparseMod:
         durable = self.durable if self.durable is not None else (bool(own) or not instr.state_dir or instr.state_fsync)
         store = ClientStateStore(Path(str(root)) / f"run-{context.run_id}", durable=durable)
         key = client_key(context)
-        return _Session(store, key, store.load(key))
+        session = _Session(store, key, store.load(key))
+        session.join(instr.generation)
+        return session
 
     def _report(self, context: Context, instr: Instruction, state: ClientState | None, **extra) -> ConfigRecord:
         return Report(
             server_round=instr.server_round,
+            nonce=instr.nonce,
             model_version=state.model_version if state is not None else -1,
             model_hash=extra.pop("model_hash", ""),
             client_key=client_key(context),

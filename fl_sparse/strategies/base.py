@@ -88,6 +88,7 @@ import json
 import math
 import random
 import secrets
+import statistics
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -112,6 +113,7 @@ from fl_sparse.sparse import SparseTensor
 __all__ = ["SparseFedAvg", "ServerState", "ClientUpdate", "with_fedavg_signature"]
 
 _UNKNOWN_KEY = 1 << 62  # orders nodes without a known partition id after those with one
+MAX_WEIGHT = float(2**53)  # the largest weight a reply may claim: exact in float64, sums cannot overflow
 
 
 @dataclass
@@ -196,6 +198,25 @@ class SparseFedAvg(FedAvg):
         A hint for where clients without a state folder of their own keep
         their state, and whether they need to fsync it (the simulation's
         temporary folder: no). A node's own setting wins.
+    max_weight_ratio : float, optional
+        Bounded influence: a client's weight (its ``weighted_by_key`` metric)
+        counts at most this many times the round's median weight. Without it a
+        client that claims a huge ``num-examples`` takes the whole average
+        (weights are always finite, > 0 and at most 2**53).
+    update_norm_bound, update_norm_bound_ratio : float, optional
+        Bounded influence: each decoded update is scaled down to at most this
+        L2 norm (absolute), or this many times the round's median update norm.
+        The client does not learn of the clipping, so what was cut off is not in
+        its error memory: it is lost, as with DP clipping. Honest clients
+        rarely reach a bound set well above the typical norm.
+
+    Threat model: a reply is untrusted input. Whatever a client sends, the
+    server does not raise and the model stays finite: every field is checked
+    by type and range, a reply must echo the nonce of the message it answers
+    (this round, this node; replays are dropped), a round whose aggregate
+    would not be finite is rejected whole. Within those rules a malicious
+    client can still send any finite update and claim any weight; the two
+    bounds above limit what that can do to the average.
     """
 
     def __init__(
@@ -224,6 +245,9 @@ class SparseFedAvg(FedAvg):
         diagnostics: bool = False,
         client_state_dir: str | None = None,
         client_state_fsync: bool = True,
+        max_weight_ratio: float | None = None,
+        update_norm_bound: float | None = None,
+        update_norm_bound_ratio: float | None = None,
     ) -> None:
         if not 0.0 <= fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in [0, 1], got {fraction_train}")
@@ -273,6 +297,14 @@ class SparseFedAvg(FedAvg):
         self.diagnostics = diagnostics
         self.client_state_dir = client_state_dir or ""
         self.client_state_fsync = bool(client_state_fsync)
+        for name, value in (("max_weight_ratio", max_weight_ratio), ("update_norm_bound", update_norm_bound),
+                            ("update_norm_bound_ratio", update_norm_bound_ratio)):
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0 or None, got {value!r}")
+        self.max_weight_ratio = max_weight_ratio
+        self.update_norm_bound = update_norm_bound
+        self.update_norm_bound_ratio = update_norm_bound_ratio
+        self._nonces: dict[int, str] = {}  # node -> nonce of the message it was sent this round
         self.state = ServerState()
         self.node_keys: dict[int, tuple[int, int]] = {}
         self._round_compressor = None
@@ -431,9 +463,11 @@ class SparseFedAvg(FedAvg):
         for node in node_ids:
             have = st.client_versions.get(node)
             mode, payload = self.sync_for(node)
+            self._nonces[node] = secrets.token_hex(8)
             node_instr = Instruction(
                 **{
                     **instr.__dict__,
+                    "nonce": self._nonces[node],
                     "sync_mode": mode,
                     "base_version": -1 if have is None else have,
                     "accepted_round": st.accepted.get(node, -1),
@@ -462,6 +496,7 @@ class SparseFedAvg(FedAvg):
     def prepare_round(self, server_round: int, num_clients: int, config: ConfigRecord) -> dict[str, Any]:
         """Fix this round's uplink spec (validated here, before anything is sent)."""
         self._round_started = time.perf_counter()
+        self._nonces = {}
         self._sync_cache = {}
         self._local_steps = max(1, int(config.get("local-steps", 1)))
         spec = _with_defaults(self.uplink_spec(server_round, num_clients))
@@ -504,7 +539,7 @@ class SparseFedAvg(FedAvg):
         st = self.state
         if have == st.version:
             return "none", None
-        if have is None or have < 0:
+        if have is None or not 0 <= have < st.version:
             return "dense", codec.encode_dense(st.model)
         if have == st.version - 1 and st.last_update_record is not None:
             return "delta", st.last_update_record
@@ -536,14 +571,24 @@ class SparseFedAvg(FedAvg):
         total = math.fsum(u.weight for u in updates)
         p = [u.weight / total for u in updates]
         aggregate = self.aggregate_updates(server_round, [u.update for u in updates], p)
-        delta_before = st.server_error.error.clone() if (self.diagnostics and self.downlink is not None) else None
+        server_error = st.server_error.state_dict()["error"]
+        delta_before = None if server_error is None else server_error.clone()
         sent = self.compress_downlink(server_round, aggregate)
+        if not self._finite_step(sent):
+            # Finite updates can still sum to inf (3e38 + 3e38): the round is rejected whole.
+            st.server_error.load_state_dict({"numel": st.model.numel(), "error": delta_before})
+            for u in updates:
+                st.accepted.pop(u.node, None)
+            log(WARNING, "round %d: the aggregate is not finite; round rejected, global model unchanged", server_round)
+            rm.update(self._empty_round_metrics())
+            rm.update({"accepted": 0, "rejected_round": 1})
+            return None, None
         record = self.apply_update(server_round, sent)
         self.aggregate_exact(updates, p)
         rm.update(self.round_metrics(server_round, updates, p, aggregate, record))
         diag = [u.diagnostics for u in updates if u.diagnostics is not None]
         if self.diagnostics and len(diag) == len(updates):
-            rm.update(self._rho_estimates(diag, p, delta_before, aggregate))
+            rm.update(self._rho_estimates(diag, p, delta_before if self.downlink is not None else None, aggregate))
         self._returned = st.layout.with_exact(st.exact).unflatten(st.model)
         return self._returned, self.train_metrics(server_round, updates)
 
@@ -551,7 +596,7 @@ class SparseFedAvg(FedAvg):
         """The valid replies as :class:`ClientUpdate`, in stable client order; the rest dropped and logged."""
         st = self.state
         expected_hash = vector_hash(st.model)
-        updates, failures = [], 0
+        updates, failures, seen = [], 0, set()
         for msg in sorted(replies, key=lambda m: self._order(m.metadata.src_node_id)):
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -559,18 +604,51 @@ class SparseFedAvg(FedAvg):
                 self.drop_reply(server_round, "client %d failed: %s", node, msg.error.reason)
                 continue
             try:
-                report = Report.read(msg.content)
-                if report.server_round != server_round:
-                    raise protocol.ProtocolError(f"reply for round {report.server_round}")
-                self._learn_key(node, report)
+                report = self.read_report(server_round, node, msg, seen)
                 update = self.read_update(server_round, node, msg, report, expected_hash)
-            except codec.PayloadError as exc:
+            except Exception as exc:  # noqa: BLE001 - a reply is untrusted input: it never crashes the server
                 failures += 1
-                self.drop_reply(server_round, "rejected reply from client %d: %s", node, exc)
+                self.drop_reply(server_round, "rejected reply from client %d: %s", node, _reason(exc))
                 continue
             updates.append(update)
             st.accepted[node] = server_round
         st.round_metrics.setdefault(server_round, {"round": server_round})["failures"] = failures
+        return self.bound_influence(server_round, updates)
+
+    def read_report(self, server_round: int, node: int, msg: Message, seen: set[int]) -> Report:
+        """The reply's :class:`Report`, bound to the message it answers: this round, this node, its nonce."""
+        if node in seen:
+            raise protocol.ProtocolError("a second reply from the same client this round")
+        seen.add(node)
+        report = Report.read(msg.content)
+        if report.server_round != server_round:
+            raise protocol.ProtocolError(f"reply for round {report.server_round}")
+        if node not in self._nonces or report.nonce != self._nonces[node]:
+            raise protocol.ProtocolError("reply does not echo the nonce of this round's message (replayed or not asked)")
+        self._learn_key(node, report)
+        return report
+
+    def bound_influence(self, server_round: int, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        """Apply the weight cap and the update norm bound (see the class docstring)."""
+        if not updates:
+            return updates
+        if self.max_weight_ratio is not None:
+            cap = self.max_weight_ratio * statistics.median(u.weight for u in updates)
+            for u in updates:
+                u.weight = min(u.weight, cap)
+        bound = self.update_norm_bound
+        if self.update_norm_bound_ratio is not None:
+            median = statistics.median(float(torch.linalg.vector_norm(u.update.values.double())) for u in updates)
+            relative = self.update_norm_bound_ratio * median
+            bound = relative if bound is None else min(bound, relative)
+        clipped = 0
+        if bound is not None:
+            for u in updates:
+                norm = float(torch.linalg.vector_norm(u.update.values.double()))
+                if norm > bound:
+                    u.update = u.update.with_values(u.update.values * (bound / norm))
+                    clipped += 1
+        self.state.round_metrics.setdefault(server_round, {"round": server_round})["clipped"] = clipped
         return updates
 
     def read_update(
@@ -578,10 +656,10 @@ class SparseFedAvg(FedAvg):
     ) -> ClientUpdate:
         """One reply's update, checked; raises :class:`fl_sparse.codec.PayloadError` naming the problem."""
         st = self.state
-        st.client_versions[node] = report.model_version
-        if report.model_hash != expected_hash:
+        if report.model_hash != expected_hash or report.model_version != st.version:
             st.client_versions.pop(node, None)
             raise protocol.ProtocolError("the client trained from a different model")
+        st.client_versions[node] = report.model_version
         numel = st.model.numel()
         record = protocol.array_record(msg.content, protocol.UPDATE, what="reply")
         update = codec.decode(record, numel, max_nnz=self._max_uplink_nnz(numel))
@@ -609,8 +687,10 @@ class SparseFedAvg(FedAvg):
         for record in user_content.metric_records.values():
             if self.weighted_by_key in record:
                 value = record[self.weighted_by_key]
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                    raise protocol.ProtocolError(f"weight {self.weighted_by_key!r} must be a finite number > 0, got {value!r}")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_WEIGHT:
+                    raise protocol.ProtocolError(
+                        f"weight {self.weighted_by_key!r} must be a number in (0, 2**53], got {value!r}"
+                    )
                 return float(value)
         raise protocol.ProtocolError(f"reply metrics lack the weight {self.weighted_by_key!r}")
 
@@ -628,6 +708,17 @@ class SparseFedAvg(FedAvg):
             if np.issubdtype(nd.dtype, np.floating) and not np.isfinite(nd).all():
                 raise protocol.ProtocolError(f"exact array {name!r} is not finite")
         return exact
+
+    def _finite_step(self, sent: SparseTensor) -> bool:
+        """ĝ_t and w_t − ĝ_t are finite once encoded (q-bit codes and fp16 can overflow too)."""
+        st = self.state
+        if not bool(torch.isfinite(sent.values).all()):
+            return False
+        try:
+            decoded = codec.decode(codec.encode(sent, values=self.downlink_values, positions="raw"), st.model.numel())
+        except codec.PayloadError:
+            return False
+        return bool(torch.isfinite(st.model[decoded.indices] - decoded.values).all())
 
     def apply_update(self, server_round: int, sent: SparseTensor) -> ArrayRecord:
         """w_t = w_{t−1} − ĝ_t with ĝ_t exactly as the clients will decode it; returns its record."""
@@ -687,7 +778,11 @@ class SparseFedAvg(FedAvg):
 
     def train_metrics(self, server_round: int, updates: list[ClientUpdate]) -> MetricRecord:
         """The clients' metrics aggregated by ``train_metrics_aggr_fn``, plus this round's numbers."""
-        user = self.train_metrics_aggr_fn([u.user_content for u in updates], self.weighted_by_key)
+        try:
+            user = self.train_metrics_aggr_fn([u.user_content for u in updates], self.weighted_by_key)
+        except Exception as exc:  # noqa: BLE001 - clients' metrics are untrusted input too
+            log(WARNING, "round %d: client metrics not aggregated: %s", server_round, _reason(exc))
+            user = MetricRecord()
         ours = {
             k: v
             for k, v in self.state.round_metrics[server_round].items()
@@ -809,6 +904,11 @@ def _weighted_metric(updates: list[ClientUpdate], p: list[float], key: str) -> f
                 mass += pq
                 break
     return total / mass if mass > 0 else float("nan")
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as a log reason: the message, with the type when it is not a protocol error."""
+    return str(exc) if isinstance(exc, codec.PayloadError) else f"{type(exc).__name__}: {exc}"
 
 
 def _record_bytes(record: ArrayRecord) -> int:

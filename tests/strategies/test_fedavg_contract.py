@@ -407,19 +407,7 @@ def test_a_second_start_with_a_new_initial_model_runs(tmp_path, cls):
     "cls",
     [
         FedAvg,
-        *[
-            pytest.param(
-                c,
-                marks=pytest.mark.xfail(
-                    strict=True,
-                    reason="BUG: a second start() re-initialises the server (accepted/client_versions cleared) but "
-                    "clients keep their error memory, and SparseMod.restore_unaccepted adds the last update of "
-                    "the old run back (accepted-round -1 != pending round): the new run's first update is "
-                    "C(e_old + s_old + Δ) instead of C(Δ)",
-                ),
-            )
-            for c in OURS
-        ],
+        *OURS,
     ],
 )
 def test_a_second_start_begins_from_the_new_model_with_clean_clients(tmp_path, cls):
