@@ -608,7 +608,7 @@ class SparseFedAvg(FedAvg):
                 update = self.read_update(server_round, node, msg, report, expected_hash)
             except Exception as exc:  # noqa: BLE001 - a reply is untrusted input: it never crashes the server
                 failures += 1
-                self.drop_reply(server_round, "rejected reply from client %d: %s", node, _reason(exc))
+                self.drop_reply(server_round, "rejected reply from client %d: %s", node, exception_reason(exc))
                 continue
             updates.append(update)
             st.accepted[node] = server_round
@@ -781,7 +781,7 @@ class SparseFedAvg(FedAvg):
         try:
             user = self.train_metrics_aggr_fn([u.user_content for u in updates], self.weighted_by_key)
         except Exception as exc:  # noqa: BLE001 - clients' metrics are untrusted input too
-            log(WARNING, "round %d: client metrics not aggregated: %s", server_round, _reason(exc))
+            log(WARNING, "round %d: client metrics not aggregated: %s", server_round, exception_reason(exc))
             user = MetricRecord()
         ours = {
             k: v
@@ -906,7 +906,7 @@ def _weighted_metric(updates: list[ClientUpdate], p: list[float], key: str) -> f
     return total / mass if mass > 0 else float("nan")
 
 
-def _reason(exc: BaseException) -> str:
+def exception_reason(exc: BaseException) -> str:
     """An exception as a log reason: the message, with the type when it is not a protocol error."""
     return str(exc) if isinstance(exc, codec.PayloadError) else f"{type(exc).__name__}: {exc}"
 

@@ -122,6 +122,7 @@ See :mod:`fl_sparse.clients.mod`.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Any
@@ -137,7 +138,7 @@ from fl_sparse.compressors import TopK
 from fl_sparse.flat import vector_hash
 from fl_sparse.protocol import Instruction, Report, UplinkMetrics
 from fl_sparse.sparse import SparseTensor
-from fl_sparse.strategies.base import ClientUpdate, SparseFedAvg, with_fedavg_signature
+from fl_sparse.strategies.base import ClientUpdate, SparseFedAvg, exception_reason, with_fedavg_signature
 
 __all__ = ["SSGDMajorityVote", "build_ssgd_mv", "vote_counts", "select_majority", "select_weighted"]
 
@@ -286,15 +287,13 @@ class SSGDMajorityVote(SparseFedAvg):
         mask_size = codec.wire_size(mask_record)
         self._round_mask = mask
 
-        values_instr = self.instruction(server_round, phase=protocol.PHASE_VALUES, vote_k=k).to_record()
-        messages = [
-            Message(
-                content=RecordDict({protocol.RECORD: values_instr, protocol.MASK: mask_record}),
-                message_type=MessageType.TRAIN,
-                dst_node_id=node,
-            )
-            for node in self._voters
-        ]
+        values_instr = self.instruction(server_round, phase=protocol.PHASE_VALUES, vote_k=k)
+        messages = []
+        for node in self._voters:
+            self._nonces[node] = secrets.token_hex(8)  # the values reply answers this message, not the vote
+            instr = Instruction(**{**values_instr.__dict__, "nonce": self._nonces[node]})
+            content = RecordDict({protocol.RECORD: instr.to_record(), protocol.MASK: mask_record})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         d_h = numel * self._local_steps
         rm = st.round_metrics.setdefault(server_round, {"round": server_round})
         rm.update(
@@ -346,7 +345,7 @@ class SSGDMajorityVote(SparseFedAvg):
         expected_hash = vector_hash(st.model)
         self._voters, self._vote_exact = {}, {}
         votes, bits, changes = [], [], []
-        failures, nbytes = 0, 0
+        failures, nbytes, seen = 0, 0, set()
         for msg in sorted(replies, key=lambda m: self._order(m.metadata.src_node_id)):
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -354,20 +353,17 @@ class SSGDMajorityVote(SparseFedAvg):
                 self.drop_reply(server_round, "client %d failed to vote: %s", node, msg.error.reason)
                 continue
             try:
-                report = Report.read(msg.content)
-                if report.server_round != server_round:
-                    raise protocol.ProtocolError(f"vote for round {report.server_round}")
-                self._learn_key(node, report)
-                st.client_versions[node] = report.model_version
-                if report.model_hash != expected_hash:
+                report = self.read_report(server_round, node, msg, seen)
+                if report.model_hash != expected_hash or report.model_version != st.version:
                     raise protocol.ProtocolError("the client trained from a different model")
+                st.client_versions[node] = report.model_version
                 user = protocol.user_records(msg.content)
                 self.weight_of(user)  # checked now: phase 2 uses it
                 parsed = self._read_vote(msg.content, report, numel, k, k_ad, node)
                 exact = self._read_exact(msg.content)
-            except codec.PayloadError as exc:
+            except Exception as exc:  # noqa: BLE001 - a reply is untrusted input: it never crashes the server
                 failures += 1
-                self.drop_reply(server_round, "rejected vote from client %d: %s", node, exc)
+                self.drop_reply(server_round, "rejected vote from client %d: %s", node, exception_reason(exc))
                 continue
             if self.add_drop:
                 self._apply_vote(node, server_round, parsed)
