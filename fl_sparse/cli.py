@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from dataclasses import fields
 
@@ -51,8 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--num-cpus", type=float, default=d.num_cpus, help="CPUs per client actor")
     sim.add_argument("--num-gpus", type=float, default=d.num_gpus, help="GPUs per client actor (fractional ok)")
     sim.add_argument("--state-dir", default=None, help="client state folder (None: a temporary one, removed after the run)")
+    sim.add_argument("--max-failed-rounds", type=int, default=d.max_failed_rounds, help="stop after this many rounds in a row that accepted no client update")
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
+
+
+def _interrupt(signum, frame) -> None:
+    """First Ctrl-C: finish the round in progress, save, stop. A second one: stop now."""
+    from fl_sparse.server_app import stop_requested
+
+    if stop_requested.is_set():
+        raise KeyboardInterrupt
+    stop_requested.set()
+    print("\nfl-sparse: stopping after this round (Ctrl-C again to stop at once)...", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,14 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "simulate":
         from fl_sparse.simulations.runner import simulate
 
+        from fl_sparse.server_app import RunFailed, RunInterrupted, preflight
+
         names = {f.name for f in fields(RunConfig)}
         cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in names})
-        from fl_sparse.tasks.data import DatasetUnavailableError, load_dataset
-
         try:
-            cfg.validate()
-            load_dataset(cfg.dataset)  # fail here, with the how-to-get-it message, not inside Ray
-        except (ValueError, DatasetUnavailableError) as exc:
+            preflight(cfg)  # everything checkable, before Ray starts
+        except ValueError as exc:
             print(f"fl-sparse simulate: error: {exc}", file=sys.stderr)
             return 2
         if not cfg.quiet:
@@ -78,7 +89,22 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        rows = simulate(cfg)
+        previous = signal.signal(signal.SIGINT, _interrupt)
+        try:
+            rows = simulate(cfg)
+        except RunInterrupted as exc:
+            print(f"fl-sparse simulate: {exc}; metrics and model saved" + (f" in {cfg.out}" if cfg.out else ""), file=sys.stderr)
+            return 130
+        except RunFailed as exc:
+            print(f"fl-sparse simulate: failed: {exc}", file=sys.stderr)
+            if cfg.out:
+                print(f"metrics so far: {cfg.out}/metrics.json", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("fl-sparse simulate: interrupted", file=sys.stderr)
+            return 130
+        finally:
+            signal.signal(signal.SIGINT, previous)
         last = rows[-1]
         acc = last.get("test_accuracy")
         print(

@@ -82,9 +82,16 @@ class FlatLayout:
             arrays = json.loads(text)
             names, shapes, dtypes, passthrough, order = [], [], [], [], []
             for name, kind, shape, dtype in arrays:
-                shape = tuple(int(n) for n in shape)
-                if any(n < 0 for n in shape) or kind not in ("flat", "exact") or not isinstance(name, str):
-                    raise ValueError(f"bad entry {name!r}")
+                ok = (
+                    isinstance(name, str)
+                    and kind in ("flat", "exact")
+                    and isinstance(shape, list)
+                    and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+                    and isinstance(dtype, str)
+                )
+                if not ok:
+                    raise ValueError(f"bad entry {[name, kind, shape, dtype]!r}")
+                shape = tuple(shape)
                 np_dtype = np.dtype(dtype)
                 if kind == "flat":
                     if not np.issubdtype(np_dtype, np.floating):
@@ -100,6 +107,15 @@ class FlatLayout:
         if not names or len(set(order)) != len(order):
             raise ValueError("malformed layout: no flat arrays, or a name twice")
         return cls(tuple(names), tuple(shapes), tuple(dtypes), tuple(passthrough), tuple(order))
+
+    def name_at(self, index: int) -> str:
+        """The name of the flat array that holds entry ``index`` of the vector."""
+        offset = 0
+        for name, shape in zip(self.names, self.shapes):
+            offset += int(np.prod(shape))
+            if index < offset:
+                return name
+        raise IndexError(f"entry {index} is beyond the vector's {self.numel} entries")
 
     def exact_record(self, record: ArrayRecord) -> ArrayRecord:
         """The exact arrays of ``record`` (checked: present, same shape and dtype)."""

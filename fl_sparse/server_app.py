@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -28,7 +29,19 @@ from flwr.serverapp import Grid, ServerApp
 from fl_sparse.flat import FlatLayout
 from fl_sparse.strategies import STRATEGY_NAMES, build_strategy
 
-__all__ = ["RunConfig", "app", "run_server", "strategy_from_config", "write_metrics"]
+__all__ = ["RunConfig", "RunFailed", "RunInterrupted", "stop_requested", "app", "preflight", "run_server", "strategy_from_config", "write_metrics"]
+
+
+class RunFailed(RuntimeError):
+    """A run that stopped because no client update was accepted (``str()`` is the summary line)."""
+
+
+class RunInterrupted(RuntimeError):
+    """A run stopped on request (Ctrl-C) after a round; its metrics and model were saved."""
+
+
+# Set (e.g. by the CLI's SIGINT handler) to end a run after the round in progress.
+stop_requested = threading.Event()
 
 
 @dataclass
@@ -61,6 +74,7 @@ class RunConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     state_dir: str | None = None
+    max_failed_rounds: int = 3
     quiet: bool = False
 
     def validate(self) -> "RunConfig":
@@ -77,9 +91,15 @@ class RunConfig:
             (self.downlink_ratio is None or 0.0 < self.downlink_ratio <= 1.0, "downlink-ratio must be in (0, 1]"),
             (self.alpha > 0, "alpha must be > 0"),
             (self.partition in ("iid", "dirichlet", "shards"), "partition must be iid, dirichlet or shards"),
-            (2 <= self.value_bits <= 32, "value-bits must be in [2, 32]"),
-            (0.0 <= self.num_gpus, "num-gpus must be >= 0"),
+            (2 <= self.value_bits <= 16 or self.value_bits == 32, "value-bits must be 2..16 (q-bit values) or 32 (none)"),
+            (
+                self.threshold is None or (math.isfinite(self.threshold) and self.threshold >= 0),
+                "threshold must be a finite number >= 0 (or unset for the paper's 1/(2 sqrt(k)))",
+            ),
+            (0.0 < self.num_cpus and math.isfinite(self.num_cpus), "num-cpus must be > 0"),
+            (0.0 <= self.num_gpus and math.isfinite(self.num_gpus), "num-gpus must be >= 0"),
             (self.eval_every >= 1, "eval-every must be >= 1"),
+            (self.max_failed_rounds >= 1, "max-failed-rounds must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -102,8 +122,8 @@ class RunConfig:
             values[name] = value
         if values.get("downlink_ratio") is not None and float(values["downlink_ratio"]) < 0:
             values["downlink_ratio"] = None
-        if values.get("threshold") is not None and float(values["threshold"]) <= 0:
-            values["threshold"] = None
+        if values.get("threshold") is not None and float(values["threshold"]) < 0:
+            values["threshold"] = None  # pyproject's "unset" (as --threshold left out); 0 means lambda = 0
         for optional in ("out", "state_dir"):
             if values.get(optional) == "":
                 values[optional] = None
@@ -204,6 +224,51 @@ def simulation_state_dir(numel: int, clients: int, shm: str = "/dev/shm") -> str
     return tempfile.mkdtemp(prefix="fl-sparse-state-")
 
 
+def preflight(cfg: RunConfig, *, local_clients: bool = True) -> None:
+    """Everything checkable before Flower or Ray start; raises ValueError naming the problem.
+
+    The settings themselves (:meth:`RunConfig.validate`), the output folder
+    (created and written to), the dataset (on disk), the data split (every
+    partition non-empty) and, for a simulation on this machine, the CPUs and
+    GPUs asked for per client.
+    """
+    from fl_sparse.tasks.data import DatasetUnavailableError, load_dataset, partition_indices
+
+    cfg.validate()
+    if cfg.out:
+        out = Path(cfg.out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".fl-sparse-write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ValueError(f"output folder {cfg.out!r} is not writable: {exc.strerror or exc}") from None
+    try:
+        train, _ = load_dataset(cfg.dataset)
+    except DatasetUnavailableError as exc:
+        raise ValueError(str(exc)) from None
+    sizes = []
+    for pid in range(cfg.clients):
+        try:
+            sizes.append(int(partition_indices(cfg.dataset, train.labels, cfg.partition, cfg.clients, pid,
+                                               alpha=cfg.alpha, seed=cfg.seed).numel()))
+        except Exception as exc:  # noqa: BLE001 - the partitioner's own words name the problem
+            raise ValueError(f"cannot split {cfg.dataset} into {cfg.clients} {cfg.partition} partitions: {exc}") from None
+    if min(sizes) == 0:
+        raise ValueError(f"the {cfg.partition} split leaves partition {sizes.index(0)} empty; use fewer clients")
+    if local_clients:
+        cpus = os.cpu_count() or 1
+        if cfg.num_cpus > cpus:
+            raise ValueError(f"num-cpus {cfg.num_cpus:g} per client, but this machine has {cpus} CPUs")
+        if cfg.num_gpus > 0:
+            gpus = torch.cuda.device_count()
+            if gpus == 0:
+                raise ValueError(f"num-gpus {cfg.num_gpus:g} per client, but no CUDA GPU is visible")
+            if cfg.num_gpus > gpus:
+                raise ValueError(f"num-gpus {cfg.num_gpus:g} per client, but this machine has {gpus} GPUs")
+
+
 def strategy_from_config(cfg: RunConfig):
     """The strategy ``cfg.strategy`` names, configured from ``cfg``."""
     return build_strategy(
@@ -254,11 +319,14 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.num_gpus > 0 else "cpu")
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
+    failed_in_a_row = 0
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        nonlocal failed_in_a_row
         if server_round == 0:
             return None
         row = dict(strategy.state.round_metrics.get(server_round, {"round": server_round}))
+        failed_in_a_row = failed_in_a_row + 1 if not row.get("accepted") else 0
         if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
             model.load_state_dict(layout.to_state_dict(layout.flatten(arrays)), strict=True)
             loss, acc = evaluate(model, test.images, test.labels, device=device)
@@ -268,6 +336,10 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
             write_metrics(rows, cfg.out)
         if not cfg.quiet:
             _progress(row, cfg.rounds, time.perf_counter() - started)
+        if stop_requested.is_set() and server_round < cfg.rounds:
+            raise _Stop("interrupted")
+        if failed_in_a_row >= cfg.max_failed_rounds and server_round < cfg.rounds:
+            raise _Stop(f"{failed_in_a_row} rounds in a row accepted no client update")
         keep = {k: v for k, v in row.items() if k in ("test_loss", "test_accuracy")}
         return MetricRecord(keep) if keep else None
 
@@ -281,6 +353,7 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
     strategy.client_state_dir = state_dir
     # A temporary state dir (removed after the run) needs no fsync per save.
     strategy.client_state_fsync = not own_state_dir
+    stopped = None
     try:
         strategy.start(
             grid=grid,
@@ -289,13 +362,26 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
             train_config=_train_config(cfg),
             evaluate_fn=evaluate_fn,
         )
+    except _Stop as exc:
+        stopped = str(exc)
     finally:
         if own_state_dir:
             shutil.rmtree(state_dir, ignore_errors=True)
-    if cfg.out and strategy.state.model is not None:
-        final = layout.to_state_dict(strategy.state.model.clone())
-        torch.save(dict(final), Path(cfg.out) / "model.pt")
+        if cfg.out and strategy.state.model is not None:
+            final = layout.to_state_dict(strategy.state.model.clone())
+            torch.save(dict(final), Path(cfg.out) / "model.pt")
+    accepted = sum(int(r.get("accepted") or 0) for r in rows)
+    if stopped == "interrupted":
+        raise RunInterrupted(f"interrupted after round {len(rows)} of {cfg.rounds}")
+    if stopped or accepted == 0:
+        first = getattr(strategy, "first_error", None) or "no reply arrived"
+        why = stopped or f"no client update was accepted in {len(rows)} rounds"
+        raise RunFailed(f"run stopped after round {len(rows)}: {why}; first client error: {first}")
     return rows
+
+
+class _Stop(Exception):
+    """Raised from the per-round callback to end Flower's round loop early."""
 
 
 def _progress(row: dict[str, Any], total: int, elapsed: float) -> None:

@@ -282,7 +282,8 @@ class SparseMod:
             raise ValueError(f"the train function's arrays do not match the global model: {exc}") from None
         step = state.model - w_after
         if not bool(torch.isfinite(step).all()):
-            raise ValueError("the train function returned non-finite parameters")
+            first = int(torch.nonzero(~torch.isfinite(w_after))[0]) if not bool(torch.isfinite(w_after).all()) else 0
+            raise ValueError(f"the train function returned non-finite values in array {layout.name_at(first)!r}")
 
         content = RecordDict({k: v for k, v in user_reply.content.items() if k != instr.arrays_key})
         memory = _memory(state, numel, instr.error_feedback)

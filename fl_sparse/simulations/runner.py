@@ -12,7 +12,7 @@ import os
 import warnings
 from typing import Any
 
-from fl_sparse.server_app import RunConfig, run_server
+from fl_sparse.server_app import RunConfig, RunFailed, RunInterrupted, preflight, run_server
 
 __all__ = ["simulate", "backend_config"]
 
@@ -64,7 +64,7 @@ def simulate(cfg: RunConfig, strategy=None) -> list[dict[str, Any]]:
 
     ``strategy`` (optional) replaces the strategy ``cfg.strategy`` names.
     """
-    cfg.validate()
+    preflight(cfg)
     # Offline by design: no telemetry, no dependency installation.
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -75,11 +75,15 @@ def simulate(cfg: RunConfig, strategy=None) -> list[dict[str, Any]]:
     from fl_sparse.clients.app import app as client_app
 
     rows: list[dict[str, Any]] = []
+    failed: list[RuntimeError] = []
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context) -> None:
-        rows.extend(run_server(grid, cfg, strategy, local_clients=True))
+        try:
+            rows.extend(run_server(grid, cfg, strategy, local_clients=True))
+        except (RunFailed, RunInterrupted) as exc:  # raised again below, outside Flower's ServerApp runner
+            failed.append(exc)
 
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
@@ -99,6 +103,8 @@ def simulate(cfg: RunConfig, strategy=None) -> list[dict[str, Any]]:
     finally:
         flwr_logger.setLevel(level)
         flwr_logger.removeFilter(noise)
+    if failed:
+        raise failed[0]
     if len(rows) != cfg.rounds:
         raise RuntimeError(
             f"simulation finished {len(rows)} of {cfg.rounds} rounds; see the log above for the error"

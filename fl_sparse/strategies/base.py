@@ -305,6 +305,7 @@ class SparseFedAvg(FedAvg):
         self.update_norm_bound = update_norm_bound
         self.update_norm_bound_ratio = update_norm_bound_ratio
         self._nonces: dict[int, str] = {}  # node -> nonce of the message it was sent this round
+        self.first_error: str | None = None  # why the first dropped reply was dropped (for a run's summary)
         self.state = ServerState()
         self.node_keys: dict[int, tuple[int, int]] = {}
         self._round_compressor = None
@@ -801,6 +802,8 @@ class SparseFedAvg(FedAvg):
         is then unknown, so its next message carries the dense model.
         """
         self.state.client_versions.pop(node, None)
+        if self.first_error is None:
+            self.first_error = ("round %d: " + why) % (server_round, node, *args)
         log(WARNING, "round %d: " + why, server_round, node, *args)
 
     def _max_uplink_nnz(self, numel: int) -> int:

@@ -1,0 +1,101 @@
+"""Commands that fail fast and loud: checks before Ray starts, a stop when no update is accepted."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import replace
+
+import pytest
+from flwr.clientapp import ClientApp
+
+from fl_sparse.cli import main
+from fl_sparse.clients import SparseMod
+from fl_sparse.clients.app import app as builtin_app
+from fl_sparse.server_app import RunConfig, RunFailed, RunInterrupted, preflight, run_server, stop_requested
+from inprocess import InProcessGrid
+
+SMALL = RunConfig(clients=3, rounds=6, local_steps=1, quiet=True)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"value_bits": 20}, "value-bits must be 2..16"),
+        ({"threshold": -1.0}, "threshold must be a finite number >= 0"),
+        ({"num_cpus": 10_000.0}, "num-cpus 10000 per client, but this machine has"),
+        ({"num_gpus": 0.5}, "no CUDA GPU is visible"),
+        ({"out": "/proc/fl-sparse-cannot-write-here"}, "is not writable"),
+        ({"clients": 5000, "partition": "dirichlet", "alpha": 0.05}, "cannot split fashion-mnist into 5000 dirichlet"),
+        ({"max_failed_rounds": 0}, "max-failed-rounds must be >= 1"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore::UserWarning")  # flwr-datasets retries the impossible split loudly
+def test_preflight_names_the_problem(change, message):
+    if change.get("num_gpus"):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is visible here")
+    with pytest.raises(ValueError, match=message):
+        preflight(replace(SMALL, **change))
+
+
+def test_cli_refuses_before_starting_ray(capsys, monkeypatch):
+    import fl_sparse.simulations.runner as runner
+
+    monkeypatch.setattr(runner, "simulate", lambda *a, **k: pytest.fail("Ray must not start"))
+    assert main(["simulate", "--value-bits", "20"]) == 2
+    assert "value-bits must be 2..16" in capsys.readouterr().err
+
+
+def test_threshold_zero_means_lambda_zero_everywhere():
+    """One meaning per key: --threshold 0 and pyproject threshold = 0.0 are both λ = 0; unset is < 0 / None."""
+    assert RunConfig.from_run_config({"threshold": 0.0}).threshold == 0.0
+    assert RunConfig.from_run_config({"threshold": -1.0}).threshold is None
+
+
+def _failing_app(state_dir: str) -> ClientApp:
+    app = ClientApp(mods=[SparseMod(state_dir=state_dir)])
+
+    @app.train()
+    def train(msg, context):
+        raise RuntimeError("disk full on this client")
+
+    return app
+
+
+def test_a_run_whose_every_client_fails_stops_and_names_the_first_error(tmp_path):
+    grid = InProcessGrid(_failing_app(str(tmp_path / "state")), 3)
+    cfg = replace(SMALL, out=str(tmp_path / "out"), max_failed_rounds=2)
+    with pytest.raises(RunFailed, match=r"after round 2: 2 rounds in a row accepted no client update; "
+                                         r"first client error: round 1: client \d+ failed: .*disk full"):
+        run_server(grid, cfg)
+    rows = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [r["round"] for r in rows] == [1, 2]  # stopped early, metrics kept
+    assert (tmp_path / "out" / "model.pt").exists()
+
+
+def test_stop_request_ends_the_run_after_the_round_and_saves(tmp_path):
+    grid = InProcessGrid(builtin_app, 3, node_config=lambda i: {"state-dir": str(tmp_path / "state")})
+    cfg = replace(SMALL, out=str(tmp_path / "out"))
+    calls = {"n": 0}
+    from fl_sparse.strategies import BidirectionalTopKSGD
+
+    class StopAfterTwo(BidirectionalTopKSGD):
+        def aggregate_train(self, server_round, replies):
+            out = super().aggregate_train(server_round, replies)
+            calls["n"] += 1
+            if server_round == 2:
+                stop_requested.set()  # what the CLI's Ctrl-C handler does
+            return out
+
+    strategy = StopAfterTwo(ratio=0.01, fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1)
+    try:
+        with pytest.raises(RunInterrupted, match="after round 2 of 6"):
+            run_server(grid, cfg, strategy)
+    finally:
+        stop_requested.clear()
+    assert calls["n"] == 2
+    assert len(json.loads((tmp_path / "out" / "metrics.json").read_text())) == 2
+    assert (tmp_path / "out" / "model.pt").exists()
