@@ -14,7 +14,11 @@ that differ only among entries tied at the k-th magnitude are reported as
 "tie" (both are correct top-k sets); any other difference is "NO" and makes
 the script exit with status 1.
 
-Targets at d = 11.2 M, 0.1 %: >= 4x faster than torch.topk and <= 3x one pass.
+Targets at d = 11.2 M, 0.1 %: >= 10x faster than torch.topk on a quiet machine,
+<= 3x one pass, and >= 4x on a busy one. The "busy" rows are measured with
+``--busy N`` (default 2) processes spinning on the CPU, started and stopped
+by this script, against torch.topk in the same run: what a laptop with a
+browser open, or Ray actors sharing cores, look like to TopK.
 
 Timings need a quiet machine. With more runnable threads than cores (load
 average above the core count) every multi-threaded op can stall at its
@@ -43,7 +47,27 @@ from fl_sparse.compressors import TopK  # noqa: E402
 SIZES = (242_762, 1_199_882, 11_173_962)
 RATIOS = (0.001, 0.01)
 TARGET_SIZE, TARGET_RATIO = 11_173_962, 0.001
-TARGET_SPEEDUP, TARGET_PASS_RATIO = 4.0, 3.0
+TARGET_SPEEDUP, TARGET_BUSY_SPEEDUP, TARGET_PASS_RATIO = 10.0, 4.0, 3.0
+
+
+class BusyLoad:
+    """``n`` processes spinning on the CPU for the duration of a ``with`` block."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.procs = n, []
+
+    def __enter__(self) -> "BusyLoad":
+        import subprocess
+
+        code = "while True: pass"
+        self.procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(self.n)]
+        time.sleep(0.5)  # let the scheduler see them
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
 
 
 def _ms(fn) -> float:
@@ -91,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=9, help="timed runs per cell (median reported), >= 7")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated vector lengths")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
+    parser.add_argument("--busy", type=int, default=2, help="competing busy processes for the busy rows (0: none)")
     args = parser.parse_args(argv)
     if args.repeats < 7:
         parser.error("--repeats must be >= 7")
@@ -105,21 +130,32 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     rows = []
+
+    def show(r, tag=""):
+        print(f"{r['d']:>11,} {r['ratio']:>7.1%} {r['k']:>7,} {r['topk']:>13.2f} {r['pass']:>10.2f} "
+              f"{r['ours']:>8.2f} {r['topk'] / r['ours']:>7.1f}x {r['ours'] / r['pass']:>7.2f}x "
+              f"{r['same']:>8}{tag}", flush=True)
+
     for d in sizes:
         for ratio in RATIOS:
             r = bench(d, ratio, args.repeats)
             rows.append(r)
-            print(f"{d:>11,} {ratio:>7.1%} {r['k']:>7,} {r['topk']:>13.2f} {r['pass']:>10.2f} "
-                  f"{r['ours']:>8.2f} {r['topk'] / r['ours']:>7.1f}x {r['ours'] / r['pass']:>7.2f}x "
-                  f"{r['same']:>8}", flush=True)
+            show(r)
+    busy_rows = []
+    if args.busy > 0 and TARGET_SIZE in sizes:
+        with BusyLoad(args.busy):
+            r = {**bench(TARGET_SIZE, TARGET_RATIO, args.repeats), "busy": True}
+        busy_rows.append(r)
+        rows.append(r)
+        show(r, f"  busy: {args.busy} spinning processes")
 
     for r in rows:
         if r["d"] == TARGET_SIZE and r["ratio"] == TARGET_RATIO:
             speedup, vs_pass = r["topk"] / r["ours"], r["ours"] / r["pass"]
-            ok = speedup >= TARGET_SPEEDUP and vs_pass <= TARGET_PASS_RATIO
-            print(f"\ntarget (d={TARGET_SIZE:,}, {TARGET_RATIO:.1%}): speedup {speedup:.1f}x "
-                  f"(>= {TARGET_SPEEDUP:.0f}x), {vs_pass:.2f}x one pass (<= {TARGET_PASS_RATIO:.0f}x): "
-                  f"{'met' if ok else 'MISSED'}")
+            need = TARGET_BUSY_SPEEDUP if r.get("busy") else TARGET_SPEEDUP
+            ok = speedup >= need and (r.get("busy") or vs_pass <= TARGET_PASS_RATIO)
+            print(f"\ntarget{' (busy)' if r.get('busy') else ''} (d={TARGET_SIZE:,}, {TARGET_RATIO:.1%}): "
+                  f"speedup {speedup:.1f}x (>= {need:.0f}x), {vs_pass:.2f}x one pass: {'met' if ok else 'MISSED'}")
     if load > 0.5 * len(os.sched_getaffinity(0)):
         print("note: the machine was busy (load average above); timings are noisy")
     bad = [r for r in rows if r["same"] == "NO"]
