@@ -4,7 +4,7 @@ Messages are real :class:`flwr.app.Message` objects with real metadata, the
 ClientApp (mods included) is called as Flower's engine calls it, and an
 exception in it becomes an error reply as in Flower's simulation. No Ray, no
 network: a round takes milliseconds, so tests can run many rounds and many
-configurations. ``drop`` and ``tamper`` let a test lose or rewrite replies.
+configurations. ``tamper`` lets a test rewrite a reply, or lose it by returning None.
 """
 
 from __future__ import annotations
