@@ -44,7 +44,11 @@ State between rounds (model copy, error memory, SSGD-MV votes) lives in a
 in ``context.state``: see that module for why. The folder is, in order: the
 ``state_dir`` given to the mod, the SuperNode's ``--node-config
 state-dir=...``, ``$FL_SPARSE_STATE_DIR``, the server's hint (the
-simulation's temporary folder), ``~/.cache/fl-sparse/state``.
+simulation's temporary folder), ``~/.cache/fl-sparse/state``. A corrupt state
+file is moved aside and the client starts empty: a message whose sync is dense
+trains as usual; any other fails with :class:`SyncError` ("client state was
+corrupt and has been reset; the server must send a dense sync"), the server
+drops that reply and sends this client the dense model next time.
 """
 
 from __future__ import annotations
@@ -221,6 +225,13 @@ class SparseMod:
         store = ClientStateStore(Path(str(root)) / f"run-{context.run_id}", durable=durable)
         key = client_key(context)
         session = _Session(store, key, store.load(key))
+        reset = session.state.reset_reason
+        if reset is not None and (instr.phase == protocol.PHASE_VALUES or instr.sync_mode != "dense"):
+            # The file was moved aside: the next load finds none, and the server,
+            # dropping this reply, forgets our version and sends the dense model.
+            raise SyncError(
+                f"client state was corrupt and has been reset; the server must send a dense sync ({reset})"
+            )
         session.join(instr.generation)
         return session
 

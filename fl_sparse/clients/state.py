@@ -16,17 +16,41 @@ loses ``context.state``.
   (or the ``FL_SPARSE_STATE_DIR`` environment variable) names a persistent
   folder, so the memory survives a SuperNode restart.
 
-Writes are atomic (write to a temporary file, fsync, ``os.replace``): a crash
-while saving leaves the previous round's state, never a torn file. A store
-for a throw-away folder (the simulation's temporary state dir) may skip the
-fsync (``durable=False``): still atomic, just not flushed to the disk.
+Writes are atomic (write to a temporary file, fsync, ``os.replace``, fsync
+the folder): a crash while saving leaves the previous round's state, never a
+torn file. A store for a throw-away folder (the simulation's temporary state
+dir) may skip the fsyncs (``durable=False``): still atomic, just not flushed
+to the disk.
 
-The file is a small JSON header followed by the raw tensor bytes (see
-:func:`encode_state`), not ``torch.save``'s zip archive: a client saves its
-state after every message, and at MLP size the archive's per-entry overhead
-cost more than the bytes themselves. Every length in the header is checked
-against the file before anything is read, so a torn or foreign file raises
-:class:`StateCorruptError` naming it.
+The file is a small JSON header followed by the raw tensor bytes and a
+CRC-32 of everything before it (see :func:`encode_state`), not
+``torch.save``'s zip archive: a client saves its state after every message,
+and at MLP size the archive's per-entry overhead cost more than the bytes
+themselves. Every length in the header is checked against the file before
+anything is read, and the checksum before any tensor is used, so a torn,
+bit-flipped or foreign file is never taken for a state.
+
+What :meth:`ClientStateStore.load` does with a file it cannot use (torn,
+checksum mismatch, bad magic, an I/O error reading it): it renames the file
+to ``<name>.corrupt-<unix-time>`` in the same folder (the newest
+:data:`KEEP_CORRUPT` per client are kept, older ones deleted), logs a WARNING
+naming the file and the reason, and returns an empty state (no model copy,
+no error memory) with :attr:`ClientState.reset_reason` set. The client mod
+then asks the server for a dense sync (see :mod:`fl_sparse.clients.mod`).
+Version 1 files (``FLSPARSE-STATE-1``, no checksum, written before this
+format) are still read, unverified; the next save rewrites them as version 2.
+
+Temporary files of a save that never finished (the process was killed) are
+removed when a store opens its folder (at most once per
+:data:`SWEEP_INTERVAL_SECONDS` per folder and process). A temporary file
+(``<name>.state.<host>.<pid>.<random>.tmp``, or ``<name>.state<random>.tmp``
+from older versions) is stale when it was last written more than
+:data:`STALE_TMP_SECONDS` ago (a live save writes its file continuously and
+renames it within seconds), or, on POSIX, at once when its name says it was
+written on this host by a process id that is no longer running. The second
+rule assumes that processes sharing a folder under one host name share a
+pid namespace (true for Ray actors and SuperNodes on one machine; containers
+get their own host names by default).
 
 Every process keeps a write-through cache of the states it saved (up to
 ``FL_SPARSE_STATE_CACHE_MB``, default 512 MB, least recently used first
@@ -40,18 +64,25 @@ that changes the state and then fails leaves the cache as the file is.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
+import socket
 import struct
 import tempfile
 import threading
+import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 import torch
+from flwr.common.logger import log
 
 __all__ = ["ClientState", "ClientStateStore", "StateCorruptError", "decode_state", "encode_state"]
 
@@ -68,7 +99,8 @@ class ClientState:
     (``None`` before the first dense sync); ``error`` is the error-feedback
     memory; ``steps_done`` counts the rounds this client has trained;
     ``extra`` holds strategy-specific tensors (e.g. the
-    previous vote of SSGD-MV-AD).
+    previous vote of SSGD-MV-AD). ``reset_reason`` is not stored: a load sets
+    it when the stored file was corrupt and this empty state replaces it.
     """
 
     model: torch.Tensor | None = None
@@ -76,6 +108,7 @@ class ClientState:
     error: torch.Tensor | None = None
     steps_done: int = 0
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    reset_reason: str | None = None
 
     def to_payload(self) -> dict:
         return {
@@ -98,7 +131,9 @@ class ClientState:
 
 
 # ------------------------------------------------------------------ file format
-MAGIC = b"FLSPARSE-STATE-1\n"
+MAGIC = b"FLSPARSE-STATE-2\n"
+MAGIC_V1 = b"FLSPARSE-STATE-1\n"  # no checksum; still read (unverified)
+_CRC = struct.Struct("<I")  # the trailer: CRC-32 (zlib) of every byte before it
 _ALIGN = 64  # every tensor starts on a 64-byte boundary, as torch's own allocations do
 _DTYPES = {
     str(dt).removeprefix("torch."): dt
@@ -123,10 +158,11 @@ def _tensors(state: ClientState) -> list[tuple[str, torch.Tensor]]:
 
 
 def encode_state(state: ClientState) -> list[memoryview | bytes]:
-    """``state`` as the chunks of one file: magic, header length, JSON header, tensors.
+    """``state`` as the chunks of one file: magic, header length, JSON header, tensors, CRC-32.
 
     The header lists ``[name, dtype, shape, offset]`` per tensor; offsets count
     from the start of the data section, which begins right after the header.
+    The last 4 bytes are the CRC-32 (little-endian) of everything before them.
     Chunks are views of the tensors' memory (no copy); write them in order.
     """
     entries, chunks, offset = [], [], 0
@@ -154,7 +190,12 @@ def encode_state(state: ClientState) -> list[memoryview | bytes]:
     # Pad the header (JSON allows trailing spaces) so the data section starts
     # on an _ALIGN boundary: a reader can then use the tensors in place.
     header += b" " * (-(len(MAGIC) + 4 + len(header)) % _ALIGN)
-    return [MAGIC, struct.pack("<I", len(header)), header, *chunks]
+    out = [MAGIC, struct.pack("<I", len(header)), header, *chunks]
+    crc = 0
+    for chunk in out:
+        crc = zlib.crc32(chunk, crc)
+    out.append(_CRC.pack(crc))
+    return out
 
 
 def decode_state(buf) -> ClientState:
@@ -162,12 +203,18 @@ def decode_state(buf) -> ClientState:
 
     Given a writable buffer (``bytearray``, a uint8 numpy array), the tensors
     are views of it (no copy: the caller hands the buffer over); given a
-    read-only one (``bytes``), they are copies.
+    read-only one (``bytes``), they are copies. A version 2 file's checksum is
+    verified before any tensor is read; a version 1 file has none.
     """
     if memoryview(buf).readonly:
         buf = bytearray(buf)
     view = memoryview(buf).cast("B")
-    if view[: len(MAGIC)] != MAGIC:
+    magic = bytes(view[: len(MAGIC)])
+    if magic == MAGIC:
+        trailer = _CRC.size
+    elif magic == MAGIC_V1:
+        trailer = 0
+    else:
         raise ValueError("not an fl-sparse client state file (bad magic)")
     pos = len(MAGIC)
     if len(view) < pos + 4:
@@ -186,8 +233,14 @@ def decode_state(buf) -> ClientState:
     except (ValueError, KeyError, TypeError, OverflowError) as exc:
         raise ValueError(f"unreadable header: {exc!r}") from None
     data = pos + header_len
-    if len(view) - data != data_bytes:
-        raise ValueError(f"data section is {len(view) - data} bytes, the header says {data_bytes}")
+    if len(view) - trailer - data != data_bytes:
+        found = len(view) - trailer - data
+        raise ValueError(f"data section is {found} bytes, the header says {data_bytes} (truncated or grown file)")
+    if trailer:
+        (stored,) = _CRC.unpack_from(view, len(view) - trailer)
+        actual = zlib.crc32(view[: len(view) - trailer])
+        if actual != stored:
+            raise ValueError(f"checksum mismatch (CRC-32 {actual:08x}, the file says {stored:08x})")
     state = ClientState(model_version=model_version, steps_done=steps_done)
     for entry in entries:
         try:
@@ -220,19 +273,77 @@ def decode_state(buf) -> ClientState:
     return state
 
 
+# ------------------------------------------------------------------ housekeeping
+KEEP_CORRUPT = 3  # corrupt files kept aside per client (the newest ones)
+STALE_TMP_SECONDS = 60.0  # a temporary file not written for this long belongs to a dead save
+SWEEP_INTERVAL_SECONDS = 60.0  # a process looks for stale temporary files at most this often per folder
+# Errors that say nothing about the file (this process is out of something): raised, the file kept.
+_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN}
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:64] or "host"
+_TMP = re.compile(r"^(?P<target>.+\.state)(?:\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.)?[a-z0-9_]*\.tmp$")
+_CORRUPT = re.compile(r"\.corrupt-(\d+)(?:-(\d+))?$")
+_swept: dict[str, float] = {}  # folder -> time.monotonic() of this process's last sweep
+_swept_lock = threading.Lock()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():  # 0 would address our process group: count it alive
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the folder's entries (a rename, a new file) durable; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems do not fsync folders (EINVAL)
+        pass
+    finally:
+        os.close(fd)
+
+
 class ClientStateStore:
-    """One atomic file per client under ``root`` (fsync'd unless ``durable=False``)."""
+    """One atomic file per client under ``root`` (fsync'd, file and folder, unless ``durable=False``).
+
+    Opening a store removes stale temporary files of earlier saves from
+    ``root`` (see the module docstring for the rule).
+    """
 
     def __init__(self, root: str | os.PathLike, durable: bool = True) -> None:
         self.root = Path(root)
         self.durable = durable
+        key = str(self.root)
+        now = time.monotonic()
+        with _swept_lock:
+            due = key not in _swept or now - _swept[key] >= SWEEP_INTERVAL_SECONDS
+            if due:
+                _swept[key] = now
+        if due:
+            self.remove_stale_temp_files()
 
     def path(self, key: str) -> Path:
         safe = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in key)
         return self.root / f"{safe}.state"
 
-    def load(self, key: str) -> ClientState:
-        """The stored state, or a fresh one if there is none yet."""
+    def load(self, key: str, *, reset_corrupt: bool = True) -> ClientState:
+        """The stored state, or a fresh one if there is none yet.
+
+        A file that cannot be used (torn, checksum mismatch, foreign, an I/O
+        error) is moved aside to ``<name>.corrupt-<unix-time>`` with a
+        WARNING, and an empty state with ``reset_reason`` set is returned;
+        with ``reset_corrupt=False`` it raises :class:`StateCorruptError`
+        instead and leaves the file where it is.
+        """
         path = self.path(key)
         try:
             stat = os.stat(path)
@@ -242,30 +353,39 @@ class ClientStateStore:
         cached = _CACHE.get(path, _signature(stat))
         if cached is not None:
             return _copy(cached)
+        read_stat = None
         try:
             with open(path, "rb", buffering=0) as fh:
-                stat = os.fstat(fh.fileno())  # of the very file read, even if replaced meanwhile
-                buf = np.empty(stat.st_size, dtype=np.uint8)  # not zero-filled, unlike bytearray(n)
-                if fh.readinto(buf) != stat.st_size:
-                    raise OSError(f"short read ({stat.st_size} bytes expected)")
+                read_stat = os.fstat(fh.fileno())  # of the very file read, even if replaced meanwhile
+                buf = np.empty(read_stat.st_size, dtype=np.uint8)  # not zero-filled, unlike bytearray(n)
+                got = fh.readinto(buf)
+                if got != read_stat.st_size:
+                    raise OSError(f"short read ({got} of {read_stat.st_size} bytes)")
+            state = decode_state(buf)
         except FileNotFoundError:
             _CACHE.drop(path)
             return ClientState()
         except OSError as exc:
-            raise StateCorruptError(f"cannot read client state {path}: {exc}") from exc
-        try:
-            state = decode_state(buf)
-        except ValueError as exc:  # torn or foreign file: say which and why
-            raise StateCorruptError(f"cannot read client state {path}: {exc}") from exc
-        # Not cached: a handler saves what it loaded, and the save caches that.
-        return state
+            if exc.errno in _TRANSIENT:
+                raise
+            reason = f"cannot read it: {exc}"
+        except ValueError as exc:  # torn, bit-flipped or foreign file
+            reason = str(exc)
+        else:
+            # Not cached: a handler saves what it loaded, and the save caches that.
+            return state
+        _CACHE.drop(path)
+        if not reset_corrupt:
+            raise StateCorruptError(f"cannot read client state {path}: {reason}")
+        self._move_aside(path, read_stat, reason)
+        return ClientState(reset_reason=f"{path.name}: {reason}")
 
     def save(self, key: str, state: ClientState) -> None:
         """Write ``state`` atomically; the cache keeps it (do not change it in place afterwards)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._make_root()
         path = self.path(key)
         _CACHE.drop(path)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=path.name, suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f"{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
                 for chunk in encode_state(state):
@@ -278,6 +398,8 @@ class ClientStateStore:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+        if self.durable:
+            _fsync_dir(self.root)  # the rename itself survives a power cut
         snapshot = ClientState(state.model, state.model_version, state.error, state.steps_done, dict(state.extra))
         _CACHE.put(path, _signature(os.stat(path)), snapshot)
 
@@ -285,6 +407,107 @@ class ClientStateStore:
         path = self.path(key)
         _CACHE.drop(path)
         path.unlink(missing_ok=True)
+
+    def corrupt_files(self, key: str) -> list[Path]:
+        """The files of ``key`` moved aside as corrupt, oldest first."""
+        path = self.path(key)
+        found = []
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return []
+        for name in names:
+            if name.startswith(path.name + ".corrupt-"):
+                m = _CORRUPT.search(name)
+                if m and m.start() == len(path.name):
+                    found.append(((int(m.group(1)), int(m.group(2) or 0)), self.root / name))
+        return [p for _, p in sorted(found)]
+
+    def remove_stale_temp_files(self, now: float | None = None) -> list[Path]:
+        """Delete this store's temporary files that no save will finish; returns them.
+
+        Stale: last written more than :data:`STALE_TMP_SECONDS` before ``now``,
+        or named as written on this host by a process that no longer exists.
+        """
+        now = time.time() if now is None else now
+        removed = []
+        try:
+            entries = list(os.scandir(self.root))
+        except OSError:  # no folder yet
+            return removed
+        for entry in entries:
+            m = _TMP.match(entry.name)
+            if m is None:
+                continue
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                old = now - entry.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS
+                dead = (
+                    os.name == "posix"
+                    and m.group("host") == _HOST
+                    and m.group("pid") is not None
+                    and not _pid_alive(int(m.group("pid")))
+                )
+                if old or dead:
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+            except FileNotFoundError:  # its writer renamed or removed it meanwhile
+                continue
+            except OSError as exc:
+                log(WARNING, "could not remove stale temporary client state %s: %s", entry.path, exc)
+        return removed
+
+    # ------------------------------------------------------------ internals
+    def _make_root(self) -> None:
+        if self.root.is_dir():
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.durable:
+            _fsync_dir(self.root.parent)  # the new folder's own entry
+
+    def _move_aside(self, path: Path, read_stat: os.stat_result | None, reason: str) -> None:
+        """Rename the corrupt file to ``<name>.corrupt-<unix-time>``, keep the newest few, warn."""
+        try:
+            now_stat = os.stat(path)
+        except OSError:
+            now_stat = None
+        if read_stat is not None and now_stat is not None and (now_stat.st_dev, now_stat.st_ino) != (
+            read_stat.st_dev,
+            read_stat.st_ino,
+        ):
+            # Another process replaced it since we read it: that new file is not ours to judge.
+            log(WARNING, "client state %s was corrupt (%s), since replaced; starting empty", path, reason)
+            return
+        stamp = int(time.time())
+        target, n = path.with_name(f"{path.name}.corrupt-{stamp}"), 0
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log(
+                WARNING,
+                "client state %s is corrupt (%s) and could not be moved aside (%s); starting from an empty state",
+                path, reason, exc,
+            )
+            return
+        if self.durable:
+            _fsync_dir(self.root)
+        log(
+            WARNING,
+            "client state %s is corrupt (%s): moved to %s; this client starts from an empty state "
+            "(no model copy, no error memory) and needs a dense sync",
+            path, reason, target.name,
+        )
+        for old in self.corrupt_files(path.stem)[:-KEEP_CORRUPT]:
+            try:
+                old.unlink()
+            except OSError:
+                pass
 
 
 def _signature(stat: os.stat_result) -> tuple[int, int, int, int]:
