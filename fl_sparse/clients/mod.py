@@ -34,8 +34,14 @@ on the server's common mask without calling it again. Evaluate and query
 messages, and train messages that carry no fl-sparse instruction, pass
 through untouched.
 
-Integer arrays (BatchNorm's ``num_batches_tracked``) and the float arrays the
-server's strategy names in ``exact_arrays`` are not compressed: the server
+Any model: float arrays of any shape and float dtype (float16 entries are
+updated in float32 on the flat vector and handed back as float16). bfloat16:
+Flower 1.42's ArrayRecord refuses bfloat16 tensors ("unsupported ScalarType
+BFloat16"), so a bfloat16 model travels as float32 arrays
+(``{k: v.float() for k, v in model.state_dict().items()}``) and is cast back
+by the train function. Integer arrays (BatchNorm's ``num_batches_tracked``)
+and the float arrays the server's strategy names in ``exact_arrays`` are not
+compressed: the server
 sends their current values with every message and the client returns the
 trained values whole.
 
