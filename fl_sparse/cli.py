@@ -1,4 +1,10 @@
-"""``fl-sparse`` command line: ``fl-sparse simulate --strategy bidirectional-topk ...``."""
+"""``fl-sparse`` command line: ``fl-sparse simulate --strategy bidirectional-topk ...``.
+
+``fl-sparse simulate --resume DIR [--rounds T]`` continues the run checkpointed
+in ``DIR`` (a run with ``--out DIR``) with its own settings; only ``--rounds``
+and how it runs (``--eval-every``, ``--checkpoint-every``,
+``--max-failed-rounds``, ``--num-cpus``, ``--num-gpus``, ``--quiet``) may be given.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ __all__ = ["main", "build_parser"]
 DATASETS = ("fashion-mnist", "mnist", "cifar10")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, _explicit_only: bool = False) -> argparse.ArgumentParser:
+    """The ``fl-sparse`` parser (``_explicit_only``: flags left out are absent from the result)."""
     from fl_sparse.tasks.models import MODEL_NAMES
 
     d = RunConfig()
@@ -46,14 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--add-drop-ratio", type=float, default=d.add_drop_ratio, help="phi_ad of SSGD-MV-AD")
     sim.add_argument("--positions", choices=("raw", "block", "rice"), default=d.positions, help="position code")
     sim.add_argument("--seed", type=int, default=d.seed, help="seeds model init, data split and order, sampling")
-    sim.add_argument("--out", default=None, help="write DIR/metrics.json and DIR/metrics.csv")
+    sim.add_argument("--out", default=None, help="write DIR/metrics.json, DIR/metrics.csv, DIR/model.pt and the checkpoint DIR/checkpoint.pt; clients keep their state in DIR/client-state")
     sim.add_argument("--diagnostics", action="store_true", help="estimate rho and rho-hat each round")
     sim.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N rounds")
     sim.add_argument("--num-cpus", type=float, default=d.num_cpus, help="CPUs per client actor")
     sim.add_argument("--num-gpus", type=float, default=d.num_gpus, help="GPUs per client actor (fractional ok)")
-    sim.add_argument("--state-dir", default=None, help="client state folder (None: a temporary one, removed after the run)")
+    sim.add_argument("--state-dir", default=None, help="client state folder (None: DIR/client-state with --out, else a temporary one, removed after the run)")
     sim.add_argument("--max-failed-rounds", type=int, default=d.max_failed_rounds, help="stop after this many rounds in a row that accepted no client update")
+    sim.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                     help="with --out: save DIR/checkpoint.pt every N rounds (also at the end and at a stop; 0: only then)")
+    sim.add_argument("--resume", default=None, metavar="DIR",
+                     help="continue the run saved in DIR (its own settings; --rounds T may raise the last round)")
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
+    if _explicit_only:
+        for action in sim._actions:  # not set_defaults: it would store SUPPRESS as a parser-level default
+            action.default = argparse.SUPPRESS
     return parser
 
 
@@ -74,9 +88,16 @@ def main(argv: list[str] | None = None) -> int:
 
         from fl_sparse.server_app import RunFailed, RunInterrupted, preflight
 
+        from fl_sparse.server_app import resume_config
+
         names = {f.name for f in fields(RunConfig)}
-        cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in names})
         try:
+            if args.resume:
+                given = vars(build_parser(_explicit_only=True).parse_args(argv))
+                overrides = {k: v for k, v in given.items() if k in names and k != "resume"}
+                cfg = resume_config(args.resume, **overrides)
+            else:
+                cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in names})
             preflight(cfg)  # everything checkable, before Ray starts
         except ValueError as exc:
             print(f"fl-sparse simulate: error: {exc}", file=sys.stderr)
@@ -84,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.quiet:
             print(
                 f"fl-sparse: {cfg.strategy} on {cfg.dataset} ({cfg.model}), {cfg.clients} clients "
-                f"({cfg.partition}), {cfg.rounds} rounds of H={cfg.local_steps}, ratio {cfg.ratio}; "
-                "starting Flower's simulation engine...",
+                f"({cfg.partition}), {cfg.rounds} rounds of H={cfg.local_steps}, ratio {cfg.ratio}"
+                + (f", continuing the run in {cfg.resume}" if cfg.resume else "")
+                + "; starting Flower's simulation engine...",
                 file=sys.stderr,
                 flush=True,
             )
@@ -93,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows = simulate(cfg)
         except RunInterrupted as exc:
-            print(f"fl-sparse simulate: {exc}; metrics and model saved" + (f" in {cfg.out}" if cfg.out else ""), file=sys.stderr)
+            saved = f"; metrics, model and checkpoint saved in {cfg.out} (continue: fl-sparse simulate --resume {cfg.out})"
+            print(f"fl-sparse simulate: {exc}" + (saved if cfg.out else ""), file=sys.stderr)
             return 130
         except RunFailed as exc:
             print(f"fl-sparse simulate: failed: {exc}", file=sys.stderr)

@@ -5,6 +5,24 @@
 and, when ``out`` is set, rewrites ``out/metrics.json`` and ``out/metrics.csv``
 (so a long run can be watched and an interrupted one keeps its rounds); at the
 end it saves the final global model as ``out/model.pt`` (a torch state_dict).
+
+Checkpoint and resume: with ``out`` set, ``out/checkpoint.pt``
+(:mod:`fl_sparse.checkpoint`) is written atomically every ``checkpoint_every``
+rounds, at the last round and at an early stop (Ctrl-C via
+:data:`stop_requested`, ``max_failed_rounds``), and the clients keep their
+state in ``out/client-state`` (unless ``state_dir`` names a folder) instead of
+a temporary folder. ``resume_config(DIR, rounds=T)`` (``fl-sparse simulate
+--resume DIR --rounds T``; ``resume = "DIR"`` in the run config of ``flwr
+run``) continues it: the saved settings, the strategy's state
+(:meth:`~fl_sparse.strategies.SparseFedAvg.load_state_dict`), the metrics rows,
+and the clients' state folder (renamed to the new Flower run id; clients are
+matched to their new node ids by partition id) are taken over, and
+``strategy.start(..., first_round=k+1)`` runs rounds k+1..T. Sampling,
+tie-breaks and client randomness are seeded by (seed, round), so no RNG state
+is saved and the run ends exactly where an uninterrupted T-round one would
+(AdapTop-K's budget spans T: raising T re-plans the rounds left). A
+checkpoint of another strategy, other settings, another model or another
+format version is refused (:class:`~fl_sparse.checkpoint.CheckpointError`).
 """
 
 from __future__ import annotations
@@ -18,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +44,24 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fl_sparse import checkpoint
+from fl_sparse.checkpoint import CheckpointError
 from fl_sparse.flat import FlatLayout
 from fl_sparse.strategies import STRATEGY_NAMES, build_strategy
 
-__all__ = ["RunConfig", "RunFailed", "RunInterrupted", "stop_requested", "app", "preflight", "run_server", "strategy_from_config", "write_metrics"]
+__all__ = [
+    "RunConfig",
+    "RunFailed",
+    "RunInterrupted",
+    "CheckpointError",
+    "stop_requested",
+    "app",
+    "preflight",
+    "resume_config",
+    "run_server",
+    "strategy_from_config",
+    "write_metrics",
+]
 
 
 class RunFailed(RuntimeError):
@@ -75,6 +107,8 @@ class RunConfig:
     num_gpus: float = 0.0
     state_dir: str | None = None
     max_failed_rounds: int = 3
+    checkpoint_every: int = 1
+    resume: str | None = None
     quiet: bool = False
 
     def validate(self) -> "RunConfig":
@@ -100,6 +134,7 @@ class RunConfig:
             (0.0 <= self.num_gpus and math.isfinite(self.num_gpus), "num-gpus must be >= 0"),
             (self.eval_every >= 1, "eval-every must be >= 1"),
             (self.max_failed_rounds >= 1, "max-failed-rounds must be >= 1"),
+            (self.checkpoint_every >= 0, "checkpoint-every must be >= 0 (0: only at the end and at a stop)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -124,7 +159,7 @@ class RunConfig:
             values["downlink_ratio"] = None
         if values.get("threshold") is not None and float(values["threshold"]) < 0:
             values["threshold"] = None  # pyproject's "unset" (as --threshold left out); 0 means lambda = 0
-        for optional in ("out", "state_dir"):
+        for optional in ("out", "state_dir", "resume"):
             if values.get(optional) == "":
                 values[optional] = None
         return cls(**values).validate()
@@ -228,13 +263,16 @@ def preflight(cfg: RunConfig, *, local_clients: bool = True) -> None:
     """Everything checkable before Flower or Ray start; raises ValueError naming the problem.
 
     The settings themselves (:meth:`RunConfig.validate`), the output folder
-    (created and written to), the dataset (on disk), the data split (every
+    (created and written to), the checkpoint a resumed run continues
+    (readable, of this run, before the last round), the dataset (on disk), the data split (every
     partition non-empty) and, for a simulation on this machine, the CPUs and
     GPUs asked for per client.
     """
     from fl_sparse.tasks.data import DatasetUnavailableError, load_dataset, partition_indices
 
     cfg.validate()
+    if cfg.resume:
+        _check_resumable(cfg, checkpoint.load(cfg.resume, mmap=True))
     if cfg.out:
         out = Path(cfg.out)
         try:
@@ -269,6 +307,87 @@ def preflight(cfg: RunConfig, *, local_clients: bool = True) -> None:
                 raise ValueError(f"num-gpus {cfg.num_gpus:g} per client, but this machine has {gpus} GPUs")
 
 
+# ------------------------------------------------------------------ resume
+# What a continued run may change; every other setting is the saved run's.
+RESUME_OVERRIDES = ("rounds", "eval_every", "checkpoint_every", "max_failed_rounds", "num_cpus", "num_gpus", "quiet")
+# Not compared when a run continues: how far and how it runs, not what it computes.
+_NOT_COMPARED = set(RESUME_OVERRIDES) | {"out", "resume"}
+
+
+def _saved_config(ckpt: dict[str, Any]) -> RunConfig:
+    known = {f.name for f in fields(RunConfig)}
+    try:
+        return RunConfig(**{k: v for k, v in dict(ckpt["config"]).items() if k in known})
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"the checkpoint's run config is unreadable: {exc}") from None
+
+
+def resume_config(directory: str | os.PathLike, **overrides: Any) -> RunConfig:
+    """The :class:`RunConfig` that continues the run saved in ``directory`` (``fl-sparse simulate --resume``).
+
+    The saved run's settings, with ``overrides`` of :data:`RESUME_OVERRIDES`
+    only (``rounds``: the new last round T, which must be past the checkpoint's
+    round). ``out`` and ``resume`` are ``directory``. Raises
+    :class:`~fl_sparse.checkpoint.CheckpointError` (a ValueError) naming the problem.
+    """
+    bad = sorted(set(overrides) - set(RESUME_OVERRIDES))
+    if bad:
+        raise CheckpointError(
+            f"a resumed run keeps the saved run's settings; {', '.join(b.replace('_', '-') for b in bad)} cannot change "
+            f"(allowed: {', '.join(o.replace('_', '-') for o in RESUME_OVERRIDES)})"
+        )
+    ckpt = checkpoint.load(directory, mmap=True)
+    cfg = replace(_saved_config(ckpt), **overrides, out=str(directory), resume=str(directory))
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    _check_resumable(cfg, ckpt)
+    return cfg
+
+
+def _check_resumable(cfg: RunConfig, ckpt: dict[str, Any]) -> None:
+    """``cfg`` continues the checkpoint's run: same settings (but :data:`RESUME_OVERRIDES`), a later last round."""
+    saved = _saved_config(ckpt)
+    differ = [f.name for f in fields(RunConfig) if f.name not in _NOT_COMPARED and getattr(cfg, f.name) != getattr(saved, f.name)]
+    if differ:
+        detail = ", ".join(f"{n.replace('_', '-')}: saved {getattr(saved, n)!r}, given {getattr(cfg, n)!r}" for n in differ)
+        raise CheckpointError(f"the checkpoint in {cfg.resume} is of another run ({detail}); "
+                              "use resume_config(DIR, rounds=T) / fl-sparse simulate --resume DIR --rounds T")
+    if cfg.out is not None and Path(cfg.out).resolve() != Path(cfg.resume).resolve():
+        raise CheckpointError(f"a resumed run writes to the folder it continues ({cfg.resume}), not {cfg.out}")
+    done = int(ckpt["round"])
+    if cfg.rounds <= done:
+        raise CheckpointError(f"the checkpoint in {cfg.resume} is at round {done}; give rounds > {done} to continue it")
+
+
+def _grid_run_id(grid: Grid) -> int | None:
+    """The Flower run id clients key their state folder by (``run-<id>``), if the Grid knows it."""
+    try:
+        run_id = getattr(grid.run, "run_id", None)
+    except Exception:  # noqa: BLE001 - a Grid without a run set
+        run_id = None
+    if run_id is None:
+        run_id = getattr(grid, "run_id", None)
+    return None if run_id is None else int(run_id)
+
+
+def _adopt_client_states(state_dir: str, old_run_id: int | None, new_run_id: int | None) -> bool:
+    """Let this run's clients find the saved run's state files; False if they may not find them.
+
+    Clients keep their state in ``<state-dir>/run-<run id>`` (:mod:`fl_sparse.clients.state`)
+    and a new simulation has a new run id: the saved run's folder is renamed to
+    the new one, when it is here to rename.
+    """
+    if old_run_id is None or new_run_id is None or old_run_id == new_run_id:
+        return old_run_id is not None and old_run_id == new_run_id
+    src, dst = Path(state_dir) / f"run-{old_run_id}", Path(state_dir) / f"run-{new_run_id}"
+    if not src.is_dir() or dst.exists():
+        return False
+    os.replace(src, dst)
+    return True
+
+
 def strategy_from_config(cfg: RunConfig):
     """The strategy ``cfg.strategy`` names, configured from ``cfg``."""
     return build_strategy(
@@ -300,11 +419,26 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
     says every client runs in this process's simulation engine: the temporary
     state folder may then go to RAM (:func:`simulation_state_dir`) and the
     Grid polls for replies every :data:`SIMULATION_PULL_INTERVAL` seconds.
+
+    With ``cfg.out`` the run is checkpointed (:mod:`fl_sparse.checkpoint`)
+    every ``cfg.checkpoint_every`` rounds, at its last round and when it stops
+    early, and the clients keep their state in ``out/client-state`` (unless
+    ``cfg.state_dir`` names a folder). With ``cfg.resume`` (see
+    :func:`resume_config`) it continues the run saved there: the strategy's
+    state, the metrics rows and the clients' state folder are taken over and
+    rounds ``k+1 .. cfg.rounds`` run, ending exactly where an uninterrupted
+    run would (sampling and every random draw are seeded by seed and round).
     """
     from fl_sparse.tasks.builtin import test_split
     from fl_sparse.tasks.training import evaluate
 
     cfg.validate()
+    ckpt = None
+    if cfg.resume:
+        if cfg.out is None:
+            cfg = replace(cfg, out=cfg.resume)
+        ckpt = checkpoint.load(cfg.resume)
+        _check_resumable(cfg, ckpt)
     if local_clients and hasattr(grid, "pull_interval"):
         # The in-process simulation's Grid polls an in-memory store for replies,
         # by default every 0.1 s: up to 0.1 s lost per round, when a 100-client
@@ -315,15 +449,71 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
     initial = ArrayRecord(model.state_dict())
     layout = FlatLayout.from_arrayrecord(initial)
     strategy = strategy or strategy_from_config(cfg)
+    first_round = 1
+    rows: list[dict[str, Any]] = []
+    if ckpt is not None:
+        try:
+            strategy.load_state_dict(ckpt["strategy"])
+        except ValueError as exc:
+            raise CheckpointError(f"cannot continue the run saved in {cfg.resume}: {exc}") from None
+        built = FlatLayout.from_arrayrecord(initial, exact=getattr(strategy, "exact_arrays", ()))
+        if strategy.state.layout.to_json() != built.to_json():
+            raise CheckpointError(f"the checkpoint in {cfg.resume} holds another model than {cfg.model!r} as built now")
+        initial = strategy.current_arrays()
+        first_round = int(ckpt["round"]) + 1
+        rows = [dict(r) for r in ckpt["rows"]]
     test = test_split(cfg.dataset)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.num_gpus > 0 else "cpu")
-    rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     failed_in_a_row = 0
+    for r in reversed(rows):  # a continued run counts the saved run's failed rounds at its end
+        if r.get("accepted"):
+            break
+        failed_in_a_row += 1
+
+    own_state_dir = cfg.state_dir is None and not cfg.out
+    if cfg.state_dir:
+        state_dir = cfg.state_dir
+    elif cfg.out:
+        # Persistent, beside the checkpoint: a resumed run's clients find their error memory there.
+        state_dir = str(Path(cfg.out) / "client-state")
+        if ckpt is None:
+            shutil.rmtree(state_dir, ignore_errors=True)  # a new run: the last run's client states are of no use
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+    elif local_clients:
+        state_dir = simulation_state_dir(layout.numel, cfg.clients)
+    else:
+        state_dir = tempfile.mkdtemp(prefix="fl-sparse-state-")
+    strategy.client_state_dir = state_dir
+    # Only a folder the user named is fsynced per save (it may have to survive a power loss);
+    # out/client-state is written atomically, and a torn file there only costs that client a dense sync.
+    strategy.client_state_fsync = bool(cfg.state_dir)
+    run_id = _grid_run_id(grid)
+    if ckpt is not None:
+        adopted = _adopt_client_states(state_dir, ckpt.get("client_run_id"), run_id)
+        if not adopted or checkpoint.was_running(cfg.out):
+            # The clients may not find their state, or may have gone past the checkpoint
+            # (the process died after it): start each one from the dense model.
+            strategy.resync_clients()
+    if cfg.out:
+        checkpoint.mark_running(cfg.out)
+
+    def save_checkpoint(server_round: int) -> None:
+        checkpoint.save(
+            cfg.out,
+            {
+                "round": server_round,
+                "config": asdict(cfg),
+                "rows": rows,
+                "strategy": strategy.state_dict(),
+                "client_run_id": run_id,
+                "client_state_dir": None if cfg.state_dir else state_dir,
+            },
+        )
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         nonlocal failed_in_a_row
-        if server_round == 0:
+        if server_round < first_round:  # the starting model (round 0, or the checkpoint's round)
             return None
         row = dict(strategy.state.round_metrics.get(server_round, {"round": server_round}))
         failed_in_a_row = failed_in_a_row + 1 if not row.get("accepted") else 0
@@ -332,27 +522,26 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
             loss, acc = evaluate(model, test.images, test.labels, device=device)
             row["test_loss"], row["test_accuracy"] = float(loss), float(acc)
         rows.append(row)
+        stop = None
+        if server_round < cfg.rounds:
+            if stop_requested.is_set():
+                stop = "interrupted"
+            elif failed_in_a_row >= cfg.max_failed_rounds:
+                stop = f"{failed_in_a_row} rounds in a row accepted no client update"
+        last = stop is not None or server_round == cfg.rounds
         if cfg.out:
             write_metrics(rows, cfg.out)
+            if last or (cfg.checkpoint_every and server_round % cfg.checkpoint_every == 0):
+                save_checkpoint(server_round)
+            if last:
+                checkpoint.clear_running(cfg.out)
         if not cfg.quiet:
             _progress(row, cfg.rounds, time.perf_counter() - started)
-        if stop_requested.is_set() and server_round < cfg.rounds:
-            raise _Stop("interrupted")
-        if failed_in_a_row >= cfg.max_failed_rounds and server_round < cfg.rounds:
-            raise _Stop(f"{failed_in_a_row} rounds in a row accepted no client update")
+        if stop is not None:
+            raise _Stop(stop)
         keep = {k: v for k, v in row.items() if k in ("test_loss", "test_accuracy")}
         return MetricRecord(keep) if keep else None
 
-    own_state_dir = cfg.state_dir is None
-    if cfg.state_dir:
-        state_dir = cfg.state_dir
-    elif local_clients:
-        state_dir = simulation_state_dir(layout.numel, cfg.clients)
-    else:
-        state_dir = tempfile.mkdtemp(prefix="fl-sparse-state-")
-    strategy.client_state_dir = state_dir
-    # A temporary state dir (removed after the run) needs no fsync per save.
-    strategy.client_state_fsync = not own_state_dir
     stopped = None
     try:
         strategy.start(
@@ -361,6 +550,7 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
             num_rounds=cfg.rounds,
             train_config=_train_config(cfg),
             evaluate_fn=evaluate_fn,
+            first_round=first_round,
         )
     except _Stop as exc:
         stopped = str(exc)
@@ -407,6 +597,15 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run .``: the run config comes from pyproject / --run-config."""
+    """Entry point for ``flwr run .``: the run config comes from pyproject / --run-config.
+
+    ``resume = "<dir>"`` continues the run checkpointed in ``<dir>`` with its
+    saved settings, to ``num-rounds`` if that is later than the saved run's
+    last round (see :func:`resume_config`).
+    """
     cfg = RunConfig.from_run_config(dict(context.run_config))
+    if cfg.resume:
+        # Continue the run saved there, to num-rounds or to the saved run's last round, whichever is later.
+        saved = _saved_config(checkpoint.load(cfg.resume, mmap=True))
+        cfg = resume_config(cfg.resume, rounds=max(cfg.rounds, saved.rounds))
     run_server(grid, cfg)

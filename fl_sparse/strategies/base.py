@@ -69,6 +69,15 @@ MetricRecord of each round (``Result.train_metrics_clientapp``) holds the
 aggregated client metrics plus ``uplink_bytes``, ``downlink_bytes`` and the
 other numbers of :attr:`ServerState.round_metrics`.
 
+**Checkpoints.** :meth:`SparseFedAvg.state_dict` returns everything the
+strategy needs to continue a run (plain values and tensors, for ``torch.save``;
+subclasses add their own state) and :meth:`SparseFedAvg.load_state_dict`
+restores it, refusing the state of another strategy, other settings or another
+version. ``start(..., first_round=k+1)`` then continues with the same
+generation (clients keep their error memory); per-client state follows each
+client's partition id to its node id in the new run. See
+:mod:`fl_sparse.checkpoint` and :func:`fl_sparse.server_app.resume_config`.
+
 Subclass and override the hooks :meth:`uplink_spec`,
 :meth:`aggregate_updates` and :meth:`compress_downlink` to build new
 methods; the named strategies in this package are small subclasses. Example,
@@ -83,6 +92,7 @@ a strategy that sends top-K with a ratio that halves every 10 rounds::
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -127,12 +137,14 @@ class ServerState:
     exactly, ``history`` holds the positions changed by each applied update
     (to build catch-up payloads), ``client_versions`` the version each client
     holds and ``accepted`` the last round whose update from that client was
-    aggregated. ``round_metrics[t]`` holds the numbers of round t.
+    aggregated. ``round_metrics[t]`` holds the numbers of round t; ``round``
+    is the last round aggregated (the round a checkpoint was taken after).
     """
 
     layout: FlatLayout | None = None
     model: torch.Tensor | None = None
     version: int = 0
+    round: int = 0
     generation: str = ""
     server_error: ErrorFeedback = field(default_factory=ErrorFeedback)
     exact: ArrayRecord | None = None
@@ -308,6 +320,7 @@ class SparseFedAvg(FedAvg):
         self.first_error: str | None = None  # why the first dropped reply was dropped (for a run's summary)
         self.state = ServerState()
         self.node_keys: dict[int, tuple[int, int]] = {}
+        self._pending_keys: dict[int, int] = {}  # partition id -> node id of a continued run's absent client
         self._round_compressor = None
         self._sync_cache: dict[int | None, tuple[str, ArrayRecord | None]] = {}
         self._returned: ArrayRecord | None = None  # the arrays aggregate_train last returned
@@ -356,12 +369,231 @@ class SparseFedAvg(FedAvg):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn=None,
+        *,
+        first_round: int = 1,
     ):
-        """Flower's round loop; first takes ``initial_arrays`` as w_0 and identifies the nodes."""
+        """Flower's round loop over rounds ``first_round`` .. ``num_rounds``.
+
+        ``first_round=1`` (a new run): takes ``initial_arrays`` as w_0 (a new
+        generation) and identifies the nodes. ``first_round=k+1`` continues a
+        run from the state of round ``k`` (:meth:`load_state_dict` first;
+        ``initial_arrays`` must be that state's model, :meth:`current_arrays`):
+        same generation, so the clients keep their error memory; nodes are
+        identified again and the per-client state follows each client's
+        stable key (partition id) to its node id in this run. ``num_rounds``
+        is the last round, so the loop runs ``num_rounds - first_round + 1``
+        rounds.
+
+        Flower's :meth:`Strategy.start` counts rounds from 1; it runs here
+        unchanged on a view of this strategy (:class:`_RoundOffset`) that
+        adds ``first_round - 1`` to every round it passes to
+        ``configure_train``, ``aggregate_train``, ``configure_evaluate``,
+        ``aggregate_evaluate`` and ``evaluate_fn`` (which Flower calls with
+        round ``first_round - 1`` for the starting model, as with 0 for w_0).
+        The returned :class:`Result` is keyed by those rounds too.
+        """
+        if isinstance(first_round, bool) or not isinstance(first_round, int) or first_round < 1:
+            raise ValueError(f"first_round must be an int >= 1, got {first_round!r}")
+        if num_rounds < first_round - 1:
+            raise ValueError(f"num_rounds ({num_rounds}) is the last round; it is before first_round - 1 ({first_round - 1})")
         self._timeout = float(timeout)
-        self.initialize(initial_arrays)
+        if first_round == 1:
+            self.initialize(initial_arrays)
+            self.identify(grid)
+        else:
+            st = self.state
+            if st.model is None or st.round != first_round - 1:
+                have = "no state" if st.model is None else f"the state of round {st.round}"
+                raise RuntimeError(f"first_round={first_round} needs the state of round {first_round - 1} "
+                                   f"(load_state_dict); the strategy holds {have}")
+            if not self._holds(initial_arrays):
+                raise ValueError("initial_arrays must be the model the strategy holds (current_arrays()) to continue a run")
+            self._returned = initial_arrays
+            self.reidentify(grid)
+        offset = first_round - 1
+        view = _RoundOffset(self, offset)
+        if evaluate_fn is not None:
+            user_evaluate_fn = evaluate_fn
+
+            def evaluate_fn(server_round: int, arrays: ArrayRecord):
+                return user_evaluate_fn(server_round + offset, arrays)
+
+        result = FedAvg.start(view, grid, initial_arrays, num_rounds - offset, timeout, train_config,
+                              evaluate_config, evaluate_fn)
+        if offset:
+            for name in ("train_metrics_clientapp", "evaluate_metrics_clientapp", "evaluate_metrics_serverapp"):
+                history = getattr(result, name, None)
+                if isinstance(history, dict):
+                    setattr(result, name, {r + offset: v for r, v in history.items()})
+        return result
+
+    # ------------------------------------------------------------ checkpoint
+    STATE_VERSION = 1
+
+    def options(self) -> dict[str, Any]:
+        """The settings a saved state must have been made with (:meth:`load_state_dict` checks them).
+
+        Not the number of rounds (a continued run may run longer) nor where
+        clients keep their state. Subclasses add their own.
+        """
+        return {
+            "uplink": json.dumps(self.uplink, sort_keys=True),
+            "downlink": repr(self.downlink),
+            "uplink_values": self.uplink_values,
+            "uplink_positions": self.uplink_positions,
+            "downlink_values": self.downlink_values,
+            "downlink_positions": self.downlink_positions,
+            "server_error_feedback": bool(self.server_error_feedback),
+            "client_error_feedback": bool(self.client_error_feedback),
+            "exact_arrays": list(self.exact_arrays),
+            "seed": self.seed,
+            "fraction_train": float(self.fraction_train),
+            "weighted_by_key": self.weighted_by_key,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything this strategy needs to continue the run: plain values and tensors (copies).
+
+        Save it with ``torch.save`` and read it back with ``torch.load(...,
+        weights_only=True)``; :func:`fl_sparse.checkpoint.save` does that
+        atomically. Per-client entries are keyed by node id; ``node_keys``
+        holds each node's stable key so :meth:`start` can move them to the
+        node ids of a later run.
+        """
+        from fl_sparse.checkpoint import record_to_state
+
+        st = self.state
+        if st.model is None:
+            raise RuntimeError("state_dict() before the strategy has a model (start a run first)")
+        error = st.server_error.state_dict()
+        return {
+            "strategy": f"{type(self).__module__}.{type(self).__qualname__}",
+            "state_version": self.STATE_VERSION,
+            "options": self.options(),
+            "layout": st.layout.to_json(),
+            "model": st.model.clone(),
+            "version": st.version,
+            "round": st.round,
+            "generation": st.generation,
+            "server_error": {"numel": error["numel"], "error": None if error["error"] is None else error["error"].clone()},
+            "exact": record_to_state(st.exact),
+            "last_update_record": record_to_state(st.last_update_record),
+            "history": [(int(v), idx.clone()) for v, idx in st.history.items()],
+            "client_versions": dict(st.client_versions),
+            "accepted": dict(st.accepted),
+            "cumulative_total_error": float(st.cumulative_total_error),
+            "round_metrics": copy.deepcopy(st.round_metrics),
+            "node_keys": {int(n): tuple(k) for n, k in self.node_keys.items()},
+            "nonces": dict(self._nonces),
+            "first_error": self.first_error,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; raises ValueError for another strategy, version or settings."""
+        from fl_sparse.checkpoint import record_from_state
+
+        if not isinstance(state, dict):
+            raise ValueError("a strategy state must be a dict (from state_dict())")
+        mine = f"{type(self).__module__}.{type(self).__qualname__}"
+        if state.get("strategy") != mine:
+            raise ValueError(f"the saved state is of strategy {state.get('strategy')!r}, this strategy is {mine!r}")
+        if state.get("state_version") != self.STATE_VERSION:
+            raise ValueError(f"the saved state has version {state.get('state_version')!r}; "
+                             f"{type(self).__name__} reads version {self.STATE_VERSION}")
+        saved, now = state.get("options", {}), self.options()
+        differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if differ:
+            detail = ", ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in differ)
+            raise ValueError(f"the saved state was made with other settings ({detail})")
+        try:
+            layout = FlatLayout.from_json(state["layout"])
+            exact = record_from_state(state["exact"])
+            if layout.exact_names:
+                layout = layout.with_exact(exact)
+            model = state["model"]
+            if not isinstance(model, torch.Tensor) or model.dim() != 1 or model.numel() != layout.numel:
+                raise ValueError(f"the saved model is not a vector of {layout.numel} entries")
+            server_error = ErrorFeedback(layout.numel)
+            server_error.load_state_dict(state["server_error"])
+            history = OrderedDict((int(v), idx.clone()) for v, idx in state["history"])
+            client_versions = {int(n): int(v) for n, v in state["client_versions"].items()}
+            accepted = {int(n): int(r) for n, r in state["accepted"].items()}
+            node_keys = {int(n): (int(k[0]), int(k[1])) for n, k in state["node_keys"].items()}
+            st = ServerState(
+                layout=layout,
+                model=model.detach().to(torch.float32).clone(),
+                version=int(state["version"]),
+                round=int(state["round"]),
+                generation=str(state["generation"]),
+                server_error=server_error,
+                exact=exact,
+                last_update_record=record_from_state(state["last_update_record"]),
+                history=history,
+                client_versions=client_versions,
+                accepted=accepted,
+                cumulative_total_error=float(state["cumulative_total_error"]),
+                round_metrics=copy.deepcopy(dict(state["round_metrics"])),
+            )
+        except (KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise ValueError(f"not a complete strategy state: {type(exc).__name__}: {exc}") from None
+        self.state = st
+        self.node_keys = node_keys
+        self._nonces = {int(n): str(v) for n, v in state.get("nonces", {}).items()}
+        self.first_error = state.get("first_error")
+        self._returned = None
+        self._sync_cache = {}
+
+    def current_arrays(self) -> ArrayRecord:
+        """The global model the strategy holds (w_t with its exact arrays), as an ArrayRecord."""
+        st = self.state
+        if st.model is None:
+            raise RuntimeError("no model yet")
+        return st.layout.with_exact(st.exact).unflatten(st.model)
+
+    def resync_clients(self) -> None:
+        """Forget which model each client holds: its next message carries the dense model.
+
+        For a run continued from a checkpoint its clients may have moved past
+        (the process died after the checkpoint). Their error memory stays.
+        """
+        self.state.client_versions.clear()
+        self._sync_cache = {}
+
+    def move_clients(self, mapping: dict[int, int]) -> None:
+        """Per-client state of node ``old`` now belongs to node ``mapping[old]`` (the same client).
+
+        Entries of other nodes whose id is now taken by one of the new ids are
+        dropped. Subclasses that keep per-client state move theirs too.
+        """
+        st = self.state
+        st.client_versions = _remap(st.client_versions, mapping)
+        st.accepted = _remap(st.accepted, mapping)
+        self._nonces = _remap(self._nonces, mapping)
+        self._sync_cache = {}
+
+    def reidentify(self, grid: Grid) -> None:
+        """Identify every connected node again; per-client state follows each client's stable key.
+
+        Node ids change from run to run (a new simulation, restarted
+        SuperNodes); partition ids do not. A saved client whose key no
+        connected node has yet keeps its old entry until a node reports that
+        key (:meth:`_learn_key`).
+        """
+        saved = self.node_keys
+        self.node_keys = {}
         self.identify(grid)
-        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
+        now = {key[0]: node for node, key in self.node_keys.items()}
+        mapping, pending = {}, {}
+        for old, key in saved.items():
+            new = now.get(key[0])
+            if new is None:
+                pending[key[0]] = old
+                self.node_keys.setdefault(old, key)
+            elif new != old:
+                mapping[old] = new
+        if mapping:
+            self.move_clients(mapping)
+        self._pending_keys = pending
 
     def identify(self, grid: Grid) -> None:
         """Learn the stable key (partition id) of connected nodes seen for the first time.
@@ -387,6 +619,10 @@ class SparseFedAvg(FedAvg):
 
     def _learn_key(self, node: int, report: Report) -> None:
         if report.partition_id >= 0:
+            old = self._pending_keys.pop(report.partition_id, None)
+            if old is not None and old != node:  # a client of a continued run, back under a new node id
+                self.node_keys.pop(old, None)
+                self.move_clients({old: node})
             self.node_keys[node] = (report.partition_id, node)
 
     def _order(self, node: int) -> tuple[int, int]:
@@ -511,6 +747,7 @@ class SparseFedAvg(FedAvg):
         st.model = st.layout.flatten(arrays).clone()
         st.exact = st.layout.exact_record(arrays)
         st.version = 0
+        st.round = 0
         st.generation = secrets.token_hex(8)
         st.server_error = ErrorFeedback(st.model.numel())
         st.last_update_record = None
@@ -562,6 +799,7 @@ class SparseFedAvg(FedAvg):
         st = self.state
         if st.model is None:
             raise RuntimeError("aggregate_train before configure_train: no global model yet")
+        st.round = server_round
         updates = self.read_replies(server_round, replies)
         rm = st.round_metrics.setdefault(server_round, {"round": server_round})
         rm["accepted"] = len(updates)
@@ -867,6 +1105,47 @@ class SparseFedAvg(FedAvg):
         if delta_before is not None:
             out["rho"] = float((top(delta_before + a).to_dense() - top(delta_before + g).to_dense()).norm()) / step_norm
         return out
+
+
+class _RoundOffset:
+    """The strategy as Flower's round loop sees it when a run continues at round ``offset + 1``.
+
+    :meth:`flwr.serverapp.strategy.Strategy.start` counts rounds from 1. This
+    view forwards everything to the strategy and adds ``offset`` to the round
+    of the four per-round calls, the one place where a continued run's rounds
+    are translated.
+    """
+
+    def __init__(self, strategy: SparseFedAvg, offset: int) -> None:
+        self._strategy = strategy
+        self._offset = offset
+
+    @property
+    def __class__(self):  # Flower logs the strategy's class name
+        return type(self._strategy)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._strategy, name)
+
+    def configure_train(self, server_round: int, *args: Any, **kwargs: Any):
+        return self._strategy.configure_train(server_round + self._offset, *args, **kwargs)
+
+    def aggregate_train(self, server_round: int, *args: Any, **kwargs: Any):
+        return self._strategy.aggregate_train(server_round + self._offset, *args, **kwargs)
+
+    def configure_evaluate(self, server_round: int, *args: Any, **kwargs: Any):
+        return self._strategy.configure_evaluate(server_round + self._offset, *args, **kwargs)
+
+    def aggregate_evaluate(self, server_round: int, *args: Any, **kwargs: Any):
+        return self._strategy.aggregate_evaluate(server_round + self._offset, *args, **kwargs)
+
+
+def _remap(entries: dict[int, Any], mapping: dict[int, int]) -> dict[int, Any]:
+    """``entries`` with the keys of ``mapping`` renamed; other entries whose key is a new id are dropped."""
+    taken = set(mapping.values())
+    out = {n: v for n, v in entries.items() if n not in mapping and n not in taken}
+    out.update({mapping[n]: v for n, v in entries.items() if n in mapping})
+    return out
 
 
 def with_fedavg_signature(cls):

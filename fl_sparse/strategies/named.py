@@ -102,6 +102,9 @@ class RTopKSGD(SparseFedAvg):
         self.r = r
         super().__init__(*args, uplink={"name": "rtopk", **_budget(ratio, k), "n_workers": 1}, downlink=None, **kwargs)
 
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "r": self.r}
+
     def uplink_spec(self, server_round: int, num_clients: int) -> dict[str, Any]:
         spec = dict(self.uplink)
         if self.r is not None:
@@ -128,6 +131,10 @@ class HardThresholdSGD(SparseFedAvg):
         self.threshold = None if threshold is None else float(threshold)
         self.ratio = float(ratio)
         super().__init__(*args, uplink={"name": "hard-threshold", "lam": self.threshold or 0.0}, downlink=None, **kwargs)
+        self._threshold_given = self.threshold
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "threshold": self._threshold_given, "ratio": self.ratio}
 
     def uplink_spec(self, server_round: int, num_clients: int) -> dict[str, Any]:
         if self.threshold is None and self.state.model is not None:
@@ -205,6 +212,25 @@ class AdaptiveTopKSGD(SparseFedAvg):
         super().initialize(arrays)
         self.t_hat = self._t_hat_given
         self.planned = {}
+
+    def options(self) -> dict[str, Any]:
+        """The base's, plus γ, the given t̂ and the estimate's constants (not ``num_rounds``: a run may be extended)."""
+        return {**super().options(), "gamma": self.gamma, "t_hat": self._t_hat_given, "estimate": dict(self.estimate)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base's state plus t̂ (given or estimated) and the k_t planned so far."""
+        return {**super().state_dict(), "adaptive_topk": {"t_hat": self.t_hat, "planned": dict(self.planned)}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. With a larger ``num_rounds`` than the saved run's, the rounds
+        not yet planned share the budget ``num_rounds · k`` (the plan so far stays)."""
+        super().load_state_dict(state)
+        try:
+            extra = state["adaptive_topk"]
+            self.t_hat = None if extra["t_hat"] is None else int(extra["t_hat"])
+            self.planned = {int(t): int(k) for t, k in extra["planned"].items()}
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a complete AdapTop-K state: {type(exc).__name__}: {exc}") from None
 
     def uplink_spec(self, server_round: int, num_clients: int) -> dict[str, Any]:
         """k_t of the budgeted schedule: Σ_{t<T} k_t = T·k exactly, whatever t̂ turns out to be.

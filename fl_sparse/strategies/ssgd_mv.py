@@ -138,7 +138,7 @@ from fl_sparse.compressors import TopK
 from fl_sparse.flat import vector_hash
 from fl_sparse.protocol import Instruction, Report, UplinkMetrics
 from fl_sparse.sparse import SparseTensor
-from fl_sparse.strategies.base import ClientUpdate, SparseFedAvg, exception_reason, with_fedavg_signature
+from fl_sparse.strategies.base import ClientUpdate, SparseFedAvg, _remap, exception_reason, with_fedavg_signature
 
 __all__ = ["SSGDMajorityVote", "build_ssgd_mv", "vote_counts", "select_majority", "select_weighted"]
 
@@ -257,6 +257,63 @@ class SSGDMajorityVote(SparseFedAvg):
         self.m_sum = torch.zeros(self.state.model.numel(), dtype=torch.int32) if self.add_drop else None
         self.votes.clear()
         self.mask, self.mask_round, self.values_record = None, -1, None
+
+    # ------------------------------------------------------------------ checkpoint
+    def options(self) -> dict[str, Any]:
+        return {
+            **super().options(),
+            "selection": self.selection,
+            "tie_break": self.tie_break,
+            "positions": self.positions,
+            "add_drop": repr(self.add_drop_compressor),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base's state plus M_sum, each client's stored vote, the last mask and its values record."""
+        from fl_sparse.checkpoint import record_to_state
+
+        return {
+            **super().state_dict(),
+            "ssgd_mv": {
+                "m_sum": None if self.m_sum is None else self.m_sum.clone(),
+                "votes": {int(n): (int(r), v.clone()) for n, (r, v) in self.votes.items()},
+                "mask": None if self.mask is None else self.mask.clone(),
+                "mask_round": int(self.mask_round),
+                "values_record": record_to_state(self.values_record),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (checked: ``M_sum`` is the sum of the stored votes)."""
+        from fl_sparse.checkpoint import record_from_state
+
+        super().load_state_dict(state)
+        try:
+            extra = state["ssgd_mv"]
+            m_sum = extra["m_sum"]
+            self.m_sum = None if m_sum is None else m_sum.to(torch.int32).clone()
+            self.votes = {int(n): (int(r), v.clone()) for n, (r, v) in extra["votes"].items()}
+            self.mask = None if extra["mask"] is None else extra["mask"].clone()
+            self.mask_round = int(extra["mask_round"])
+            self.values_record = record_from_state(extra["values_record"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a complete SSGD-MV state: {type(exc).__name__}: {exc}") from None
+        if self.add_drop != (self.m_sum is not None) or (self.m_sum is not None and self.m_sum.numel() != self.state.model.numel()):
+            raise ValueError("the saved SSGD-MV state does not match this strategy's add-drop setting or model size")
+        try:
+            self.check_vote_invariants()
+        except AssertionError as exc:
+            raise ValueError(f"inconsistent SSGD-MV state: {exc}") from None
+
+    def move_clients(self, mapping: dict[int, int]) -> None:
+        """The base's, and the stored votes (a vote dropped for a reused node id leaves M_sum)."""
+        super().move_clients(mapping)
+        moved = _remap(self.votes, mapping)
+        if self.m_sum is not None:
+            for node, (_, vote) in self.votes.items():
+                if node not in mapping and node in set(mapping.values()):
+                    self.m_sum.index_add_(0, vote.to(torch.int64), _ones(vote.numel(), -1))
+        self.votes = moved
 
     # ------------------------------------------------------------------ phase 1: vote
     def configure_train(
