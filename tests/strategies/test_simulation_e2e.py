@@ -161,3 +161,12 @@ def test_hundred_noniid_clients_bidirectional_topk(tmp_path):
     assert all(r["client_error_norm"] > 0 and r["server_error_norm"] > 0 for r in rows)
     assert all(r["uplink_bytes"] > 0 and r["downlink_bytes"] > 0 for r in rows)
     assert (tmp_path / "metrics.csv").read_text().count("\n") == 5
+    # Unequal Dirichlet partitions: every example of the training set is weighted, every round.
+    assert all(r["num_examples"] == 60_000 for r in rows), [r["num_examples"] for r in rows]
+    # First contact is the dense model; afterwards every client only needs last round's update.
+    assert rows[0]["sync_modes"] == {"dense": 100}
+    assert all(r["sync_modes"] == {"delta": 100} for r in rows[1:]), [r["sync_modes"] for r in rows]
+    # Each upload carries k = ceil(0.05 d) entries: 4-byte positions + 4-byte values + a small header.
+    d = FlatLayout.from_state_dict(_initial_model(cfg).state_dict()).numel
+    k = -(-5 * d // 100)
+    assert all(8 * k <= r["uplink_bytes"] / 100 <= 8 * k + 256 for r in rows), [r["uplink_bytes"] for r in rows]
