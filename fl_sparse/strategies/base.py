@@ -851,6 +851,9 @@ class SparseFedAvg(FedAvg):
                 continue
             updates.append(update)
             st.accepted[node] = server_round
+        for node in self._nonces.keys() - seen:
+            # Asked, no reply: it may have applied this round's sync, so its version is unknown.
+            st.client_versions.pop(node, None)
         st.round_metrics.setdefault(server_round, {"round": server_round})["failures"] = failures
         return self.bound_influence(server_round, updates)
 
@@ -996,8 +999,9 @@ class SparseFedAvg(FedAvg):
         # uplink averaged over the clients, downlink for the update every client receives.
         d_h = numel * self._local_steps
         down = codec.wire_size(record)
-        client_sq = sum(u.uplink.error_norm**2 * pq for u, pq in zip(updates, p))
-        st.cumulative_total_error += sum(u.uplink.compression_error * pq for u, pq in zip(updates, p))
+        # Clients' own numbers are untrusted: capped so that squares and sums stay finite.
+        client_sq = sum(min(u.uplink.error_norm, 1e150) ** 2 * pq for u, pq in zip(updates, p))
+        st.cumulative_total_error += sum(min(u.uplink.compression_error, 1e300) * pq for u, pq in zip(updates, p))
         return {
             "uplink_bytes": sum(u.total_bytes for u in updates),
             "downlink_update_bytes": down.total_bytes,

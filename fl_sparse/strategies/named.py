@@ -201,10 +201,14 @@ class AdaptiveTopKSGD(SparseFedAvg):
         f0 = first.get("train_loss")
         if server_round == 1 or f0 is None or f0 != f0:
             return self.num_rounds  # before F(w_0) is known: round 1 is early-phase anyway
-        self.t_hat = adaptive_k_t_hat(
-            d=numel, k=k, f0=float(f0), T=self.num_rounds,
-            error_compensation=self.client_error_feedback, **self.estimate,
-        )
+        try:  # F(w_0) comes from the clients' reported losses: untrusted
+            estimate = adaptive_k_t_hat(
+                d=numel, k=k, f0=float(f0), T=self.num_rounds,
+                error_compensation=self.client_error_feedback, **self.estimate,
+            )
+        except (ValueError, OverflowError):
+            estimate = self.num_rounds
+        self.t_hat = min(max(int(estimate), 0), self.num_rounds)
         self.state.round_metrics.setdefault(server_round, {"round": server_round})["t_hat"] = self.t_hat
         return self.t_hat
 

@@ -431,6 +431,9 @@ class SSGDMajorityVote(SparseFedAvg):
             self._vote_exact[node] = exact
             bits.append(parsed["bits"])
             nbytes += parsed["bytes"]
+        for node in self._nonces.keys() - seen:
+            # Asked, no vote: it may have applied this round's sync, so its version is unknown.
+            st.client_versions.pop(node, None)
         return {"votes": votes, "bits": bits, "bytes": nbytes, "changes": changes, "failures": failures}
 
     def _read_vote(self, content: RecordDict, report: Report, numel: int, k: int, k_ad: int, node: int) -> dict[str, Any]:
