@@ -610,7 +610,7 @@ class SparseFedAvg(FedAvg):
             Message(content=RecordDict({protocol.RECORD: instr}), message_type=MessageType.TRAIN, dst_node_id=n)
             for n in unknown
         ]
-        for reply in grid.send_and_receive(queries, timeout=min(self._timeout, 60.0)):
+        for reply in grid.send_and_receive(queries, timeout=self._timeout):
             if not reply.has_error():
                 try:
                     self._learn_key(reply.metadata.src_node_id, Report.read(reply.content))
@@ -811,7 +811,7 @@ class SparseFedAvg(FedAvg):
         p = [u.weight / total for u in updates]
         aggregate = self.aggregate_updates(server_round, [u.update for u in updates], p)
         server_error = st.server_error.state_dict()["error"]
-        delta_before = None if server_error is None else server_error.clone()
+        delta_before = None if server_error is None else server_error.clone()  # to undo a rejected round
         sent = self.compress_downlink(server_round, aggregate)
         if not self._finite_step(sent):
             # Finite updates can still sum to inf (3e38 + 3e38): the round is rejected whole.
@@ -827,7 +827,8 @@ class SparseFedAvg(FedAvg):
         rm.update(self.round_metrics(server_round, updates, p, aggregate, record))
         diag = [u.diagnostics for u in updates if u.diagnostics is not None]
         if self.diagnostics and len(diag) == len(updates):
-            rm.update(self._rho_estimates(diag, p, delta_before if self.downlink is not None else None, aggregate))
+            delta = (delta_before if delta_before is not None else torch.zeros_like(st.model)) if self.downlink is not None else None
+            rm.update(self._rho_estimates(diag, p, delta, aggregate))
         self._returned = st.layout.with_exact(st.exact).unflatten(st.model)
         return self._returned, self.train_metrics(server_round, updates)
 
