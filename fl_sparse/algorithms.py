@@ -181,6 +181,8 @@ def select_majority(
     """
     k = max(0, min(int(k), numel))
     n = positions.numel()
+    if k == 0:
+        return torch.empty(0, dtype=torch.int64)
     if n <= k:
         return _fill(positions.to(torch.int64), positions, k, numel, generator)
     counts = counts.to(torch.int64)

@@ -1,0 +1,196 @@
+"""Tests written to kill mutants of SparseFedAvg's hooks (``read_update``, ``compress_downlink``, ...).
+
+The hooks are public (subclasses override them), so they are also called
+here directly, on real replies produced by the real :class:`SparseMod` on
+the in-process grid. Oracles are numpy (top-k, the bidirectional paper's
+δ, the ρ̂ of its Assumption 3.6). See docs/testing.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import FLOWER_LOGGER
+from inprocess import InProcessGrid
+
+from fl_sparse import codec, protocol
+from fl_sparse.clients import SparseMod
+from fl_sparse.compressors import TopK
+from fl_sparse.protocol import Report
+from fl_sparse.sparse import SparseTensor
+from fl_sparse.strategies import SparseFedAvg, TopKSGD
+
+FLOWER_LOGGER.setLevel(logging.WARNING)
+
+D, K = 24, 4
+WEIGHTS = {0: 3.0, 1: 1.0, 2: 6.0}
+
+
+def _model() -> ArrayRecord:
+    rng = np.random.default_rng(5)
+    return ArrayRecord({"w": Array(rng.standard_normal((4, 6)).astype(np.float32))})
+
+
+def _app() -> ClientApp:
+    app = ClientApp(mods=[SparseMod()])
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        rnd = int(msg.content["config"]["server-round"])
+        w = msg.content["arrays"]["w"].numpy()
+        step = np.random.default_rng(100 * pid + rnd).standard_normal(w.shape).astype(np.float32)
+        metrics = MetricRecord({"num-examples": WEIGHTS[pid]})
+        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w - step)}), "metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+def _grid(n: int = 3) -> InProcessGrid:
+    folder = tempfile.mkdtemp(prefix="fl-sparse-mutants-")
+    return InProcessGrid(_app(), n, node_config=lambda i: {"state-dir": folder})
+
+
+def _replies(strategy, grid, server_round: int = 1):
+    messages = list(strategy.configure_train(server_round, _model(), ConfigRecord(), grid))
+    return list(grid.send_and_receive(messages, timeout=60))
+
+
+def _topk(x: np.ndarray, k: int) -> np.ndarray:
+    out = np.zeros_like(x)
+    idx = np.argsort(-np.abs(x), kind="stable")[:k]
+    out[idx] = x[idx]
+    return out
+
+
+def _current(strategy):
+    from fl_sparse.flat import vector_hash
+
+    return vector_hash(strategy.state.model)
+
+
+# ====================================================================== read_update
+def test_read_update_rejects_a_client_on_another_model_and_forgets_its_version():
+    strategy = TopKSGD(k=K, min_available_nodes=1, min_train_nodes=1, fraction_evaluate=0.0)
+    grid = _grid(1)
+    (reply,) = _replies(strategy, grid)
+    node = reply.metadata.src_node_id
+    report = Report.read(reply.content)
+    wrong_version = dataclasses.replace(report, model_version=strategy.state.version + 1)
+    for rep, expected in ((report, "0" * 64), (wrong_version, _current(strategy))):
+        strategy.state.client_versions[node] = 0  # what the server believed the client held
+        with pytest.raises(protocol.ProtocolError, match=r"^the client trained from a different model$"):
+            strategy.read_update(1, node, reply, rep, expected)
+        assert node not in strategy.state.client_versions, "the server must re-sync this client densely"
+    # the genuine reply is accepted and records the version the client now holds
+    assert strategy.read_update(1, node, reply, report, _current(strategy)).node == node
+    assert strategy.state.client_versions[node] == report.model_version
+    # a client the server knows nothing about is rejected the same way (and nothing is raised besides)
+    with pytest.raises(protocol.ProtocolError):
+        strategy.read_update(1, node + 1, reply, report, "0" * 64)
+    assert node + 1 not in strategy.state.client_versions
+
+
+def test_read_update_without_an_update_names_the_reply_and_the_record():
+    strategy = TopKSGD(k=K, min_available_nodes=1, min_train_nodes=1, fraction_evaluate=0.0)
+    (reply,) = _replies(strategy, _grid(1))
+    del reply.content[protocol.UPDATE]
+    with pytest.raises(protocol.ProtocolError, match="^" + re.escape(f"reply has no {protocol.UPDATE!r} ArrayRecord") + "$"):
+        strategy.read_update(1, reply.metadata.src_node_id, reply, Report.read(reply.content), _current(strategy))
+
+
+class _Recording(TopKSGD):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.asked: list[tuple[int, int]] = []
+
+    def user_content(self, server_round, node, msg):
+        self.asked.append((server_round, node))
+        return super().user_content(server_round, node, msg)
+
+
+def test_read_update_hands_round_and_node_to_user_content_and_keeps_the_sender():
+    strategy = _Recording(k=K, min_available_nodes=3, min_train_nodes=3, fraction_evaluate=0.0)
+    grid = _grid(3)
+    for rnd in (1, 2):
+        replies = _replies(strategy, grid, rnd)
+        updates = strategy.read_replies(rnd, replies)
+        senders = sorted(r.metadata.src_node_id for r in replies)
+        assert [u.node for u in updates] == senders
+        assert sorted(strategy.asked[-3:]) == [(rnd, n) for n in senders]
+        assert [u.weight for u in updates] == [WEIGHTS[(n - 1000) // 7] for n in senders]
+        strategy.aggregate_train(rnd, replies)  # the model moves on; the next round reads again
+
+
+def test_diagnostics_are_kept_only_when_asked_and_give_rho_hat():
+    """diagnostics=True: each ClientUpdate carries the client's dense a and step, and ρ̂ is computed from them.
+
+    ρ̂ (bidirectional paper, Assumption 3.6) = ‖Top_K(Σ p a) − Σ p Top_K(a)‖ / ‖Σ p step‖, in numpy.
+    """
+    strategy = TopKSGD(k=K, min_available_nodes=3, min_train_nodes=3, fraction_evaluate=0.0, diagnostics=True)
+    replies = _replies(strategy, _grid(3))
+    updates = strategy.read_replies(1, [r for r in replies])
+    assert all(u.diagnostics is not None for u in updates)
+    a = {u.node: u.diagnostics["a"].numpy().ravel().astype(np.float64) for u in updates}
+    step = {u.node: u.diagnostics["step"].numpy().ravel().astype(np.float64) for u in updates}
+    sent = {u.node: u.update.to_dense().double().numpy() for u in updates}
+    for n in a:  # what the client sent is Top_K of the a it reports (no error memory yet: a = step)
+        np.testing.assert_allclose(sent[n], _topk(a[n], K), rtol=0, atol=1e-6)
+    total = sum(u.weight for u in updates)
+    p = {u.node: u.weight / total for u in updates}
+    mean_a = sum(p[n] * a[n] for n in a)
+    g = sum(p[n] * sent[n] for n in a)
+    rho_hat = np.linalg.norm(_topk(mean_a, K) - g) / np.linalg.norm(sum(p[n] * step[n] for n in a))
+
+    strategy2 = TopKSGD(k=K, min_available_nodes=3, min_train_nodes=3, fraction_evaluate=0.0, diagnostics=True)
+    strategy2.aggregate_train(1, _replies(strategy2, _grid(3)))
+    assert strategy2.state.round_metrics[1]["rho_hat"] == pytest.approx(rho_hat, rel=1e-5)
+    assert rho_hat > 0.01  # the clients disagree: the test can tell ρ̂ from 0
+
+    # not asked for: a diagnostics record a client sends anyway is not kept
+    plain = TopKSGD(k=K, min_available_nodes=3, min_train_nodes=3, fraction_evaluate=0.0)
+    replies = _replies(plain, _grid(3))
+    for r in replies:
+        r.content[protocol.DIAGNOSTICS] = ArrayRecord({"a": Array(np.ones(D, np.float32)), "step": Array(np.ones(D, np.float32))})
+    assert all(u.diagnostics is None for u in plain.read_replies(1, replies))
+
+
+# ====================================================================== compress_downlink
+def _aggregate(seed: int) -> SparseTensor:
+    x = torch.from_numpy(np.random.default_rng(seed).standard_normal(D).astype(np.float32))
+    idx = torch.arange(0, D - 4)  # a sparse union of supports
+    return SparseTensor(idx, x[idx].clone(), D)
+
+
+def test_compress_downlink_without_server_error_feedback_keeps_no_delta():
+    strategy = SparseFedAvg(min_available_nodes=1, downlink=TopK(3), server_error_feedback=False)
+    strategy.initialize(_model())
+    for seed in range(4):  # several rounds: nothing carries over
+        agg = _aggregate(seed)
+        out = strategy.compress_downlink(seed + 1, agg)
+        np.testing.assert_array_equal(out.to_dense().numpy(), _topk(agg.to_dense().numpy(), 3))
+        assert strategy.state.server_error.norm() == 0.0
+
+
+@pytest.mark.parametrize("values", ["q4", "fp16"])
+def test_compress_downlink_delta_keeps_what_the_value_code_lost(values):
+    """Algorithm 2 with a lossy downlink code: δ_t = g − decode(encode(Top_K(g))) -- the quantization error stays in δ."""
+    strategy = SparseFedAvg(min_available_nodes=1, downlink=TopK(12), downlink_values=values)
+    strategy.initialize(_model())
+    delta = np.zeros(D)
+    for seed in range(3):
+        g = _aggregate(seed).to_dense().double().numpy() + delta
+        out = strategy.compress_downlink(seed + 1, _aggregate(seed))
+        np.testing.assert_allclose(out.to_dense().numpy(), _topk(g, 12), rtol=0, atol=1e-5)
+        decoded = codec.decode(codec.encode(out, values=values), D).to_dense().double().numpy()
+        assert np.abs(decoded - out.to_dense().double().numpy()).max() > 0, "the code must be lossy here"
+        delta = g - decoded
+        np.testing.assert_allclose(strategy.state.server_error.error.double().numpy(), delta, rtol=0, atol=1e-5)
