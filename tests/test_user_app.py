@@ -155,7 +155,8 @@ def test_users_quickstart_app_learns_sparse_in_flowers_simulation(make_strategy,
     rounds = result.train_metrics_clientapp
     assert sorted(rounds) == list(range(1, 7))
     # Every client's reply was accepted, every round.
-    assert all(strategy.state.round_metrics[t]["accepted"] == NUM_CLIENTS for t in rounds)
+    per_round = {t: {k: strategy.state.round_metrics[t].get(k) for k in ("clients", "accepted", "failures", "vote_accepted", "vote_failures")} for t in rounds}
+    assert all(strategy.state.round_metrics[t]["accepted"] == NUM_CLIENTS for t in rounds), per_round
     # It learns: clearly better on held-out data than the initial model.
     before, after = accuracy(initial), accuracy(result.arrays)
     assert after > max(0.8, before + 0.2), (before, after)

@@ -634,7 +634,8 @@ class SparseFedAvg(FedAvg):
         """FedAvg's sample size and waiting, drawn reproducibly.
 
         Waits, as FedAvg does, until ``max(min_available_nodes, sample
-        size)`` nodes are connected; nodes are ordered by their stable key and
+        size)`` nodes are connected, then samples ``fraction_train`` of the
+        nodes connected by then; nodes are ordered by their stable key and
         drawn with an RNG seeded by (seed, round).
         """
         size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
@@ -642,6 +643,9 @@ class SparseFedAvg(FedAvg):
         while len(nodes := list(grid.get_node_ids())) < need:
             log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).", len(nodes), need)
             time.sleep(1)
+        # The fraction applies to the nodes connected once the wait is over (FedAvg takes it
+        # from the count before waiting, which samples too few when nodes are still joining).
+        size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
         ordered = sorted(nodes, key=self._order)
         rng = random.Random(self.seed * 1_000_003 + server_round)
         return rng.sample(ordered, min(size, len(ordered)))
