@@ -138,3 +138,72 @@ def test_t_hat_rejects_a_contraction_factor_outside_0_1():
     # eta mu so small that B rounds to 1.0 in floating point: not a contraction either
     with pytest.raises(ValueError, match=r"^adaptive_k_t_hat: need 0 < B < 1 for the contraction factor"):
         adaptive_k_t_hat(**dict(GOOD, eta=1e-10, mu=1e-10))
+
+
+# ====================================================================== AdapTop-K schedule and re-planning
+from fractions import Fraction  # noqa: E402
+
+from fl_sparse.compressors import _adaptive_k_tail_sum, adaptive_k_budgeted, adaptive_k_rounds, adaptive_k_schedule  # noqa: E402
+
+
+def test_odd_T_the_neutral_round_sits_at_the_middle_late_boundary():
+    """Odd T: exactly one round gets k, one next to (t_hat + T) / 2 -- or, with t_hat = T (no late phase), the last early one."""
+    k, gamma = 10, 0.5
+    for T in range(1, 40, 2):
+        for t_hat in range(T + 1):
+            rounds = adaptive_k_rounds(T, k, gamma, t_hat)
+            neutral = [t for t, v in enumerate(rounds) if v == k]
+            assert len(neutral) == 1, (T, t_hat, rounds)
+            boundary = math.ceil((t_hat + T) / 2)  # first round of the late phase, eq. (21)
+            if t_hat < T:
+                assert neutral[0] in (boundary - 1, boundary), (T, t_hat, rounds)
+            else:  # t_hat = T: no late phase, the early phase has the extra round
+                assert neutral[0] == math.ceil(T / 2) - 1, (T, t_hat, rounds)
+
+
+def test_tail_sum_is_the_sum_of_the_remaining_schedule():
+    for T in range(1, 14):
+        for k in (1, 3, 10):
+            for gamma in (0.0, 0.3, 0.5, 1.0):
+                for t_hat in range(T + 1):
+                    rounds = adaptive_k_rounds(T, k, gamma, t_hat)
+                    for t in range(T):
+                        assert _adaptive_k_tail_sum(t, T, k, gamma, t_hat) == sum(rounds[t:]), (T, k, gamma, t_hat, t)
+
+
+def _budgeted_oracle(t, T, k, gamma, t_hat, spent, d=None):
+    """adaptive_k_budgeted's docstring, written out with fractions and a brute-force sum of the schedule."""
+    cap = 2 * k if d is None else min(2 * k, d)
+    left, budget = T - t, T * k - spent
+    if budget <= 0:
+        return 0
+    if budget < left:
+        return 1
+    weights = [adaptive_k_schedule(s, T, k, gamma, t_hat) for s in range(t, T)]
+    w, total = weights[0], sum(weights)
+    if total == 0:  # every remaining round has weight 0: split evenly
+        w, total = 1, left
+    share = math.floor(Fraction(budget * w, total) + Fraction(1, 2))  # round half up
+    return min(max(share, max(1, budget - cap * (left - 1))), min(cap, budget - (left - 1)))
+
+
+def test_budgeted_share_is_the_documented_proportional_rule():
+    for T in range(1, 9):
+        for k in (1, 2, 5):
+            for gamma in (0.0, 0.5, 0.9, 1.0):
+                for t_hat in range(T + 1):
+                    for t in range(T):
+                        for spent in range(0, T * k + 3):
+                            for d in (None, k, 2 * k + 1):
+                                got = adaptive_k_budgeted(t, T, k, gamma, t_hat, spent, d=d)
+                                want = _budgeted_oracle(t, T, k, gamma, t_hat, spent, d)
+                                assert got == want, (t, T, k, gamma, t_hat, spent, d)
+
+
+def test_budgeted_checks_spent_and_d_by_name():
+    with pytest.raises(ValueError, match=r"^AdapTop-K: spent must be an int >= 0, got -1$"):
+        adaptive_k_budgeted(0, 5, 10, 0.5, 2, -1)
+    with pytest.raises(ValueError, match=r"^AdapTop-K: d must be an int >= k = 10, got 9$"):
+        adaptive_k_budgeted(0, 5, 10, 0.5, 2, 0, d=9)
+    # d == k is a valid model size: every round then sends exactly k
+    assert [adaptive_k_budgeted(t, 5, 10, 0.5, 2, 10 * t, d=10) for t in range(5)] == [10] * 5

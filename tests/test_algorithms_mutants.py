@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_sparse.algorithms import add_drop, select_majority, select_weighted
+from fl_sparse.algorithms import add_drop, is_member, select_majority, select_weighted
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -59,7 +59,9 @@ def test_k_zero_selects_nothing():
 
 def test_majority_with_k_zero_and_votes_selects_nothing():
     positions, counts = torch.tensor([1, 4, 6]), torch.tensor([3, 1, 2])
-    assert select_majority(positions, counts, 0, 10, generator=None).numel() == 0
+    for gen in (None, _gen(0)):
+        mask = select_majority(positions, counts, 0, 10, generator=gen)
+        assert mask.numel() == 0 and mask.dtype == torch.int64
 
 
 def test_seeded_fill_uses_only_the_given_generator():
@@ -130,3 +132,20 @@ def test_add_drop_adds_as_many_as_it_drops_even_for_unequal_sizes(n_prev, n_top)
     assert vote.numel() == n_prev
     assert adds.tolist() == list(range(20 - m, 20))  # the largest |a| of Top_K \ previous
     assert drops.tolist() == list(range(0, m))  # the smallest |a| of previous \ Top_K
+
+
+def test_is_member_of_an_empty_set_answers_on_the_device_of_x():
+    """No CUDA here: the ``meta`` device stands in for a second device."""
+    x = torch.zeros(3, dtype=torch.int64, device="meta")
+    out = is_member(x, torch.empty(0, dtype=torch.int64, device="meta"))
+    assert out.device.type == "meta" and out.dtype == torch.bool and out.shape == (3,)
+    cpu = is_member(torch.tensor([1, 2, 3]), torch.empty(0, dtype=torch.int64))
+    assert cpu.tolist() == [False, False, False]
+
+
+def test_is_member_mixes_int32_and_int64():
+    """Stored votes are int32, decoded positions int64: membership works across the two."""
+    x64 = torch.tensor([0, 3, 5, 7, 9], dtype=torch.int64)
+    set32 = torch.tensor([3, 4, 9], dtype=torch.int32)
+    assert is_member(x64, set32).tolist() == [False, True, False, False, True]
+    assert is_member(x64.to(torch.int32), set32.to(torch.int64)).tolist() == [False, True, False, False, True]

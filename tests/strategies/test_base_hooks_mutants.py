@@ -194,3 +194,76 @@ def test_compress_downlink_delta_keeps_what_the_value_code_lost(values):
         assert np.abs(decoded - out.to_dense().double().numpy()).max() > 0, "the code must be lossy here"
         delta = g - decoded
         np.testing.assert_allclose(strategy.state.server_error.error.double().numpy(), delta, rtol=0, atol=1e-5)
+
+
+# ====================================================================== weight_of / apply_update / aggregate_exact
+def test_weight_of_accepts_up_to_2_pow_53_and_no_more():
+    strategy = SparseFedAvg(min_available_nodes=1)
+
+    def weight(value):
+        return strategy.weight_of(RecordDict({"metrics": MetricRecord({"num-examples": value})}))
+
+    assert weight(2**53) == float(2**53)  # documented range (0, 2**53]
+    assert weight(1) == 1.0 and weight(0.5) == 0.5
+    for bad in (2**53 + 2, 0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(protocol.ProtocolError, match="^" + re.escape(f"weight 'num-examples' must be a number in (0, 2**53], got {bad!r}") + "$"):
+            weight(bad)
+    with pytest.raises(protocol.ProtocolError, match=r"^reply metrics lack the weight 'num-examples'$"):
+        strategy.weight_of(RecordDict({"metrics": MetricRecord({"examples": 3})}))
+
+
+@pytest.mark.parametrize("positions", ["rice", "block"])
+def test_apply_update_encodes_with_the_downlink_position_code_and_records_the_density(positions):
+    """The update record clients get (sync "delta") uses ``downlink_positions``; downlink_density = nnz / d."""
+    strategy = SparseFedAvg(min_available_nodes=1, downlink_positions=positions)
+    strategy.initialize(_model())
+    w0 = strategy.state.model.clone()
+    idx = torch.tensor([0, 1, 2, 3, 5, 8, 13, 21])
+    sent = SparseTensor(idx, torch.linspace(-1, 1, idx.numel()), D)
+    record = strategy.apply_update(1, sent)  # called directly: no round entry exists yet
+    ours = codec.wire_size(record)
+    assert ours.position_bits == codec.wire_size(codec.encode(sent, positions=positions)).position_bits
+    assert ours.position_bits != codec.wire_size(codec.encode(sent, positions="raw")).position_bits
+    assert strategy.state.round_metrics[1] == {"downlink_density": idx.numel() / D}
+    np.testing.assert_allclose(strategy.state.model.numpy(), (w0 - sent.to_dense()).numpy(), rtol=0, atol=1e-7)
+    assert strategy.state.version == 1
+
+
+def test_float_exact_arrays_are_averaged_without_rounding():
+    """FedAvg's average of an exact float array (``exact_arrays``) stays a float average; integers are rounded."""
+    app = ClientApp(mods=[SparseMod()])
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        arrays = msg.content["arrays"]
+        out = ArrayRecord(
+            {
+                "w": Array(arrays["w"].numpy() - 0.1 * (pid + 1)),
+                "scale": Array(arrays["scale"].numpy() + 0.3 * (pid + 1)),
+                "steps": Array(arrays["steps"].numpy() + (pid + 1)),
+            }
+        )
+        return Message(RecordDict({"arrays": out, "metrics": MetricRecord({"num-examples": WEIGHTS[pid]})}), reply_to=msg)
+
+    folder = tempfile.mkdtemp(prefix="fl-sparse-mutants-")
+    grid = InProcessGrid(app, 3, node_config=lambda i: {"state-dir": folder})
+    arrays = ArrayRecord(
+        {
+            "w": Array(np.zeros(D, np.float32)),
+            "scale": Array(np.array([1.0, 2.0], np.float32)),
+            "steps": Array(np.array([5], np.int64)),
+        }
+    )
+    strategy = TopKSGD(k=K, exact_arrays=["scale"], min_available_nodes=3, min_train_nodes=3, fraction_evaluate=0.0)
+    scale, steps = np.array([1.0, 2.0]), np.array([5])
+    total = sum(WEIGHTS.values())
+    for rnd in (1, 2):
+        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
+        arrays, _ = strategy.aggregate_train(rnd, grid.send_and_receive(messages))
+        scale = sum(WEIGHTS[q] / total * (scale + 0.3 * (q + 1)) for q in range(3))
+        steps = np.rint(sum(WEIGHTS[q] / total * (steps + q + 1) for q in range(3)))
+        np.testing.assert_allclose(arrays["scale"].numpy(), scale, rtol=1e-6)
+        assert arrays["scale"].numpy().dtype == np.float32
+        assert not np.allclose(scale, np.rint(scale))  # the test can tell a rounded average
+        np.testing.assert_array_equal(arrays["steps"].numpy(), steps.astype(np.int64))

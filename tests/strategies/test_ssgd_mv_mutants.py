@@ -9,6 +9,7 @@ docstring's storage contract for the clients' votes. See docs/testing.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 import logging
 import tempfile
 
@@ -205,7 +206,16 @@ ADD_DROP_CASES = {
         lambda v: dict(kind="add-drop", adds=_outside(v)[:1], drops=_outside(v)[1:2], base_round=1),
         "a dropped position is not in the client's vote",
     ),
-    "more than K_ad changes": (
+    # each record is capped at K_ad on its own header (the other one alone would not catch it)
+    "K_ad + 1 adds": (
+        lambda v: dict(kind="add-drop", adds=_outside(v)[: K_AD + 1], drops=v[:K_AD], base_round=1),
+        f"payload declares nnz={K_AD + 1}, more than the allowed {K_AD}",
+    ),
+    "K_ad + 1 drops": (
+        lambda v: dict(kind="add-drop", adds=_outside(v)[:K_AD], drops=v[: K_AD + 1], base_round=1),
+        f"payload declares nnz={K_AD + 1}, more than the allowed {K_AD}",
+    ),
+    "K_ad + 1 adds and drops": (
         lambda v: dict(kind="add-drop", adds=_outside(v)[: K_AD + 1], drops=v[: K_AD + 1], base_round=1),
         f"payload declares nnz={K_AD + 1}, more than the allowed {K_AD}",
     ),
@@ -256,3 +266,64 @@ def test_a_malformed_add_drop_vote_is_rejected_and_the_standing_vote_stays(case,
     # M_sum still holds client 0's round-1 vote, unchanged
     assert strategy.votes[_node(0)][0] == 1 and torch.equal(strategy.votes[_node(0)][1], standing)
     strategy.check_vote_invariants()
+
+
+# ====================================================================== select_mask
+def _fresh(**kwargs) -> SSGDMajorityVote:
+    strategy = SSGDMajorityVote(min_available_nodes=1, **kwargs)
+    strategy.initialize(ArrayRecord({"w": Array(np.zeros(NUMEL, np.float32))}))
+    return strategy
+
+
+def test_random_tie_break_is_random_and_index_tie_break_takes_the_lowest():
+    """Every position gets one vote: the K-th count is tied everywhere (Alg. 1 l. 14 leaves the choice open)."""
+    votes = [torch.arange(i * K_VOTE, (i + 1) * K_VOTE) for i in range(5)]  # 30 distinct positions, one vote each
+    lowest = list(range(K_VOTE))
+    index = _fresh(k=K_VOTE, tie_break="index")
+    assert all(index.select_mask(t, votes).tolist() == lowest for t in range(1, 6))
+    randomised = _fresh(k=K_VOTE, tie_break="random", seed=3)
+    masks = [tuple(randomised.select_mask(t, votes).tolist()) for t in range(1, 9)]
+    assert len(set(masks)) > 4 and tuple(lowest) not in masks, masks
+    assert all(set(m) <= set(range(5 * K_VOTE)) and len(m) == K_VOTE for m in masks)
+    # reproducible: the same seed and round give the same mask
+    again = _fresh(k=K_VOTE, tie_break="random", seed=3)
+    assert [tuple(again.select_mask(t, votes).tolist()) for t in range(1, 9)] == masks
+
+
+@pytest.mark.parametrize("selection", ["majority", "weighted"])
+def test_mask_vote_share_is_the_fraction_of_votes_on_the_mask(selection):
+    strategy = _fresh(k=3, selection=selection, tie_break="index")
+    votes = [torch.tensor([0, 1, 2]), torch.tensor([0, 1, 3]), torch.tensor([0, 4, 5])]
+    mask = strategy.select_mask(7, votes)  # no round entry yet: select_mask creates it
+    counts = {0: 3, 1: 2, 2: 1, 3: 1, 4: 1, 5: 1}
+    share = sum(counts[p] for p in mask.tolist()) / 9
+    assert strategy.state.round_metrics[7] == {"round": 7, "mask_vote_share": pytest.approx(share)}
+    if selection == "majority":
+        assert mask.tolist() == [0, 1, 2] and share == pytest.approx(6 / 9)
+    # no votes at all: the share is undefined (NaN), the mask is still K positions
+    mask = strategy.select_mask(8, [])
+    assert mask.numel() == 3 and math.isnan(strategy.state.round_metrics[8]["mask_vote_share"])
+
+
+def test_a_client_whose_vote_never_arrives_is_synced_densely_next_time():
+    """Asked to vote, no reply at all: it may have applied the sync, so the server forgets which model it holds."""
+
+    def tamper(phase, pid, reply):
+        lost = phase == protocol.PHASE_VOTE and pid == 0 and Report.read(reply.content).server_round == 2
+        return None if lost else reply
+
+    strategy = SSGDMajorityVote(k=K_VOTE, min_available_nodes=3, min_train_nodes=3, fraction_evaluate=0.0)
+    bench = _Bench(strategy, NUMEL, 3, tamper=tamper)
+    bench.round(1)
+    assert _node(0) in strategy.state.client_versions
+    bench.round(2)
+    assert _node(0) not in strategy.state.client_versions
+    assert _node(1) in strategy.state.client_versions and _node(2) in strategy.state.client_versions
+    bench.round(3)
+    votes3 = [Instruction.read(m.content) for m in bench.grid.sent]
+    sync = {
+        m.metadata.dst_node_id: i.sync_mode
+        for m, i in zip(bench.grid.sent, votes3)
+        if i.server_round == 3 and i.phase == protocol.PHASE_VOTE
+    }
+    assert sync[_node(0)] == "dense" and sync[_node(1)] != "dense", sync
