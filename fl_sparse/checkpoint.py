@@ -29,10 +29,13 @@ from the file. Top-level keys:
     last update record, node keys, cumulative error, the round metrics, plus
     what a subclass keeps (SSGD-MV's vote sums, stored votes, last mask and
     values record; AdapTop-K's t̂ and planned k_t).
-``client_run_id``, ``client_state_dir``
-    The Flower run id the clients keyed their state folder by and that folder
-    (when the server chose it), so a resumed simulation finds the clients'
-    error memories (``client_state_dir/run-<id>`` is renamed to the new run's id).
+``client_state_dir``
+    ``"out/client-state"`` when the clients' files are beside the checkpoint
+    (the server's choice), None when the user named a state dir. Clients key their files by the strategy's generation
+    (``<state-dir>/gen-<generation>``), which the strategy state keeps, so a
+    resumed run's clients find their error memory under a new Flower run id;
+    when the folder changed, or the run went on past its last checkpoint,
+    every client is re-synced densely instead.
 
 Atomic write: the file is written to ``checkpoint.pt.tmp``, fsynced, renamed
 over ``checkpoint.pt`` (``os.replace``) and the folder fsynced. A crash at any

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
@@ -156,6 +157,9 @@ def _to_items(obj) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ server -> client
+_GENERATION_NAME = re.compile(r"[A-Za-z0-9_-]{0,64}")
+
+
 @dataclass(frozen=True)
 class Instruction:
     """What the server tells a client's :class:`~fl_sparse.clients.SparseMod` in a train message.
@@ -163,7 +167,8 @@ class Instruction:
     ``nonce`` is fresh for every message; the reply must echo it.
     ``generation`` names the strategy's run: when it changes (a new
     ``start``), the client forgets its error memory and votes from the last
-    one. Sync: ``sync_mode`` (one of :data:`SYNC_MODES`) brings the client from
+    one. Clients keep their state in a folder named after it, so a run
+    resumed from a checkpoint (same generation, new Flower run id) finds it. Sync: ``sync_mode`` (one of :data:`SYNC_MODES`) brings the client from
     ``base_version`` to ``model_version``, whose flat model hashes to
     ``model_hash``; ``layout`` (JSON of :class:`~fl_sparse.flat.FlatLayout`)
     comes with every dense sync. ``accepted_round`` is the last round whose
@@ -211,6 +216,9 @@ class Instruction:
             raise ProtocolError(f"unknown sync-mode {self.sync_mode!r}; expected one of {SYNC_MODES}")
         if self.server_round < 0:
             raise ProtocolError(f"server-round must be >= 0, got {self.server_round}")
+        if not _GENERATION_NAME.fullmatch(self.generation):
+            # It names the clients' state folder: letters, digits, '-' and '_' only.
+            raise ProtocolError(f"generation must be 0-64 of [A-Za-z0-9_-], got {self.generation!r}")
         for name in ("vote_k", "add_drop_k"):
             if getattr(self, name) < 0:
                 raise ProtocolError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")

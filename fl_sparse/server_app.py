@@ -361,33 +361,6 @@ def _check_resumable(cfg: RunConfig, ckpt: dict[str, Any]) -> None:
         raise CheckpointError(f"the checkpoint in {cfg.resume} is at round {done}; give rounds > {done} to continue it")
 
 
-def _grid_run_id(grid: Grid) -> int | None:
-    """The Flower run id clients key their state folder by (``run-<id>``), if the Grid knows it."""
-    try:
-        run_id = getattr(grid.run, "run_id", None)
-    except Exception:  # noqa: BLE001 - a Grid without a run set
-        run_id = None
-    if run_id is None:
-        run_id = getattr(grid, "run_id", None)
-    return None if run_id is None else int(run_id)
-
-
-def _adopt_client_states(state_dir: str, old_run_id: int | None, new_run_id: int | None) -> bool:
-    """Let this run's clients find the saved run's state files; False if they may not find them.
-
-    Clients keep their state in ``<state-dir>/run-<run id>`` (:mod:`fl_sparse.clients.state`)
-    and a new simulation has a new run id: the saved run's folder is renamed to
-    the new one, when it is here to rename.
-    """
-    if old_run_id is None or new_run_id is None or old_run_id == new_run_id:
-        return old_run_id is not None and old_run_id == new_run_id
-    src, dst = Path(state_dir) / f"run-{old_run_id}", Path(state_dir) / f"run-{new_run_id}"
-    if not src.is_dir() or dst.exists():
-        return False
-    os.replace(src, dst)
-    return True
-
-
 def strategy_from_config(cfg: RunConfig):
     """The strategy ``cfg.strategy`` names, configured from ``cfg``."""
     return build_strategy(
@@ -488,13 +461,15 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
     # Only a folder the user named is fsynced per save (it may have to survive a power loss);
     # out/client-state is written atomically, and a torn file there only costs that client a dense sync.
     strategy.client_state_fsync = bool(cfg.state_dir)
-    run_id = _grid_run_id(grid)
-    if ckpt is not None:
-        adopted = _adopt_client_states(state_dir, ckpt.get("client_run_id"), run_id)
-        if not adopted or checkpoint.was_running(cfg.out):
-            # The clients may not find their state, or may have gone past the checkpoint
-            # (the process died after it): start each one from the dense model.
-            strategy.resync_clients()
+    # Where the clients' files are, as the checkpoint records it: beside the checkpoint
+    # (the run folder may have been moved or copied since), or in the user's state dir.
+    saved_state_dir = None if cfg.state_dir else "out/client-state"
+    if ckpt is not None and (checkpoint.was_running(cfg.out) or ckpt.get("client_state_dir") != saved_state_dir):
+        # The clients may have gone past the checkpoint (the process died after it), or
+        # keep their state elsewhere now: start each one from the dense model. Otherwise
+        # they find their state by the strategy's generation, which the checkpoint keeps
+        # (clients.mod.state_folder_name), under any new Flower run id.
+        strategy.resync_clients()
     if cfg.out:
         checkpoint.mark_running(cfg.out)
 
@@ -506,8 +481,7 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
                 "config": asdict(cfg),
                 "rows": rows,
                 "strategy": strategy.state_dict(),
-                "client_run_id": run_id,
-                "client_state_dir": None if cfg.state_dir else state_dir,
+                "client_state_dir": saved_state_dir,
             },
         )
 

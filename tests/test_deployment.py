@@ -302,7 +302,7 @@ def _deployment_restart(procs: Procs, tmp_path: Path) -> None:
 
     # Let two rounds finish, then kill SuperNode 1 (and its ClientApp/SuperExec) hard.
     _wait_for(lambda: len(_read_metrics(out)) >= 2, 120, "round 2", procs)
-    state_files = lambda: sorted((tmp_path / "node1").glob("run-*/client-1.state"))  # noqa: E731
+    state_files = lambda: sorted((tmp_path / "node1").glob("gen-*/client-1.state"))  # noqa: E731
     assert state_files(), "SuperNode 1 wrote no state file under its node-config state-dir"
     before = decode_state(state_files()[0].read_bytes())
     procs.kill(nodes[1], signal.SIGKILL)

@@ -157,7 +157,7 @@ def _tls_deployment(procs: Procs, tmp_path: Path) -> None:
     )
 
     _wait_for(lambda: len(_read_metrics(out)) >= 2, 360, "round 2", procs)
-    state_files = lambda: sorted((tmp_path / f"node{KILLED}").glob(f"run-*/client-{KILLED}.state"))  # noqa: E731
+    state_files = lambda: sorted((tmp_path / f"node{KILLED}").glob(f"gen-*/client-{KILLED}.state"))  # noqa: E731
     assert state_files(), f"SuperNode {KILLED} wrote no state file under its node-config state-dir"
     before = decode_state(state_files()[0].read_bytes())
     procs.kill(nodes[KILLED], signal.SIGKILL)

@@ -120,7 +120,7 @@ def _readme_expected_output() -> str:
 
 
 def _state_files(root: Path) -> list[str]:
-    return sorted(p.name for p in root.glob("run-*/*.state"))
+    return sorted(p.name for p in root.glob("gen-*/*.state"))
 
 
 # ----------------------------------------------------------- README.md

@@ -146,7 +146,7 @@ def test_example_apps_in_process(tmp_path: Path, monkeypatch, ratio: float):
     ]
     assert sorted(r for r, _ in trained) == [t for t in range(1, rounds + 1) for _ in range(2)]
     partitions = {grid.node_ids.index(node) for _, node in trained}
-    files = sorted(p.name for p in (state / f"run-{grid.run_id}").glob("*.state"))
+    files = sorted(p.name for p in next(state.glob("gen-*")).glob("*.state"))
     assert files == [f"client-{i}.state" for i in sorted(partitions)], (files, trained)
 
 
@@ -171,5 +171,5 @@ def test_example_apps_in_run_simulation(tmp_path: Path, monkeypatch):
     results = json.loads((tmp_path / "results.json").read_text())
     _check_results(results, rounds=rounds, clients=3, ratio=server_module.DEFAULT_CONFIG["ratio"])
     _check_final_model(tmp_path / "final_model.pt", results["rounds"][-1]["accuracy"])
-    runs = list((tmp_path / "state").glob("run-*"))
+    runs = list((tmp_path / "state").glob("gen-*"))
     assert len(runs) == 1 and len(list(runs[0].glob("client-*.state"))) == 3

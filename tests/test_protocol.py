@@ -52,7 +52,7 @@ def _key(name: str) -> str:
 INSTRUCTION_FIELDS = dict(
     server_round=NON_NEG_INT,
     phase=st.sampled_from(protocol.PHASES),
-    generation=TEXT,
+    generation=st.from_regex(r"[A-Za-z0-9_-]{0,64}", fullmatch=True),
     nonce=TEXT,
     model_version=INT64,
     model_hash=TEXT,
@@ -382,3 +382,10 @@ def test_phases_and_sync_modes():
         assert Instruction(server_round=0, phase=phase).phase == phase
     for mode in protocol.SYNC_MODES:
         assert replace(Instruction(server_round=0), sync_mode=mode).sync_mode == mode
+
+
+@pytest.mark.parametrize("generation", ["../up", "a/b", "x" * 65, "gen id", "\x00"])
+def test_a_generation_that_is_not_a_folder_name_is_refused(generation):
+    """The generation names the clients' state folder: nothing that could leave it or break it."""
+    with pytest.raises(ProtocolError, match="generation"):
+        Instruction(server_round=1, generation=generation)

@@ -331,7 +331,7 @@ def test_start_translates_flowers_rounds_and_keys_the_result_by_them(runs, tmp_p
     grid = _grid(run_id=8, reverse_ids=True)
     cfg = replace(BASE, strategy="bidirectional-topk")
     strategy.client_state_dir = str(Path(out) / "client-state")
-    os.replace(Path(out) / "client-state" / "run-7", Path(out) / "client-state" / "run-8")
+    # Another Flower run id (8, was 7): the clients find their files by the generation.
     result = strategy.start(
         grid, strategy.current_arrays(), num_rounds=8, train_config=_train_config(cfg),
         evaluate_fn=lambda r, arrays: seen["evaluate"].append(r), first_round=7,
@@ -418,7 +418,8 @@ def test_nothing_is_written_after_the_last_round_and_the_marker_is_gone(runs):
     for a, b in zip(saved["rows"], rows):
         assert not _differing(a, b)
     assert not checkpoint.was_running(out)
-    assert (Path(out) / "client-state" / "run-7").is_dir()  # persistent beside the checkpoint
+    # persistent beside the checkpoint, keyed by the strategy's generation (not Flower's run id)
+    assert (Path(out) / "client-state" / f"gen-{saved['strategy']['generation']}").is_dir()
     _assert_same_model(_model(out), dict(strategy_from_model(saved)))
 
 

@@ -74,7 +74,7 @@ from fl_sparse.memory import ErrorFeedback
 from fl_sparse.protocol import Instruction, Report, UplinkMetrics
 from fl_sparse.sparse import SparseTensor
 
-__all__ = ["SparseMod", "SyncError", "client_key", "client_generator_seed", "DEFAULT_STATE_DIR"]
+__all__ = ["SparseMod", "SyncError", "client_key", "state_folder_name", "client_generator_seed", "DEFAULT_STATE_DIR"]
 
 DEFAULT_STATE_DIR = Path.home() / ".cache" / "fl-sparse" / "state"
 
@@ -90,6 +90,17 @@ _SENT_VOTE, _SENT_VOTE_ROUND = "ssgd_sent_vote", "ssgd_sent_vote_round"  # the l
 
 class SyncError(RuntimeError):
     """The client's stored model is not the version the server's sync assumes."""
+
+
+def state_folder_name(instr: Instruction, context: Context) -> str:
+    """The sub-folder of the state dir for this strategy run: ``gen-<generation>``.
+
+    Keyed by the strategy's generation, not Flower's run id, so that a run
+    resumed from a checkpoint (a new ``flwr run``, a new run id, the same
+    generation) finds its clients' error memory on remote SuperNodes too.
+    Without a generation (a strategy that sets none) it is ``run-<run id>``.
+    """
+    return f"gen-{instr.generation}" if instr.generation else f"run-{context.run_id}"
 
 
 def client_key(context: Context) -> str:
@@ -228,7 +239,7 @@ class SparseMod:
         own = self.state_dir or context.node_config.get("state-dir") or os.environ.get("FL_SPARSE_STATE_DIR")
         root = own or instr.state_dir or str(DEFAULT_STATE_DIR)
         durable = self.durable if self.durable is not None else (bool(own) or not instr.state_dir or instr.state_fsync)
-        store = ClientStateStore(Path(str(root)) / f"run-{context.run_id}", durable=durable)
+        store = ClientStateStore(Path(str(root)) / state_folder_name(instr, context), durable=durable)
         key = client_key(context)
         session = _Session(store, key, store.load(key))
         reset = session.state.reset_reason

@@ -8,7 +8,9 @@ loses ``context.state``.
 
 :class:`ClientStateStore` keeps one file per client under a directory:
 
-* simulation: ``<state-dir>/<run-id>/client-<partition-id>.state``; the
+* simulation: ``<state-dir>/gen-<generation>/client-<partition-id>.state``
+  (the generation names the strategy's run, see
+  :func:`fl_sparse.clients.mod.state_folder_name`); the
   server picks ``state-dir`` (a temporary folder, in ``/dev/shm`` when it has
   room, see :func:`fl_sparse.server_app.simulation_state_dir`) and removes it
   after the run;

@@ -36,11 +36,13 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import importlib.metadata
 import math
 import os
 import struct
 import threading
 import warnings
+import zipfile
 import zlib
 from collections import OrderedDict
 from pathlib import Path
@@ -479,6 +481,59 @@ def _compute_partitions(
     return parts
 
 
+def _partition_file(key: tuple) -> Path | None:
+    """Where the partitions of ``key`` are kept on disk (the partitioner's version is part of the name).
+
+    Why on disk: under ``flwr run`` each message is a new ClientApp process, and
+    computing the split imports ``datasets``/``flwr_datasets`` (seconds) and
+    runs the partitioner, every round, in every client. The file is a pure
+    function of the key (labels' fingerprint included), so any process may
+    write it and any may read it.
+    """
+    try:
+        partitioner = importlib.metadata.version("flwr-datasets")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    name = hashlib.blake2b(repr((key, partitioner)).encode(), digest_size=16).hexdigest()
+    return default_cache_dir() / "partitions" / f"{name}.npz"
+
+
+def _read_partitions(path: Path | None, num_partitions: int, n: int) -> tuple[torch.Tensor, ...] | None:
+    """The cached split, or None when there is none or it does not check out (then it is recomputed)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            flat, offsets = f["indices"], f["offsets"]
+        ok = (
+            flat.dtype == np.int64 and offsets.dtype == np.int64 and flat.ndim == 1
+            and offsets.shape == (num_partitions + 1,) and offsets[0] == 0 and offsets[-1] == flat.size
+            and bool(np.all(np.diff(offsets) >= 0)) and (flat.size == 0 or (flat.min() >= 0 and flat.max() < n))
+        )
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+        ok = False
+    if not ok:
+        return None
+    whole = torch.from_numpy(flat)
+    return tuple(whole[offsets[i] : offsets[i + 1]] for i in range(num_partitions))
+
+
+def _write_partitions(path: Path | None, parts: tuple[torch.Tensor, ...]) -> None:
+    """Best effort, atomic (a read-only or full cache only costs the next process a recomputation)."""
+    if path is None:
+        return
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([int(p.numel()) for p in parts])
+    flat = torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.int64)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, indices=flat.astype(np.int64, copy=False), offsets=offsets)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
 def partition_indices(
     dataset_name: str,
     labels: torch.Tensor,
@@ -504,8 +559,10 @@ def partition_indices(
       ``N mod (2 * num_partitions)`` examples are left out.
 
     All partitions of one ``(labels, scheme, num_partitions, alpha, seed)``
-    are computed together on first use and cached for the process. The result
-    is deterministic for a seed; treat it as read-only.
+    are computed together on first use and cached for the process and on disk
+    (``<cache dir>/partitions``, keyed by the labels' fingerprint, the
+    arguments and the flwr-datasets version; a file that does not check out is
+    recomputed). The result is deterministic for a seed; treat it as read-only.
     """
     dataset_info(dataset_name)
     if scheme not in PARTITION_SCHEMES:
@@ -532,8 +589,12 @@ def partition_indices(
     with _PARTITION_LOCK:
         parts = _PARTITION_CACHE.get(key)
         if parts is None:
-            labels_np = labels.detach().to("cpu", torch.int64).numpy()
-            parts = _compute_partitions(labels_np, scheme, num_partitions, float(alpha), int(seed))
+            disk = _partition_file(key)
+            parts = _read_partitions(disk, num_partitions, n)
+            if parts is None:
+                labels_np = labels.detach().to("cpu", torch.int64).numpy()
+                parts = _compute_partitions(labels_np, scheme, num_partitions, float(alpha), int(seed))
+                _write_partitions(disk, parts)
             _PARTITION_CACHE[key] = parts
             while len(_PARTITION_CACHE) > _PARTITION_CACHE_MAX:
                 _PARTITION_CACHE.popitem(last=False)

@@ -24,6 +24,7 @@ from fl_sparse.flat import FlatLayout
 
 __all__ = [
     "BatchSource",
+    "PlainSGD",
     "arrayrecord_to_vector",
     "evaluate",
     "load_arrayrecord_",
@@ -43,6 +44,48 @@ BatchSource = Union[Callable[[int], torch.Tensor], Iterable[torch.Tensor]]
 # ------------------------------------------------------------ training
 
 
+class PlainSGD:
+    """``torch.optim.SGD``'s update (no dampening, no Nesterov), without ``torch.optim``.
+
+    Why: the first ``torch.optim.SGD(...)`` in a process imports
+    ``torch._dynamo`` (about 1.4 s). Under ``flwr run`` every message is a new
+    ClientApp process, so that import was paid on every round by every client,
+    more than the H local steps themselves. The update is torch's
+    single-tensor path, op for op (``tests/tasks/test_training.py`` checks it
+    bit for bit against ``torch.optim.SGD``)::
+
+        g = ∇ + weight_decay · p
+        b = g (first step),  b = momentum · b + g (later)     [momentum > 0]
+        p = p − lr · (b if momentum > 0 else g)
+    """
+
+    def __init__(self, params: list[torch.Tensor], *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+        self.params = params
+        self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        self.buffers: list[torch.Tensor | None] = [None] * len(params)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            g = p.grad
+            if self.weight_decay != 0:
+                g = g.add(p, alpha=self.weight_decay)
+            if self.momentum != 0:
+                buf = self.buffers[i]
+                if buf is None:
+                    buf = self.buffers[i] = torch.clone(g).detach()
+                else:
+                    buf.mul_(self.momentum).add_(g)
+                g = buf
+            p.add_(g, alpha=-self.lr)
+
+
 def local_sgd(
     model: nn.Module,
     images: torch.Tensor,
@@ -56,7 +99,7 @@ def local_sgd(
     *,
     seed: int | None = None,
 ) -> dict[str, float | int]:
-    """``steps`` minibatch SGD steps (``torch.optim.SGD``) on cross-entropy loss.
+    """``steps`` minibatch SGD steps (:class:`PlainSGD`, ``torch.optim.SGD``'s update) on cross-entropy loss.
 
     ``batches`` gives the indices into ``images``/``labels`` of each step's
     minibatch: a callable ``h -> Tensor`` for ``h = 0 .. steps-1`` (e.g.
@@ -86,9 +129,7 @@ def local_sgd(
     if any(p.device != device for p in model.parameters()):
         model.to(device)  # skipped when already there: Module.to walks every submodule
     model.train()
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
-    )
+    optimizer = PlainSGD(list(model.parameters()), lr=lr, momentum=momentum, weight_decay=weight_decay)
     if callable(batches):
         get = batches
     else:

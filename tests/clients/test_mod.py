@@ -448,6 +448,20 @@ def test_a_new_strategy_run_starts_with_an_empty_error_memory(server, client, sa
     assert_bitwise(sent_update(r2).to_dense(), step + a1 if same_run else step)
 
 
+def test_a_resumed_run_under_a_new_flower_run_id_keeps_the_error_memory(server, client):
+    """State is keyed by the strategy's generation: a resumed ``flwr run`` (new run id) finds it."""
+    r1 = client.send(server.message(1, sync_mode="dense", generation="g1"))
+    a1 = client.train.last_step(server.w)
+    assert (client.state_dir / "gen-g1" / f"{client_key(client.context)}.state").is_file()
+    client.context.run_id = RUN_ID + 1  # the server process died; `flwr run` again with --resume
+    r2 = client.send(server.message(1, sync_mode="dense", generation="g1", uplink=IDENTITY))
+    step = client.train.last_step(server.w)
+    # round 1's update was never accepted, so all of a_1 comes back: the memory was found
+    assert_bitwise(sent_update(r2).to_dense(), step + a1)
+    assert sorted(p.name for p in client.state_dir.iterdir()) == ["gen-g1"]
+    del r1
+
+
 def test_extra_user_records_in_the_reply_pass_through(server, tmp_path):
     train = QuickstartTrain()
 

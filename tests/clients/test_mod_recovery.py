@@ -126,7 +126,7 @@ class Damage:
         if instr.phase == protocol.PHASE_VOTE:
             return reply  # damage after the round's last message to the client
         if r in self.plan:
-            path = next(self.root.glob(f"run-*/client-{VICTIM}.state"))
+            path = next(self.root.glob(f"gen-*/client-{VICTIM}.state"))
             bad = self.plan[r](path)
             path.write_bytes(bad)
             self.written.append(bad)
@@ -190,7 +190,7 @@ def test_damaged_state_costs_the_client_one_round_then_it_is_accepted_again(name
     assert torch.isfinite(w).all()
     assert w.abs().max() < 10 * max(1.0, float(w0.abs().max())), float(w.abs().max())
     # Every damaged file is kept aside, byte for byte, next to the live one.
-    store = ClientStateStore(next(tmp_path.glob("run-*")), durable=False)
+    store = ClientStateStore(next(tmp_path.glob("gen-*")), durable=False)
     assert [p.read_bytes() for p in store.corrupt_files(f"client-{VICTIM}")] == damage.written
     assert store.load(f"client-{VICTIM}").reset_reason is None  # the live file is sound again
 
@@ -206,5 +206,5 @@ def test_with_a_dense_sync_the_reset_client_just_trains(tmp_path, monkeypatch):
     assert damage.syncs[4] == "dense"
     assert all(rm[r]["failures"] == 0 and rm[r]["accepted"] == N for r in range(4, ROUNDS + 1)), rm
     assert damage.errors == {}  # the client never refused a message
-    store = ClientStateStore(next(tmp_path.glob("run-*")), durable=False)
+    store = ClientStateStore(next(tmp_path.glob("gen-*")), durable=False)
     assert [p.read_bytes() for p in store.corrupt_files(f"client-{VICTIM}")] == damage.written

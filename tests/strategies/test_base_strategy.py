@@ -521,7 +521,7 @@ def test_a_client_that_lost_its_state_is_refused_then_resynced(tmp_path):
     model0 = initial_model()
     arrays = record_of(model0)
     _, _, (arrays, _) = play(strategy, grid, 1, arrays)
-    for f in (tmp_path / "run-7").glob("client-1*"):
+    for f in (tmp_path / f"gen-{strategy.state.generation}").glob("client-1*"):
         f.unlink()
     messages, replies, (arrays2, metrics) = play(strategy, grid, 2, arrays)
     assert instructions(messages)[node(1)].sync_mode == "delta"

@@ -113,7 +113,7 @@ def test_clients_keep_state_in_the_servers_temporary_folder_which_is_removed(tmp
 
     def start_and_look(self, *args, **kwargs):
         out = original_start(self, *args, **kwargs)
-        seen.extend(sorted(p.name for p in Path(made[0]).glob("run-*/*")))  # before run_server cleans up
+        seen.extend(sorted(p.name for p in Path(made[0]).glob("gen-*/*")))  # before run_server cleans up
         return out
 
     monkeypatch.setattr(SparseFedAvg, "start", start_and_look)

@@ -98,9 +98,10 @@ class Bench:
             return Message(RecordDict({"arrays": ArrayRecord({"w": Array(trained)}), "metrics": metrics}), reply_to=msg)
 
         self.grid = InProcessGrid(app, clients, node_config=lambda i: {"state-dir": str(self.root)}, tamper=self._tamper)
-        self.store = ClientStateStore(self.root / f"run-{self.grid.run_id}", durable=False)
         self.arrays = ArrayRecord({"w": Array(np.linspace(-1, 1, numel, dtype=np.float32))})
         strategy.initialize(self.arrays)
+        # the mod's folder for this strategy run (clients.mod.state_folder_name)
+        self.store = ClientStateStore(self.root / f"gen-{strategy.state.generation}", durable=False)
         strategy.identify(self.grid)
         self.models[0] = strategy.state.model.clone()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -19,6 +20,7 @@ from fl_sparse.tasks.data import (
 )
 from fl_sparse.tasks.models import build_model
 from fl_sparse.tasks.training import (
+    PlainSGD,
     arrayrecord_to_vector,
     evaluate,
     load_arrayrecord_,
@@ -243,3 +245,27 @@ def test_arrayrecord_round_trip_float_exact():
     back = arrayrecord_to_vector(record)
     assert torch.equal(back, vec)
     assert np.array_equal(record["conv1.weight"].numpy(), m.conv1.weight.detach().numpy())
+
+
+# ------------------------------------------------------------ PlainSGD == torch.optim.SGD
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.0, 5e-4), (0.9, 5e-4)])
+def test_plain_sgd_equals_torch_optim_sgd_bit_for_bit(momentum, weight_decay):
+    """Five steps of a small MLP (one parameter without a gradient) under both optimizers."""
+    torch.manual_seed(3)
+    ours = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    frozen = torch.nn.Parameter(torch.randn(4))  # no gradient: both leave it alone
+    theirs = copy.deepcopy(ours)
+    frozen_theirs = torch.nn.Parameter(frozen.detach().clone())
+    plain = PlainSGD([*ours.parameters(), frozen], lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    reference = torch.optim.SGD(
+        [*theirs.parameters(), frozen_theirs], lr=0.1, momentum=momentum, weight_decay=weight_decay, foreach=False
+    )
+    for step in range(5):
+        x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+        for model, opt in ((ours, plain), (theirs, reference)):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            assert torch.equal(a, b), step
+    assert torch.equal(frozen, frozen_theirs)
