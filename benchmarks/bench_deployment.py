@@ -19,9 +19,9 @@ and times rounds of
 * ``repo-traced`` -- the same ServerApp/ClientApp wrapped by this script's app:
   the wrapper times every ``send_and_receive`` and, in each ClientApp process,
   process start, the import of ``fl_sparse.clients.app`` (torch included),
-  the import of the data-split libraries (``datasets``, ``flwr_datasets``:
-  fl-sparse's partitioner imports them in every fresh process), the dataset
-  load and the rest of the train call. The wrapper changes nothing in fl-sparse.
+  the dataset load and the rest of the train call (the split itself comes
+  from fl-sparse's disk cache of partitions, so ``datasets`` and
+  ``flwr_datasets`` are not imported per message any more). The wrapper changes nothing in fl-sparse.
 
 Knobs measured (see docs/deployment.md, "Deployment round time"):
 
@@ -213,10 +213,8 @@ def train(msg: Message, context: Context) -> Message:
     t0 = t1 = t2 = time.time()
     config = msg.content["config"] if "config" in msg.content else None  # None: fl-sparse's identify message
     if config is not None:
-        # fl-sparse's partitioner imports these in every fresh ClientApp process; imported
-        # here first only to time them apart (the inner call then finds them loaded).
-        import datasets  # noqa: F401
-        import flwr_datasets.partitioner  # noqa: F401
+        # The split comes from fl-sparse's disk cache (no datasets/flwr_datasets import);
+        # ds0..ds1 is kept as a column so older traces compare.
         t1 = time.time()
         from fl_sparse.tasks.data import load_dataset
         load_dataset(str(config["dataset"]))  # cached per process: the inner call reuses it

@@ -582,12 +582,22 @@ class SparseFedAvg(FedAvg):
         saved = self.node_keys
         self.node_keys = {}
         self.identify(grid)
-        now = {key[0]: node for node, key in self.node_keys.items()}
+        claims: dict[int, list[int]] = {}
+        for node, key in self.node_keys.items():
+            claims.setdefault(key[0], []).append(node)
+        # Partition ids are the clients' own word. Two nodes claiming one id (a
+        # misconfigured or hostile node) inherit nothing: the saved client's
+        # state stays where it is, and both claimers start from the dense model.
+        disputed = {pid: nodes for pid, nodes in claims.items() if len(nodes) > 1}
+        for pid, nodes in sorted(disputed.items()):
+            log(WARNING, "nodes %s all claim partition id %d: none inherits its saved state", sorted(nodes), pid)
+        now = {pid: nodes[0] for pid, nodes in claims.items() if len(nodes) == 1}
         mapping, pending = {}, {}
         for old, key in saved.items():
             new = now.get(key[0])
             if new is None:
-                pending[key[0]] = old
+                if key[0] not in disputed:
+                    pending[key[0]] = old
                 self.node_keys.setdefault(old, key)
             elif new != old:
                 mapping[old] = new
@@ -619,7 +629,13 @@ class SparseFedAvg(FedAvg):
 
     def _learn_key(self, node: int, report: Report) -> None:
         if report.partition_id >= 0:
-            old = self._pending_keys.pop(report.partition_id, None)
+            old = self._pending_keys.get(report.partition_id)
+            # Another node already claims this id: the saved state goes to neither (see reidentify).
+            claimed = any(k[0] == report.partition_id and n not in (node, old) for n, k in self.node_keys.items())
+            if old is not None and not claimed:
+                del self._pending_keys[report.partition_id]
+            else:
+                old = None
             if old is not None and old != node:  # a client of a continued run, back under a new node id
                 self.node_keys.pop(old, None)
                 self.move_clients({old: node})

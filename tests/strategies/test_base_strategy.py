@@ -582,3 +582,39 @@ def test_bad_config_is_refused_at_construction():
 def test_aggregate_train_before_configure_train_is_an_error():
     with pytest.raises(RuntimeError, match="configure_train"):
         TopKSGD(ratio=0.01).aggregate_train(1, [])
+
+
+def test_two_nodes_claiming_one_partition_id_on_resume_inherit_nothing(tmp_path, caplog):
+    """Partition ids are self-reported: a duplicate claim must not hand a saved client's state to anyone."""
+    grid = _bench(tmp_path)
+    strategy = _topk_strategy()
+    arrays = record_of(initial_model())
+    for t in (1, 2):
+        _, _, (arrays, _) = play(strategy, grid, t, arrays)
+    saved_versions = dict(strategy.state.client_versions)
+    assert sorted(saved_versions) == [node(p) for p in range(len(WEIGHTS))]
+
+    # A new run: new node ids; the node of partition 2 and another both say "partition 0".
+    new_ids = {node(p): 5000 + p for p in range(len(WEIGHTS))}
+    grid.node_ids = [new_ids[n] for n in grid.node_ids]
+    grid.contexts = {new_ids[n]: ctx for n, ctx in grid.contexts.items()}
+    grid.online = set(grid.node_ids)
+    for n, ctx in grid.contexts.items():
+        ctx.node_id = n
+    grid.contexts[5002].node_config["partition-id"] = 0
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        strategy.reidentify(grid)
+    assert "[5000, 5002] all claim partition id 0" in caplog.text
+    versions = strategy.state.client_versions
+    assert 5000 not in versions and 5002 not in versions  # neither inherits partition 0's model version
+    # the undisputed client moved; partition 0's entry stays under its old node id
+    assert versions[5001] == saved_versions[node(1)] and versions[node(0)] == saved_versions[node(0)]
+    # A later reply claiming partition 0 does not take the saved state either.
+    strategy._learn_key(5002, Report(server_round=3, partition_id=0))
+    assert strategy.state.client_versions.get(5002) is None and versions[node(0)] == saved_versions[node(0)]
+
+    messages, replies, (arrays3, metrics) = play(strategy, grid, 3, arrays)
+    sync = {n: i.sync_mode for n, i in instructions(messages).items()}
+    assert sync[5000] == sync[5002] == "dense" and sync[5001] != "dense"
+    assert metrics["failures"] == 0 and metrics["accepted"] == len(WEIGHTS)
+    assert all(np.isfinite(x).all() for x in model_of(arrays3).values())

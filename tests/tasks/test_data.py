@@ -287,7 +287,9 @@ def test_partitions_deterministic_and_seed_dependent(fmnist):
         assert not torch.equal(a, c), scheme
 
 
-def test_partitions_computed_once_per_partitioner(monkeypatch):
+def test_partitions_computed_once_per_partitioner(monkeypatch, tmp_path):
+    monkeypatch.setenv("FL_SPARSE_CACHE", str(tmp_path))  # an empty disk cache
+    data.clear_caches(partitions=True, datasets=False, permutations=False)
     calls = []
     real = data._compute_partitions
 
@@ -303,6 +305,41 @@ def test_partitions_computed_once_per_partitioner(monkeypatch):
     partition_indices("fashion-mnist", labels, "dirichlet", 25, 0, alpha=0.8, seed=11)
     partition_indices("fashion-mnist", labels[:-10], "dirichlet", 25, 0, alpha=0.7, seed=11)
     assert len(calls) == 3  # new alpha, new labels -> new partitioner
+
+
+def test_a_new_process_reads_the_split_from_disk_and_recomputes_a_bad_file(monkeypatch, tmp_path):
+    """Under ``flwr run`` every message is a new process: the split must not be recomputed each time."""
+    monkeypatch.setenv("FL_SPARSE_CACHE", str(tmp_path))
+    labels = torch.arange(600) % 10
+    data.clear_caches(partitions=True, datasets=False, permutations=False)
+    first = [partition_indices("fashion-mnist", labels, "dirichlet", 6, i, alpha=0.4, seed=3) for i in range(6)]
+    (cached,) = (tmp_path / "partitions").glob("*.npz")
+    assert not list((tmp_path / "partitions").glob("*.tmp*"))
+
+    def must_not_run(*args):
+        raise AssertionError("recomputed although the disk cache holds the split")
+
+    real = data._compute_partitions
+    monkeypatch.setattr(data, "_compute_partitions", must_not_run)
+    data.clear_caches(partitions=True, datasets=False, permutations=False)  # as in a fresh process
+    again = [partition_indices("fashion-mnist", labels, "dirichlet", 6, i, alpha=0.4, seed=3) for i in range(6)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    # another seed is another file, not the cached one
+    with pytest.raises(AssertionError, match="recomputed"):
+        partition_indices("fashion-mnist", labels, "dirichlet", 6, 0, alpha=0.4, seed=4)
+
+    calls = []
+    monkeypatch.setattr(data, "_compute_partitions", lambda *a: calls.append(1) or real(*a))
+    for bad in (b"not a zip", cached.read_bytes()[:100]):
+        cached.write_bytes(bad)
+        data.clear_caches(partitions=True, datasets=False, permutations=False)
+        assert torch.equal(partition_indices("fashion-mnist", labels, "dirichlet", 6, 2, alpha=0.4, seed=3), first[2])
+    assert len(calls) == 2
+    # a well-formed file whose indices are out of range is not trusted either
+    np.savez(cached, indices=np.full(600, 10**6, dtype=np.int64), offsets=np.arange(0, 700, 100, dtype=np.int64))
+    data.clear_caches(partitions=True, datasets=False, permutations=False)
+    assert torch.equal(partition_indices("fashion-mnist", labels, "dirichlet", 6, 5, alpha=0.4, seed=3), first[5])
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize(
