@@ -13,8 +13,11 @@ vector, and are averaged like FedAvg averages them, never compressed.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
+import io
 import json
+import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,7 +26,52 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-__all__ = ["FlatLayout", "vector_hash"]
+__all__ = ["FlatLayout", "array_to_numpy", "numpy_to_array", "vector_hash"]
+
+# ------------------------------------------------------------ Array <-> numpy
+# Flower's Array holds a whole .npy file in ``data``. ``Array.numpy()`` parses
+# its header with ``ast.literal_eval`` and ``Array(ndarray)`` writes it with
+# ``np.save``: about 0.1 ms per array each way, i.e. most of a client's own
+# per-message work at MLP size (8 arrays in, 8 out, every message). The
+# header of a C-ordered array depends only on (dtype, shape), so it is built
+# once per pair and compared byte for byte; anything else (Fortran order,
+# another byte order, another stype) takes Flower's own path.
+_NPY_MAGIC_V1 = b"\x93NUMPY\x01\x00"
+
+
+@functools.lru_cache(maxsize=4096)
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    buf = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue()
+
+
+def array_to_numpy(array: Array) -> np.ndarray:
+    """``array.numpy()``, read-only and without a copy when the payload is a plain C-ordered .npy."""
+    data = array.data
+    if array.stype == "numpy.ndarray" and isinstance(data, bytes) and data[:8] == _NPY_MAGIC_V1:
+        try:
+            dtype = np.dtype(array.dtype)
+            shape = tuple(int(n) for n in array.shape)
+        except (TypeError, ValueError):
+            return array.numpy()
+        if dtype.kind in "biuf":
+            header = _npy_header(dtype, shape)
+            count = math.prod(shape)
+            if len(data) == len(header) + count * dtype.itemsize and data.startswith(header):
+                return np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(shape)
+    return array.numpy()
+
+
+def numpy_to_array(nd: np.ndarray) -> Array:
+    """``Array(nd)`` (the same bytes), without ``np.save``."""
+    if nd.dtype.kind not in "biuf" or not nd.flags.c_contiguous:
+        return Array(np.require(nd, requirements="C"))
+    shape = tuple(int(n) for n in nd.shape)
+    data = _npy_header(nd.dtype, shape) + nd.tobytes()
+    return Array(dtype=str(nd.dtype), shape=shape, stype="numpy.ndarray", data=data)
+
 
 
 @dataclass(frozen=True)
@@ -144,15 +192,17 @@ class FlatLayout:
 
     def flatten(self, record: ArrayRecord) -> torch.Tensor:
         """The float32 flat vector of ``record`` (validated against this layout)."""
-        parts = []
+        out = np.empty(self.numel, dtype=np.float32)
+        offset = 0
         for name, shape in zip(self.names, self.shapes):
             if name not in record:
                 raise ValueError(f"array {name!r} missing from the record")
-            nd = record[name].numpy()
+            nd = array_to_numpy(record[name])
             if tuple(nd.shape) != shape:
                 raise ValueError(f"array {name!r} has shape {nd.shape}, expected {shape}")
-            parts.append(torch.from_numpy(np.ascontiguousarray(nd, dtype=np.float32)).reshape(-1))
-        return torch.cat(parts) if parts else torch.empty(0)
+            out[offset : offset + nd.size] = nd.reshape(-1)  # one copy, widening float16 exactly
+            offset += nd.size
+        return torch.from_numpy(out)
 
     def flatten_state_dict(self, state_dict) -> torch.Tensor:
         """The float32 flat vector of a torch ``state_dict`` (same device)."""
@@ -178,7 +228,7 @@ class FlatLayout:
         arrays.update(self.passthrough)
         record = ArrayRecord()
         for name in self.order or arrays:
-            record[name] = Array(arrays[name])
+            record[name] = numpy_to_array(arrays[name])
         return record
 
     def to_state_dict(self, vector: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":

@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl_sparse.flat import FlatLayout, vector_hash
+from fl_sparse.flat import FlatLayout, array_to_numpy, numpy_to_array, vector_hash
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
 INT_DTYPES = ("int64", "int32", "uint8", "int8")
@@ -313,3 +313,34 @@ def test_vector_hash_is_bit_exact():
     assert vector_hash(x) != vector_hash(torch.nextafter(x, torch.full_like(x, 9.0)))
     assert vector_hash(x) != vector_hash(x[:2])
     assert vector_hash(x[::1]) == vector_hash(torch.tensor([9.0, 1.0, 0.0, -2.5])[1:])  # views hash their values
+
+
+# ------------------------------------------------------------ Array <-> numpy fast paths
+_DTYPES = st.sampled_from([np.float32, np.float16, np.float64, np.int64, np.int32, np.uint8, np.bool_])
+_SHAPES = st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)
+
+
+@given(dtype=_DTYPES, shape=_SHAPES, fortran=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=150, deadline=None)
+def test_array_fast_paths_equal_flowers_own(dtype, shape, fortran, seed):
+    """numpy_to_array writes Flower's bytes; array_to_numpy reads any Array as Array.numpy() does."""
+    nd = np.asarray(np.random.default_rng(seed).standard_normal(shape) * 100).astype(dtype)
+    if fortran:
+        nd = np.asfortranarray(nd)
+    theirs, ours = Array(nd), numpy_to_array(nd)
+    if nd.flags.c_contiguous:
+        assert ours.data == theirs.data and ours.dtype == theirs.dtype and tuple(ours.shape) == tuple(theirs.shape)
+    for array in (theirs, ours):
+        back = array_to_numpy(array)
+        assert back.dtype == nd.dtype and back.shape == nd.shape
+        assert np.array_equal(back, nd)
+
+
+def test_array_to_numpy_falls_back_on_anything_unusual():
+    """A header that is not exactly ours (big-endian here) or a length that does not match goes to Flower's path."""
+    big = np.arange(6, dtype=">f4").reshape(2, 3)
+    assert np.array_equal(array_to_numpy(Array(big)), big)
+    good = Array(np.arange(4, dtype=np.float32))
+    torn = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-4])
+    with pytest.raises(ValueError):
+        array_to_numpy(torn)  # Flower's own np.load refuses it too
