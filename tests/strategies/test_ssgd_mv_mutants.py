@@ -327,3 +327,15 @@ def test_a_client_whose_vote_never_arrives_is_synced_densely_next_time():
         if i.server_round == 3 and i.phase == protocol.PHASE_VOTE
     }
     assert sync[_node(0)] == "dense" and sync[_node(1)] != "dense", sync
+
+
+def test_the_vote_invariant_check_catches_a_corrupted_vote_sum():
+    """check_vote_invariants (run by the tests after every add-drop round) must fail on a wrong M_sum."""
+    strategy = SSGDMajorityVote(k=K_VOTE, add_drop_k=2, min_available_nodes=3, min_train_nodes=3, fraction_evaluate=0.0)
+    bench = _Bench(strategy, NUMEL, 3)
+    for t in (1, 2):
+        bench.round(t)
+        strategy.check_vote_invariants()  # holds after honest rounds
+    strategy.m_sum[int(strategy.votes[_node(1)][1][0])] += 1
+    with pytest.raises(AssertionError, match="^M_sum differs from the sum of the clients' votes"):
+        strategy.check_vote_invariants()
