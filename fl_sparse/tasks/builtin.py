@@ -31,6 +31,8 @@ class TaskSpec:
     num_partitions: int = 1
     partition_id: int = 0
     seed: int = 0
+    min_partition_size: int | None = None  # Dirichlet only; None: automatic (see partition_indices)
+    self_balancing: bool = False  # Dirichlet only
 
     @classmethod
     def from_config(cls, config, partition_id: int, num_partitions: int) -> "TaskSpec":
@@ -42,6 +44,9 @@ class TaskSpec:
             num_partitions=int(config.get("num-partitions", num_partitions)),
             partition_id=int(partition_id),
             seed=int(config.get("seed", cls.seed)),
+            # "-1" (or absent) means automatic, as in the run config
+            min_partition_size=None if int(config.get("min-partition-size", -1)) < 0 else int(config["min-partition-size"]),
+            self_balancing=bool(config.get("self-balancing", False)),
         )
 
 
@@ -131,6 +136,8 @@ def get_task(spec: TaskSpec) -> ClientTask:
         spec.partition_id,
         alpha=spec.alpha,
         seed=spec.seed,
+        min_partition_size=spec.min_partition_size,
+        self_balancing=spec.self_balancing,
     )
     if idx.numel() == 0:
         raise ValueError(f"partition {spec.partition_id} of {spec.partition} split is empty")

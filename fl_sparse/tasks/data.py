@@ -65,6 +65,7 @@ __all__ = [
     "dataset_info",
     "default_cache_dir",
     "dirichlet_min_partition_size",
+    "partition_sizes_summary",
     "load_dataset",
     "partition_indices",
     "read_idx",
@@ -387,19 +388,28 @@ _PARTITION_LOCK = threading.Lock()
 
 
 def dirichlet_min_partition_size(num_examples: int, num_partitions: int) -> int:
-    """The ``min_partition_size`` handed to :class:`DirichletPartitioner`.
+    """The automatic ``min_partition_size`` handed to :class:`DirichletPartitioner`.
 
     10 (one minibatch of the papers' batch size) when the data allows it, never
-    more than a quarter of the mean partition size, and at least 1 so no
-    client is empty. flwr-datasets redraws the Dirichlet proportions until
-    every partition reaches it and gives up after 10 redraws, so it must be
-    small relative to the mean: for 60,000 examples, 100 partitions and
-    alpha=0.3 a draw leaves some partition below 10 with probability ~0.2%
-    (simulated), so a redraw is rare and 10 failures in a row practically
-    impossible. Self-balancing is off: it would stop filling partitions that
-    are above the mean, which flattens the label skew of later classes.
+    more than a twelfth of the mean partition size, and at least 1.
+    flwr-datasets redraws the Dirichlet proportions until every partition
+    reaches it and gives up after 10 redraws, so it must be small relative to
+    the mean: for 60,000 examples and alpha = 0.3, 100 partitions (mean 600)
+    get 10 and a draw fails with probability ~0.2 % (simulated); 1,000
+    partitions (mean 60) get 5, and the smallest of a draw holds about 6.
+    Below :data:`DIRICHLET_FILL_BELOW` examples per partition no draw reaches
+    even 1 (10,000 clients: ~150 empty per draw), so the split is drawn once
+    without a minimum and the empty clients are filled
+    (:func:`_fill_empty_partitions`). Self-balancing is off by default: it
+    stops filling partitions above the mean, which flattens the label skew of
+    later classes.
     """
-    return max(1, min(10, num_examples // (4 * num_partitions)))
+    return max(1, min(10, num_examples // (12 * num_partitions)))
+
+
+# Mean examples per partition under which the automatic Dirichlet split does not
+# try flwr-datasets' minimum at all (every one of its 10 redraws would fail).
+DIRICHLET_FILL_BELOW = 20
 
 
 def _labels_fingerprint(labels: torch.Tensor) -> str:
@@ -416,7 +426,13 @@ def _column(ds, name: str) -> np.ndarray:
 
 
 def _compute_partitions(
-    labels: np.ndarray, scheme: str, num_partitions: int, alpha: float, seed: int
+    labels: np.ndarray,
+    scheme: str,
+    num_partitions: int,
+    alpha: float,
+    seed: int,
+    min_partition_size: int | None = None,
+    self_balancing: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     import datasets as hf
     from flwr_datasets.partitioner import (
@@ -434,12 +450,18 @@ def _compute_partitions(
         partitioner = IidPartitioner(num_partitions=num_partitions)
         ds = hf.Dataset.from_dict({"label": labels[idx], "idx": idx})
     elif scheme == "dirichlet":
+        auto = min_partition_size is None
+        if auto:
+            # Too few examples per client for any draw to give each its minimum:
+            # straight to the draw-once-and-fill path below.
+            fill_empty = n < DIRICHLET_FILL_BELOW * num_partitions
+            min_partition_size = 0 if fill_empty else dirichlet_min_partition_size(n, num_partitions)
         partitioner = DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by="label",
             alpha=float(alpha),
-            min_partition_size=dirichlet_min_partition_size(n, num_partitions),
-            self_balancing=False,
+            min_partition_size=int(min_partition_size),
+            self_balancing=bool(self_balancing),
             shuffle=True,
             seed=seed,
         )
@@ -460,20 +482,39 @@ def _compute_partitions(
     partitioner.dataset = ds
     try:
         with warnings.catch_warnings():
-            # pyarrow >= 25 deprecates an option the shard sorter passes.
+            # pyarrow >= 25 deprecates an option the shard sorter passes; flwr-datasets
+            # warns on every redraw of the Dirichlet proportions.
             warnings.simplefilter("ignore", FutureWarning)
-            parts = tuple(
-                torch.from_numpy(_column(partitioner.load_partition(i), "idx"))
-                for i in range(num_partitions)
-            )
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                parts = tuple(
+                    torch.from_numpy(_column(partitioner.load_partition(i), "idx"))
+                    for i in range(num_partitions)
+                )
+                if scheme == "dirichlet" and auto and fill_empty:
+                    parts = _fill_empty_partitions([p.numpy() for p in parts])
+            except ValueError:
+                if scheme != "dirichlet" or not auto or fill_empty:
+                    raise
+                # Many clients (e.g. 10,000 on 60,000 examples at alpha = 0.3): no draw
+                # gives every client its minimum. Draw once with no minimum, then hand
+                # each empty client one example from the largest clients.
+                partitioner = DirichletPartitioner(
+                    num_partitions=num_partitions, partition_by="label", alpha=float(alpha),
+                    min_partition_size=0, self_balancing=bool(self_balancing), shuffle=True, seed=seed,
+                )
+                partitioner.dataset = ds
+                parts = _fill_empty_partitions(
+                    [_column(partitioner.load_partition(i), "idx") for i in range(num_partitions)]
+                )
     except ValueError as exc:
         raise ValueError(
             f"cannot split {n} examples into {num_partitions} {scheme!r} partitions "
             f"(alpha={alpha}, seed={seed}): {exc}"
             + (
-                f" (every Dirichlet partition must get at least "
-                f"{dirichlet_min_partition_size(n, num_partitions)} examples: use a larger "
-                f"alpha or fewer partitions)"
+                f" (every Dirichlet partition must get at least {min_partition_size} examples: "
+                f"use a smaller min-partition-size (unset: chosen automatically), a larger alpha "
+                f"or fewer partitions)"
                 if scheme == "dirichlet"
                 else ""
             )
@@ -534,6 +575,37 @@ def _write_partitions(path: Path | None, parts: tuple[torch.Tensor, ...]) -> Non
         tmp.unlink(missing_ok=True)
 
 
+def _fill_empty_partitions(parts: list[np.ndarray]) -> tuple[torch.Tensor, ...]:
+    """Give every empty partition one example, taken from the largest partition at the time.
+
+    Deterministic (ties: the lowest partition id; the example moved is the
+    last of the donor's list), and it moves at most one example per empty
+    partition, so the label skew of the draw is kept.
+    """
+    sizes = np.array([p.size for p in parts], dtype=np.int64)
+    empty = np.flatnonzero(sizes == 0)
+    if empty.size > int(sizes.sum()) - int((sizes > 0).sum()):
+        raise ValueError(f"{empty.size} empty partitions and too few examples to give each one")
+    parts = [p.copy() for p in parts]
+    for target in empty:
+        donor = int(np.argmax(sizes))
+        parts[target], parts[donor] = parts[donor][-1:], parts[donor][:-1]
+        sizes[target], sizes[donor] = 1, sizes[donor] - 1
+    return tuple(torch.from_numpy(np.ascontiguousarray(p, dtype=np.int64)) for p in parts)
+
+
+def partition_sizes_summary(sizes, batch_size: int | None = None) -> str:
+    """One line of partition-size statistics (printed at the start of a run)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    line = (
+        f"{sizes.size} partitions of {int(sizes.sum())} examples: min {int(sizes.min())}, "
+        f"median {float(np.median(sizes)):g}, mean {float(sizes.mean()):.1f}, max {int(sizes.max())}"
+    )
+    if batch_size:
+        line += f"; {int((sizes < batch_size).sum())} smaller than a batch of {batch_size} (they train on one smaller batch)"
+    return line
+
+
 def partition_indices(
     dataset_name: str,
     labels: torch.Tensor,
@@ -543,6 +615,8 @@ def partition_indices(
     *,
     alpha: float = 0.5,
     seed: int = 0,
+    min_partition_size: int | None = None,
+    self_balancing: bool = False,
 ) -> torch.Tensor:
     """Indices (int64, into ``labels``) of one client's share of a training set.
 
@@ -551,9 +625,13 @@ def partition_indices(
     * ``"iid"``: uniform random split into equal-size parts (sizes differ by
       at most one);
     * ``"dirichlet"``: per-class proportions drawn from ``Dir(alpha)``
-      (flwr-datasets ``DirichletPartitioner``, no self-balancing,
-      ``min_partition_size`` from :func:`dirichlet_min_partition_size`);
-      ``alpha`` is used only here;
+      (flwr-datasets ``DirichletPartitioner``). ``min_partition_size`` and
+      ``self_balancing`` are its options; unset, the minimum is
+      :func:`dirichlet_min_partition_size`, and when no draw reaches it (e.g.
+      10,000 clients on Fashion-MNIST) one draw is made without a minimum and
+      each empty client gets one example from the largest ones
+      (:func:`_fill_empty_partitions`), so every client has at least one.
+      ``alpha``, ``min_partition_size`` and ``self_balancing`` are used only here;
     * ``"shards"``: label-sorted data cut into ``2 * num_partitions`` equal
       shards, two per client (``ShardPartitioner``); the last
       ``N mod (2 * num_partitions)`` examples are left out.
@@ -584,8 +662,13 @@ def partition_indices(
     n = int(labels.shape[0])
     if num_partitions > n:
         raise ValueError(f"cannot split {n} examples into {num_partitions} partitions")
-    alpha_key = float(alpha) if scheme == "dirichlet" else None
-    key = (dataset_name, _labels_fingerprint(labels), scheme, num_partitions, alpha_key, int(seed))
+    if min_partition_size is not None and (
+        isinstance(min_partition_size, bool) or not isinstance(min_partition_size, int) or min_partition_size < 0
+    ):
+        raise ValueError(f"min_partition_size must be an integer >= 0 or None, got {min_partition_size!r}")
+    dirichlet = scheme == "dirichlet"
+    options = (float(alpha), min_partition_size, bool(self_balancing)) if dirichlet else None
+    key = (dataset_name, _labels_fingerprint(labels), scheme, num_partitions, options, int(seed))
     with _PARTITION_LOCK:
         parts = _PARTITION_CACHE.get(key)
         if parts is None:
@@ -593,7 +676,9 @@ def partition_indices(
             parts = _read_partitions(disk, num_partitions, n)
             if parts is None:
                 labels_np = labels.detach().to("cpu", torch.int64).numpy()
-                parts = _compute_partitions(labels_np, scheme, num_partitions, float(alpha), int(seed))
+                parts = _compute_partitions(
+                    labels_np, scheme, num_partitions, float(alpha), int(seed), min_partition_size, bool(self_balancing)
+                )
                 _write_partitions(disk, parts)
             _PARTITION_CACHE[key] = parts
             while len(_PARTITION_CACHE) > _PARTITION_CACHE_MAX:

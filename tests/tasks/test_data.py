@@ -354,7 +354,9 @@ def test_a_new_process_reads_the_split_from_disk_and_recomputes_a_bad_file(monke
         (dict(alpha=-1.0), "alpha"),
         (dict(alpha=float("nan")), "alpha"),
         (dict(dataset_name="svhn"), "unknown dataset"),
-        (dict(alpha=0.001, num_partitions=50), "larger alpha"),
+        (dict(alpha=0.001, num_partitions=50, min_partition_size=10), "larger alpha"),
+        (dict(min_partition_size=-1), "min_partition_size"),
+        (dict(min_partition_size=2.5), "min_partition_size"),
     ],
 )
 @pytest.mark.filterwarnings("ignore:The specified min_partition_size")
@@ -438,3 +440,44 @@ def test_batch_indices_validation(args):
         batch_indices(*args)
     with pytest.raises(ValueError):
         BatchStream(torch.tensor([], dtype=torch.int64), 2, seed=0)
+
+
+@pytest.mark.parametrize("num_partitions", [1000, 10_000])
+def test_dirichlet_at_thousands_of_clients_gives_every_client_data(fmnist, num_partitions, monkeypatch, tmp_path):
+    """Fashion-MNIST, alpha = 0.3: 1,000 clients meet the automatic minimum; at 10,000 no draw
+    does, and the empty clients each get one example from the largest ones (skew kept)."""
+    monkeypatch.setenv("FL_SPARSE_CACHE", str(tmp_path))
+    labels = fmnist[0].labels
+    data.clear_caches(partitions=True, datasets=False, permutations=False)
+    parts = [partition_indices("fashion-mnist", labels, "dirichlet", num_partitions, i, alpha=0.3, seed=0)
+             for i in range(num_partitions)]
+    sizes = np.array([p.numel() for p in parts])
+    everything = torch.cat(parts)
+    assert sizes.min() >= 1 and everything.numel() == labels.numel()
+    assert torch.unique(everything).numel() == labels.numel()  # disjoint, covering
+    assert (sizes.min() >= 5) if num_partitions == 1000 else (sizes.min() == 1)
+    # still non-IID: label distributions far from the global one (an IID client of 60 examples: ~0.2)
+    share = np.stack([np.bincount(labels[p].numpy(), minlength=10) / p.numel() for p in parts[:500]])
+    total_variation = 0.5 * np.abs(share - 0.1).sum(axis=1)
+    assert np.median(total_variation) > 0.4
+    summary = data.partition_sizes_summary(sizes, batch_size=32)
+    assert summary.startswith(f"{num_partitions} partitions of 60000 examples: min {sizes.min()},")
+    assert f"{int((sizes < 32).sum())} smaller than a batch of 32" in summary
+
+
+def test_an_explicit_minimum_is_honoured_or_refused_clearly(monkeypatch, tmp_path):
+    monkeypatch.setenv("FL_SPARSE_CACHE", str(tmp_path))
+    labels = torch.arange(2000) % 10
+    sizes = [partition_indices("fashion-mnist", labels, "dirichlet", 20, i, alpha=0.5, seed=1, min_partition_size=40).numel()
+             for i in range(20)]
+    assert min(sizes) >= 40
+    with pytest.raises(ValueError, match="at least 150 examples"):
+        partition_indices("fashion-mnist", labels, "dirichlet", 20, 0, alpha=0.5, seed=1, min_partition_size=150)
+
+
+def test_fill_empty_partitions_moves_one_example_per_empty_client_from_the_largest():
+    parts = [np.array([], np.int64), np.array([1, 2, 3], np.int64), np.array([4, 5, 6, 7], np.int64), np.array([], np.int64)]
+    filled = [p.tolist() for p in data._fill_empty_partitions(parts)]
+    assert filled == [[7], [1, 2], [4, 5, 6], [3]]  # from the largest at the time, ties to the lower id
+    with pytest.raises(ValueError, match="too few examples"):
+        data._fill_empty_partitions([np.array([], np.int64), np.array([1], np.int64)])
