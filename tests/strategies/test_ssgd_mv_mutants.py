@@ -339,3 +339,9 @@ def test_the_vote_invariant_check_catches_a_corrupted_vote_sum():
     strategy.m_sum[int(strategy.votes[_node(1)][1][0])] += 1
     with pytest.raises(AssertionError, match="^M_sum differs from the sum of the clients' votes"):
         strategy.check_vote_invariants()
+
+
+def test_k_ad_is_zero_without_add_drop_and_at_most_k_with_it():
+    assert SSGDMajorityVote(k=7).k_ad_for(1000) == 0
+    assert SSGDMajorityVote(k=7, add_drop_k=3).k_ad_for(1000) == 3
+    assert SSGDMajorityVote(k=7, add_drop_k=30).k_ad_for(1000) == 7  # never more changes than the vote holds
