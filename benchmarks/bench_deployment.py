@@ -14,7 +14,7 @@ and times rounds of
   torch ClientApp pays in Flower's one-process-per-message model.
 * ``repo``   -- the repo's app exactly as ``flwr run`` runs it (default MLP,
   ``strategy='bidirectional-topk'``, ``local-steps=1``); a round's wall time is
-  the gap between two rows of its ``metrics.json`` (watched from here), its
+  the gap between two rows of its ``metrics.jsonl`` (watched from here), its
   ``round_seconds`` is the strategy's configure_train -> aggregate_train time.
 * ``repo-traced`` -- the same ServerApp/ClientApp wrapped by this script's app:
   the wrapper times every ``send_and_receive`` and, in each ClientApp process,
@@ -411,7 +411,7 @@ class Cluster:
                     continue
 
     def flwr_run(self, app: Path, run_config: str, *, stream: bool, watch: Path | None, timeout: float) -> dict:
-        """``flwr run``; returns wall time and, with ``watch``, when each metrics.json row appeared."""
+        """``flwr run``; returns wall time and, with ``watch``, when each metrics.jsonl row appeared."""
         (Path(self.env["FLWR_HOME"]) / "config.toml").write_text(
             f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
         args = ["flwr", "run", str(app), "bench", "--run-config", run_config] + (["--stream"] if stream else [])
@@ -441,9 +441,10 @@ class Cluster:
 
 
 def _row_count(path: Path) -> int:
+    """Complete lines of a metrics.jsonl (the run appends one per round)."""
     try:
-        return len(json.loads(path.read_text()))
-    except (OSError, ValueError):
+        return path.read_text().count("\n")
+    except OSError:
         return 0
 
 
@@ -515,7 +516,7 @@ def run_setup(cluster: Cluster, tmp: Path, name: str, rounds: int) -> dict:
     out = work / "out"
     if app == "repo":
         cfg = f"num-rounds={rounds} local-steps=1 strategy='bidirectional-topk' clients={NODES} out='{out}'"
-        res = cluster.flwr_run(APP_DIR, cfg, stream=stream, watch=out / "metrics.json", timeout=60 * rounds + 600)
+        res = cluster.flwr_run(APP_DIR, cfg, stream=stream, watch=out / "metrics.jsonl", timeout=60 * rounds + 600)
         rows = json.loads((out / "metrics.json").read_text())
         walls = [b - a for a, b in zip(res["rows_at"], res["rows_at"][1:])]  # round 2.. (row r-1 -> row r)
         return {"setup": name, "round_s": walls, "strategy_round_s": [r.get("round_seconds") for r in rows[1:]],

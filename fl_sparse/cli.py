@@ -1,4 +1,10 @@
-"""``fl-sparse`` command line: ``fl-sparse simulate --strategy bidirectional-topk ...``.
+"""``fl-sparse`` command line: ``simulate`` a run, ``compare`` run folders, ``reproduce`` a paper.
+
+``fl-sparse simulate --strategy bidirectional-topk ... --out DIR`` runs one
+experiment and writes its run folder; ``fl-sparse compare DIR... [--plot
+FILE.png] [--markdown]`` prints one table of several (see
+:mod:`fl_sparse.simulations.compare`); ``fl-sparse reproduce NAME`` runs a
+paper's comparison (:mod:`fl_sparse.simulations.reproduce`).
 
 ``fl-sparse simulate --resume DIR [--rounds T]`` continues the run checkpointed
 in ``DIR`` (a run with ``--out DIR``) with its own settings; only ``--rounds``
@@ -21,6 +27,41 @@ __all__ = ["main", "build_parser"]
 DATASETS = ("fashion-mnist", "mnist", "cifar10")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None (the help text says what an unset option means) and on/off flags."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _lr_help() -> str:
+    from fl_sparse.server_app import MODEL_LR
+
+    per_model = ", ".join(f"{m} {lr:g}" for m, lr in MODEL_LR.items())
+    return f"local SGD learning rate (default: the model's own: {per_model})"
+
+
+def _add_reproduce(sub) -> None:
+    """``fl-sparse reproduce``, when :mod:`fl_sparse.simulations.reproduce` is there to run it."""
+    try:
+        from fl_sparse.simulations import reproduce
+    except ImportError as exc:
+        problem = str(exc)
+        rep = sub.add_parser("reproduce", help="run a paper's comparison (unavailable: see its --help)",
+                             description=f"unavailable: {problem}")
+        rep.add_argument("rest", nargs=argparse.REMAINDER)
+        rep.set_defaults(_reproduce_unavailable=problem)
+        return
+    rep = sub.add_parser(
+        "reproduce",
+        help="run one paper's comparison from its preset: runs, plots and a markdown table",
+        formatter_class=_HelpFormatter,
+    )
+    reproduce.add_arguments(rep)
+
+
 def build_parser(*, _explicit_only: bool = False) -> argparse.ArgumentParser:
     """The ``fl-sparse`` parser (``_explicit_only``: flags left out are absent from the result)."""
     from fl_sparse.tasks.models import MODEL_NAMES
@@ -31,7 +72,7 @@ def build_parser(*, _explicit_only: bool = False) -> argparse.ArgumentParser:
     sim = sub.add_parser(
         "simulate",
         help="run a federated experiment in Flower's Ray simulation engine",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     sim.add_argument("--strategy", choices=STRATEGY_NAMES, default=d.strategy, help="sparsification method")
     sim.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="training data (Fashion-MNIST is read offline)")
@@ -40,10 +81,15 @@ def build_parser(*, _explicit_only: bool = False) -> argparse.ArgumentParser:
     sim.add_argument("--fraction", type=float, default=d.fraction, help="fraction of clients sampled per round")
     sim.add_argument("--partition", choices=("iid", "dirichlet", "shards"), default=d.partition, help="how data is split (flwr-datasets partitioners)")
     sim.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet concentration")
+    sim.add_argument("--min-partition-size", type=int, default=d.min_partition_size,
+                     help="Dirichlet: every client gets at least this many examples (flwr-datasets' option; "
+                          "unset: 10 when the data allows, less for thousands of clients)")
+    sim.add_argument("--self-balancing", action="store_true",
+                     help="Dirichlet: flwr-datasets' self-balancing (stop filling clients above the mean size)")
     sim.add_argument("--rounds", type=int, default=d.rounds, help="communication rounds T")
     sim.add_argument("--local-steps", type=int, default=d.local_steps, help="H: local SGD steps per round")
     sim.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch size of local SGD")
-    sim.add_argument("--lr", type=float, default=d.lr, help="local SGD learning rate")
+    sim.add_argument("--lr", type=float, default=d.lr, help=_lr_help())
     sim.add_argument("--momentum", type=float, default=d.momentum, help="local SGD momentum (reset every round)")
     sim.add_argument("--weight-decay", type=float, default=d.weight_decay, help="local SGD weight decay")
     sim.add_argument("--ratio", type=float, default=d.ratio, help="uplink k/d")
@@ -51,9 +97,17 @@ def build_parser(*, _explicit_only: bool = False) -> argparse.ArgumentParser:
     sim.add_argument("--threshold", type=float, default=None, help="hard-threshold lambda (None: 1/(2 sqrt(k)) with k = ratio * d)")
     sim.add_argument("--value-bits", type=int, default=d.value_bits, help="q-bit value quantization; 32 = none")
     sim.add_argument("--add-drop-ratio", type=float, default=d.add_drop_ratio, help="phi_ad of SSGD-MV-AD")
-    sim.add_argument("--positions", choices=("raw", "block", "rice"), default=d.positions, help="position code")
+    sim.add_argument("--positions", choices=("raw", "block", "rice"), default=d.positions,
+                     help="position code: raw int32, the bidirectional paper's block code, or Golomb-Rice (smallest)")
+    sim.add_argument("--no-error-feedback", dest="error_feedback", action="store_false", default=d.error_feedback,
+                     help="plain sparsification: clients keep no error memory (without the flag they do)")
+    sim.add_argument("--r-ratio", type=float, default=d.r_ratio,
+                     help="rtopk: r/d, the top-r set the k entries are drawn from (None: the paper's rule)")
     sim.add_argument("--seed", type=int, default=d.seed, help="seeds model init, data split and order, sampling")
-    sim.add_argument("--out", default=None, help="write DIR/metrics.json, DIR/metrics.csv, DIR/model.pt and the checkpoint DIR/checkpoint.pt; clients keep their state in DIR/client-state")
+    sim.add_argument("--out", default=None, metavar="DIR",
+                     help="run folder: DIR/config.json, DIR/metrics.jsonl and DIR/metrics.csv (a line per round), "
+                          "DIR/metrics.json and DIR/model.pt at the end, the checkpoint DIR/checkpoint.pt; "
+                          "clients keep their state in DIR/client-state")
     sim.add_argument("--diagnostics", action="store_true", help="estimate rho and rho-hat each round")
     sim.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N rounds")
     sim.add_argument("--num-cpus", type=float, default=d.num_cpus, help="CPUs per client actor")
@@ -68,6 +122,16 @@ def build_parser(*, _explicit_only: bool = False) -> argparse.ArgumentParser:
     if _explicit_only:
         for action in sim._actions:  # not set_defaults: it would store SUPPRESS as a parser-level default
             action.default = argparse.SUPPRESS
+
+    from fl_sparse.simulations import compare
+
+    cmp = sub.add_parser(
+        "compare",
+        help="one table (and a plot) of run folders; seeds of one setting as mean ± std",
+        description="Compare run folders written by fl-sparse simulate --out DIR.",
+    )
+    compare.add_arguments(cmp)
+    _add_reproduce(sub)
     return parser
 
 
@@ -83,6 +147,18 @@ def _interrupt(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "compare":
+        from fl_sparse.simulations import compare
+
+        return compare.run(args)
+    if args.command == "reproduce":
+        problem = getattr(args, "_reproduce_unavailable", None)
+        if problem is not None:
+            print(f"fl-sparse reproduce: unavailable: {problem}", file=sys.stderr)
+            return 2
+        from fl_sparse.simulations import reproduce
+
+        return int(reproduce.run(args))
     if args.command == "simulate":
         from fl_sparse.simulations.runner import simulate
 
@@ -98,19 +174,21 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = resume_config(args.resume, **overrides)
             else:
                 cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in names})
-            preflight(cfg)  # everything checkable, before Ray starts
+            split = preflight(cfg)  # everything checkable, before Ray starts
         except ValueError as exc:
             print(f"fl-sparse simulate: error: {exc}", file=sys.stderr)
             return 2
         if not cfg.quiet:
             print(
                 f"fl-sparse: {cfg.strategy} on {cfg.dataset} ({cfg.model}), {cfg.clients} clients "
-                f"({cfg.partition}), {cfg.rounds} rounds of H={cfg.local_steps}, ratio {cfg.ratio}"
+                f"({cfg.partition}), {cfg.rounds} rounds of H={cfg.local_steps}, lr {cfg.effective_lr:g}, "
+                f"ratio {cfg.ratio}, {cfg.positions} positions"
                 + (f", continuing the run in {cfg.resume}" if cfg.resume else "")
                 + "; starting Flower's simulation engine...",
                 file=sys.stderr,
                 flush=True,
             )
+            print(f"fl-sparse: data: {split}", file=sys.stderr, flush=True)
         previous = signal.signal(signal.SIGINT, _interrupt)
         try:
             rows = simulate(cfg)
@@ -121,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         except RunFailed as exc:
             print(f"fl-sparse simulate: failed: {exc}", file=sys.stderr)
             if cfg.out:
-                print(f"metrics so far: {cfg.out}/metrics.json", file=sys.stderr)
+                print(f"metrics so far: {cfg.out}/metrics.jsonl", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
             print("fl-sparse simulate: interrupted", file=sys.stderr)
@@ -135,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{acc:.4f}" if isinstance(acc, float) else f"done: {len(rows)} rounds",
         )
         if cfg.out:
-            print(f"metrics: {cfg.out}/metrics.json, {cfg.out}/metrics.csv")
+            print(f"run folder: {cfg.out} (config.json, metrics.jsonl, metrics.csv, metrics.json, model.pt); "
+                  f"compare runs: fl-sparse compare {cfg.out} ...")
     return 0
 
 

@@ -111,6 +111,12 @@ def test_simulate_writes_metrics_json_and_csv_with_diagnostics(tmp_path, capsys)
     assert len(csv_rows) == 3
     assert float(csv_rows[-1]["test_accuracy"]) == pytest.approx(rows[-1]["test_accuracy"])
     assert (out / "model.pt").exists()
+    # Through Ray too: the run folder's settings and one appended line per round.
+    assert [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    meta = json.loads((out / "config.json").read_text())
+    assert (meta["clients"], meta["rounds"], meta["diagnostics"], meta["num_params"]) == (3, 3, True, 50_890)
+    assert rows[-1]["cumulative_uplink_bytes"] == sum(r["uplink_bytes"] for r in rows)
+    assert err.strip().splitlines()[-1].startswith("3 rounds: final test accuracy")
 
 
 def test_pyproject_run_config_maps_onto_run_config():
@@ -127,3 +133,56 @@ def test_pyproject_run_config_maps_onto_run_config():
         RunConfig.from_run_config({**app_config, "rounds-total": 3})
     with pytest.raises(ValueError, match="ratio"):
         RunConfig.from_run_config({**app_config, "ratio": 2.0})
+
+
+def test_new_flags_reach_the_run_config():
+    args = vars(build_parser().parse_args(["simulate", "--strategy", "rtopk", "--no-error-feedback", "--r-ratio", "0.05"]))
+    assert (args["error_feedback"], args["r_ratio"]) == (False, 0.05)
+    defaults = vars(build_parser().parse_args(["simulate"]))
+    assert (defaults["error_feedback"], defaults["r_ratio"], defaults["lr"], defaults["positions"]) == (True, None, None, "rice")
+
+
+def test_bad_r_ratio_exits_2_before_ray(capsys):
+    assert main(["simulate", "--strategy", "rtopk", "--r-ratio", "2"]) == 2
+    assert "r-ratio must be in (0, 1]" in capsys.readouterr().err
+    assert main(["simulate", "--strategy", "topk", "--r-ratio", "0.1"]) == 2
+    assert "r-ratio is rtopk's" in capsys.readouterr().err
+
+
+def test_help_says_what_an_unset_lr_means(capsys):
+    from fl_sparse.server_app import MODEL_LR
+
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "the model's own:" in help_text and f"cnn-fmnist {MODEL_LR['cnn-fmnist']:g}" in help_text
+    assert "(default: None)" not in help_text and "(default: rice)" in help_text
+
+
+def test_reproduce_subcommand_is_the_reproduce_modules(monkeypatch, capsys):
+    """``fl-sparse reproduce`` takes its arguments and its run from fl_sparse.simulations.reproduce."""
+    import sys
+    import types
+
+    import fl_sparse.simulations
+
+    calls = []
+    fake = types.ModuleType("fl_sparse.simulations.reproduce")
+    fake.add_arguments = lambda p: p.add_argument("name")
+    fake.run = lambda args: calls.append(args.name) or 7
+    monkeypatch.setitem(sys.modules, "fl_sparse.simulations.reproduce", fake)
+    monkeypatch.setattr(fl_sparse.simulations, "reproduce", fake, raising=False)
+    assert main(["reproduce", "bidirectional-topk"]) == 7
+    assert calls == ["bidirectional-topk"]
+
+
+def test_reproduce_without_its_module_says_so(monkeypatch, capsys):
+    import sys
+
+    import fl_sparse.simulations
+
+    monkeypatch.delattr(fl_sparse.simulations, "reproduce", raising=False)
+    monkeypatch.setitem(sys.modules, "fl_sparse.simulations.reproduce", None)  # import fails
+    assert main(["reproduce", "anything"]) == 2
+    assert "fl-sparse reproduce: unavailable" in capsys.readouterr().err
+    assert main(["simulate", "--ratio", "0"]) == 2  # the other commands still work

@@ -198,10 +198,12 @@ def _start_superlink(procs: Procs, port: int, simulation: bool) -> None:
 
 
 def _read_metrics(out: Path) -> list[dict]:
+    """The rows the run has appended so far (metrics.jsonl; metrics.json is written only at the end)."""
     try:
-        return json.loads((out / "metrics.json").read_text())
-    except (OSError, ValueError):
+        text = (out / "metrics.jsonl").read_text()
+    except OSError:
         return []
+    return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]  # complete lines only
 
 
 def _check_metrics(rows: list[dict], rounds: int) -> None:

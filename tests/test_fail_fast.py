@@ -13,6 +13,7 @@ from fl_sparse.cli import main
 from fl_sparse.clients import SparseMod
 from fl_sparse.clients.app import app as builtin_app
 from fl_sparse.server_app import RunConfig, RunFailed, RunInterrupted, preflight, run_server, stop_requested
+from fl_sparse.tasks.data import load_dataset, partition_indices
 from inprocess import InProcessGrid
 
 SMALL = RunConfig(clients=3, rounds=6, local_steps=1, quiet=True)
@@ -26,7 +27,8 @@ SMALL = RunConfig(clients=3, rounds=6, local_steps=1, quiet=True)
         ({"num_cpus": 10_000.0}, "num-cpus 10000 per client, but this machine has"),
         ({"num_gpus": 0.5}, "no CUDA GPU is visible"),
         ({"out": "/proc/fl-sparse-cannot-write-here"}, "is not writable"),
-        ({"clients": 5000, "partition": "dirichlet", "alpha": 0.05}, "cannot split fashion-mnist into 5000 dirichlet"),
+        ({"clients": 500, "partition": "dirichlet", "min_partition_size": 500}, "cannot split fashion-mnist into 500 dirichlet"),
+        ({"min_partition_size": -2}, "min-partition-size must be >= 0"),
         ({"max_failed_rounds": 0}, "max-failed-rounds must be >= 1"),
     ],
 )
@@ -99,3 +101,15 @@ def test_stop_request_ends_the_run_after_the_round_and_saves(tmp_path):
     assert calls["n"] == 2
     assert len(json.loads((tmp_path / "out" / "metrics.json").read_text())) == 2
     assert (tmp_path / "out" / "model.pt").exists()
+
+
+def test_preflight_reports_the_partition_sizes_it_checked(tmp_path):
+    """The split is computed before Ray starts; its statistics are what the CLI prints at the start."""
+    line = preflight(RunConfig(clients=200, partition="dirichlet", alpha=0.3, batch_size=32, seed=3))
+    sizes = [
+        int(partition_indices("fashion-mnist", load_dataset("fashion-mnist")[0].labels, "dirichlet", 200, pid,
+                              alpha=0.3, seed=3).numel())
+        for pid in range(200)
+    ]
+    assert line.startswith(f"200 partitions of 60000 examples: min {min(sizes)}, ")
+    assert line.endswith(f"{sum(s < 32 for s in sizes)} smaller than a batch of 32 (they train on one smaller batch)")
