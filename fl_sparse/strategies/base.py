@@ -806,7 +806,9 @@ class SparseFedAvg(FedAvg):
         if all(v in st.history for v in missed):
             positions = torch.unique(torch.cat([st.history[v] for v in missed]))
             overwrite = SparseTensor(positions, st.model[positions].clone(), st.model.numel())
-            record = codec.encode(overwrite, values="fp32", positions=self.downlink_positions)
+            record = codec.encode(
+                overwrite, values="fp32", positions=self.downlink_positions, segments=codec.segments_of(st.layout)
+            )
             if codec.wire_size(record).total_bytes < codec.wire_size(dense).total_bytes:
                 return "set", record
         return "dense", dense
@@ -832,13 +834,19 @@ class SparseFedAvg(FedAvg):
         aggregate = self.aggregate_updates(server_round, [u.update for u in updates], p)
         server_error = st.server_error.state_dict()["error"]
         delta_before = None if server_error is None else server_error.clone()  # to undo a rejected round
-        sent = self.compress_downlink(server_round, aggregate)
-        if not self._finite_step(sent):
-            # Finite updates can still sum to inf (3e38 + 3e38): the round is rejected whole.
+        try:
+            sent = self.compress_downlink(server_round, aggregate)
+            finite = self._finite_step(sent)
+        except ValueError:  # e.g. an fp16 downlink cannot hold the aggregate (|v| >= 65520)
+            finite = False
+        if not finite:
+            # Finite updates can still sum to inf (3e38 + 3e38), or beyond what the downlink's
+            # value code holds: the round is rejected whole.
             st.server_error.load_state_dict({"numel": st.model.numel(), "error": delta_before})
             for u in updates:
                 st.accepted.pop(u.node, None)
-            log(WARNING, "round %d: the aggregate is not finite; round rejected, global model unchanged", server_round)
+            log(WARNING, "round %d: the aggregate is not finite (or not representable in the downlink "
+                "value code %s); round rejected, global model unchanged", server_round, self.downlink_values)
             rm.update(self._empty_round_metrics())
             rm.update({"accepted": 0, "rejected_round": 1})
             return None, None
@@ -925,7 +933,7 @@ class SparseFedAvg(FedAvg):
         st.client_versions[node] = report.model_version
         numel = st.model.numel()
         record = protocol.array_record(msg.content, protocol.UPDATE, what="reply")
-        update = codec.decode(record, numel, max_nnz=self._max_uplink_nnz(numel))
+        update = codec.decode(record, numel, max_nnz=self._max_uplink_nnz(numel), segments=codec.segments_of(st.layout))
         size = codec.wire_size(record)  # count what arrived, not what the client says it sent
         user_content = self.user_content(server_round, node, msg)
         return ClientUpdate(
@@ -979,15 +987,16 @@ class SparseFedAvg(FedAvg):
             return False
         try:
             decoded = codec.decode(codec.encode(sent, values=self.downlink_values, positions="raw"), st.model.numel())
-        except codec.PayloadError:
+        except ValueError:  # PayloadError, and values a 16-bit code cannot hold
             return False
         return bool(torch.isfinite(st.model[decoded.indices] - decoded.values).all())
 
     def apply_update(self, server_round: int, sent: SparseTensor) -> ArrayRecord:
         """w_t = w_{t−1} − ĝ_t with ĝ_t exactly as the clients will decode it; returns its record."""
         st = self.state
-        record = codec.encode(sent, values=self.downlink_values, positions=self.downlink_positions)
-        decoded = codec.decode(record, st.model.numel())
+        segments = codec.segments_of(st.layout)
+        record = codec.encode(sent, values=self.downlink_values, positions=self.downlink_positions, segments=segments)
+        decoded = codec.decode(record, st.model.numel(), segments=segments)
         decoded.add_(st.model, alpha=-1.0)
         st.version = server_round
         st.last_update_record = record

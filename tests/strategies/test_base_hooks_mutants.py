@@ -267,3 +267,88 @@ def test_float_exact_arrays_are_averaged_without_rounding():
         assert arrays["scale"].numpy().dtype == np.float32
         assert not np.allclose(scale, np.rint(scale))  # the test can tell a rounded average
         np.testing.assert_array_equal(arrays["steps"].numpy(), steps.astype(np.int64))
+
+
+# ====================================================================== finiteness and influence
+def _strategy_at(w: np.ndarray, **kw) -> TopKSGD:
+    strategy = TopKSGD(k=2, fraction_evaluate=0.0, **kw)
+    strategy.initialize(ArrayRecord({"w": Array(w.astype(np.float32))}))
+    return strategy
+
+
+def test_a_step_is_finite_only_if_its_values_and_the_new_model_are():
+    w = np.zeros(10, np.float32)
+    w[3] = -3e38
+    strategy = _strategy_at(w)
+    step = lambda i, v: SparseTensor(torch.tensor([i]), torch.tensor([v], dtype=torch.float32), 10)  # noqa: E731
+    assert strategy._finite_step(step(3, -1e38))  # w - g = -2e38: fine
+    assert not strategy._finite_step(step(3, float("inf")))
+    assert not strategy._finite_step(step(3, float("nan")))
+    assert not strategy._finite_step(step(3, 3e38))  # w - g = -6e38 overflows float32
+
+
+def test_a_16_bit_downlink_that_cannot_hold_the_step_rejects_the_round_instead_of_raising():
+    """fp16 carries |v| < 65520: a larger (finite) aggregate must not crash aggregate_train."""
+    strategy = _strategy_at(np.zeros(10, np.float32), downlink_values="fp16")
+    big = SparseTensor(torch.tensor([1]), torch.tensor([1e6]), 10)
+    assert not strategy._finite_step(big)
+    assert strategy._finite_step(SparseTensor(torch.tensor([1]), torch.tensor([6e4]), 10))
+
+
+def _update(node: int, weight: float, values: list[float]):
+    from fl_sparse.strategies.base import ClientUpdate
+
+    idx = torch.arange(len(values))
+    return ClientUpdate(
+        node=node, update=SparseTensor(idx, torch.tensor(values, dtype=torch.float32), 10), weight=weight,
+        user_content=RecordDict(), uplink=protocol.UplinkMetrics(), position_bits=0, value_bits=0, total_bytes=0,
+    )
+
+
+def test_bound_influence_caps_weights_at_a_multiple_of_the_median_and_clips_norms():
+    strategy = _strategy_at(np.zeros(10, np.float32), max_weight_ratio=2.0, update_norm_bound=5.0)
+    updates = [_update(1, 1.0, [3.0, 4.0]), _update(2, 3.0, [6.0, 8.0]), _update(3, 100.0, [0.3, 0.4])]
+    out = strategy.bound_influence(4, updates)
+    assert [u.weight for u in out] == [1.0, 3.0, 6.0]  # median 3, cap 6
+    assert [u.update.values.tolist() for u in out] == [[3.0, 4.0], [3.0, 4.0], pytest.approx([0.3, 0.4])]
+    assert strategy.state.round_metrics[4]["clipped"] == 1
+    assert strategy.bound_influence(5, []) == []
+
+
+def test_bound_influence_relative_to_the_median_norm():
+    strategy = _strategy_at(np.zeros(10, np.float32), update_norm_bound_ratio=2.0)
+    updates = [_update(1, 1.0, [3.0, 4.0]), _update(2, 1.0, [0.0, 10.0]), _update(3, 1.0, [0.0, 50.0])]
+    out = strategy.bound_influence(1, updates)  # median norm 10: bound 20
+    assert [u.update.values.tolist() for u in out] == [[3.0, 4.0], [0.0, 10.0], [0.0, 20.0]]
+    assert [u.weight for u in out] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_an_aggregate_beyond_the_fp16_downlink_is_rejected_not_raised(bidirectional):
+    """Clients' finite fp32 updates of 1e6 cannot travel in an fp16 downlink: the round is dropped whole."""
+    from fl_sparse.strategies import BidirectionalTopKSGD
+
+    size = {"step": 1e6}
+    app = ClientApp(mods=[SparseMod()])
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        w = msg.content["arrays"]["w"].numpy()
+        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w - np.float32(size["step"]))}),
+                                   "metrics": MetricRecord({"num-examples": 1.0})}), reply_to=msg)
+
+    folder = tempfile.mkdtemp(prefix="fl-sparse-mutants-")
+    grid = InProcessGrid(app, 3, node_config=lambda i: {"state-dir": folder})
+    cls = BidirectionalTopKSGD if bidirectional else TopKSGD
+    strategy = cls(k=2, downlink_values="fp16", fraction_evaluate=0.0, min_train_nodes=3, min_available_nodes=3)
+    strategy.initialize(ArrayRecord({"w": Array(np.zeros(10, np.float32))}))
+    strategy.identify(grid)
+    before = strategy.state.model.clone()
+    messages = list(strategy.configure_train(1, strategy.current_arrays(), ConfigRecord(), grid))
+    assert strategy.aggregate_train(1, list(grid.send_and_receive(messages))) == (None, None)
+    assert torch.equal(strategy.state.model, before) and strategy.state.version == 0
+    assert strategy.state.round_metrics[1]["rejected_round"] == 1
+    size["step"] = 0.5  # the clients' error memory still holds the 1e6 steps: the next rounds stay rejected...
+    messages = list(strategy.configure_train(2, strategy.current_arrays(), ConfigRecord(), grid))
+    strategy.aggregate_train(2, list(grid.send_and_receive(messages)))
+    assert torch.isfinite(strategy.state.model).all()  # ...but nothing raises and the model stays finite
