@@ -126,6 +126,10 @@ _UNKNOWN_KEY = 1 << 62  # orders nodes without a known partition id after those 
 MAX_WEIGHT = float(2**53)  # the largest weight a reply may claim: exact in float64, sums cannot overflow
 
 
+# Kinds of downlink sync, counted per round as ``downlink_<kind>_bytes`` (see messages_with_sync).
+DOWNLINK_KINDS = ("last_update", "catch_up", "first_contact")
+
+
 @dataclass
 class ServerState:
     """What the server remembers between rounds (cf. powerSGD_hook's PowerSGDState).
@@ -317,6 +321,7 @@ class SparseFedAvg(FedAvg):
         self.update_norm_bound = update_norm_bound
         self.update_norm_bound_ratio = update_norm_bound_ratio
         self._nonces: dict[int, str] = {}  # node -> nonce of the message it was sent this round
+        self.last_downlink_split: dict[str, int] = dict.fromkeys(DOWNLINK_KINDS, 0)
         self.first_error: str | None = None  # why the first dropped reply was dropped (for a run's summary)
         self.state = ServerState()
         self.node_keys: dict[int, tuple[int, int]] = {}
@@ -680,7 +685,10 @@ class SparseFedAvg(FedAvg):
         instr = self.instruction(server_round, phase=protocol.PHASE_TRAIN, uplink=json.dumps(spec, sort_keys=True))
         messages, modes, downlink_bytes = self.messages_with_sync(node_ids, config, instr)
         self.state.round_metrics.setdefault(server_round, {}).update(
-            {"round": server_round, "clients": len(node_ids), "downlink_bytes": downlink_bytes, "sync_modes": modes}
+            {
+                "round": server_round, "clients": len(node_ids), "downlink_bytes": downlink_bytes, "sync_modes": modes,
+                **{f"downlink_{kind}_bytes": n for kind, n in self.last_downlink_split.items()},
+            }
         )
         log(INFO, "configure_train: %d clients, downlink %s B, sync %s", len(node_ids), downlink_bytes, modes)
         return messages
@@ -715,11 +723,17 @@ class SparseFedAvg(FedAvg):
         """
         st = self.state
         messages, modes, total = [], {}, 0
+        # Where the downlink goes: the last update to clients one version behind, catch-ups
+        # to clients further behind, the dense model to clients seen for the first time (or
+        # whose model is unknown). At low participation nearly every sampled client is new or
+        # far behind, and the last kind, bidirectional compression's saving, shrinks.
+        split = dict.fromkeys(DOWNLINK_KINDS, 0)
         exact_bytes = _record_bytes(st.exact) if st.layout.exact_names else 0
         layout_json = st.layout.to_json()
         for node in node_ids:
             have = st.client_versions.get(node)
             mode, payload = self.sync_for(node)
+            kind = "first_contact" if have is None else "last_update" if have >= st.version - 1 else "catch_up"
             self._nonces[node] = secrets.token_hex(8)
             node_instr = Instruction(
                 **{
@@ -733,14 +747,18 @@ class SparseFedAvg(FedAvg):
                 }
             )
             content = RecordDict({self.configrecord_key: config, protocol.RECORD: node_instr.to_record()})
+            sent = 0
             if payload is not None:
                 content[protocol.SYNC] = payload
-                total += codec.wire_size(payload).total_bytes
+                sent += codec.wire_size(payload).total_bytes
             if exact_bytes:
                 content[protocol.EXACT] = st.exact
-                total += exact_bytes
+                sent += exact_bytes
+            total += sent
+            split[kind] += sent
             modes[mode] = modes.get(mode, 0) + 1
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        self.last_downlink_split = split
         return messages, modes, total
 
     def sync_for(self, node: int) -> tuple[str, ArrayRecord | None]:

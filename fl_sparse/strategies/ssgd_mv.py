@@ -340,7 +340,7 @@ class SSGDMajorityVote(SparseFedAvg):
         replies = grid.send_and_receive(vote_msgs, timeout=self._timeout) if vote_msgs else []
         tally = self.tally_votes(server_round, replies)
         mask = self.select_mask(server_round, tally["votes"], tally)
-        mask_record = codec.encode_positions(mask, numel, positions=self.positions)
+        mask_record = codec.encode_positions(mask, numel, positions=self.positions, segments=codec.segments_of(st.layout))
         mask_size = codec.wire_size(mask_record)
         self._round_mask = mask
 
@@ -363,6 +363,8 @@ class SSGDMajorityVote(SparseFedAvg):
                 "vote_uplink_bytes": tally["bytes"],
                 "mask_bytes": mask_size.total_bytes,
                 "downlink_bytes": sync_bytes + mask_size.total_bytes * len(messages),
+                # the sync part of the vote messages (the mask goes to every voter alike)
+                **{f"downlink_{kind}_bytes": n for kind, n in self.last_downlink_split.items()},
                 "q_loc_up": (sum(tally["bits"]) / len(tally["bits"]) / d_h) if tally["bits"] else float("nan"),
                 "q_loc_down": mask_size.position_bits / d_h,
                 "vote_changes": (sum(tally["changes"]) / len(tally["changes"])) if tally["changes"] else 0.0,
@@ -438,9 +440,10 @@ class SSGDMajorityVote(SparseFedAvg):
 
     def _read_vote(self, content: RecordDict, report: Report, numel: int, k: int, k_ad: int, node: int) -> dict[str, Any]:
         arrays = content.array_records
+        segments = codec.segments_of(self.state.layout)
         if report.vote_kind == "full":
             record = protocol.array_record(content, protocol.VOTE, what="full vote")
-            vote = codec.decode_positions(record, numel, max_nnz=k)
+            vote = codec.decode_positions(record, numel, max_nnz=k, segments=segments)
             if vote.numel() != k:
                 raise protocol.ProtocolError(f"a vote must have exactly K={k} positions, got {vote.numel()}")
             sizes = [codec.wire_size(record)]
@@ -450,8 +453,8 @@ class SSGDMajorityVote(SparseFedAvg):
                 raise protocol.ProtocolError("add-drop vote, but this strategy takes full votes")
             if protocol.VOTE_ADD not in arrays or protocol.VOTE_DROP not in arrays:
                 raise protocol.ProtocolError(f"add-drop vote needs {protocol.VOTE_ADD!r} and {protocol.VOTE_DROP!r} records")
-            adds = codec.decode_positions(arrays[protocol.VOTE_ADD], numel, max_nnz=k_ad)
-            drops = codec.decode_positions(arrays[protocol.VOTE_DROP], numel, max_nnz=k_ad)
+            adds = codec.decode_positions(arrays[protocol.VOTE_ADD], numel, max_nnz=k_ad, segments=segments)
+            drops = codec.decode_positions(arrays[protocol.VOTE_DROP], numel, max_nnz=k_ad, segments=segments)
             if adds.numel() != drops.numel():
                 raise protocol.ProtocolError(f"{adds.numel()} adds but {drops.numel()} drops")
             base_round = report.vote_base_round

@@ -352,3 +352,31 @@ def test_an_aggregate_beyond_the_fp16_downlink_is_rejected_not_raised(bidirectio
     messages = list(strategy.configure_train(2, strategy.current_arrays(), ConfigRecord(), grid))
     strategy.aggregate_train(2, list(grid.send_and_receive(messages)))
     assert torch.isfinite(strategy.state.model).all()  # ...but nothing raises and the model stays finite
+
+
+def test_downlink_bytes_are_split_into_last_update_catch_up_and_first_contact():
+    """Round 1: two new clients. Round 2: one of them, one version behind. Round 3: the other,
+    two versions behind (a catch-up), and a third client never seen before."""
+    grid = _grid(3)
+    strategy = TopKSGD(k=K, fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1)
+    strategy.initialize(_model())
+    strategy.identify(grid)
+    kinds = ("last_update", "catch_up", "first_contact")
+    n0, n1, n2 = grid.node_ids
+
+    def play(server_round, nodes):
+        grid.online = set(nodes)
+        messages = list(strategy.configure_train(server_round, strategy.current_arrays(), ConfigRecord(), grid))
+        assert {m.metadata.dst_node_id for m in messages} == set(nodes)
+        strategy.aggregate_train(server_round, list(grid.send_and_receive(messages, timeout=60)))
+        rm = strategy.state.round_metrics[server_round]
+        split = {kind: rm[f"downlink_{kind}_bytes"] for kind in kinds}
+        assert sum(split.values()) == rm["downlink_bytes"]
+        return split
+
+    dense = play(1, [n0, n1])
+    assert dense["first_contact"] > 0 and dense["last_update"] == dense["catch_up"] == 0
+    one_behind = play(2, [n0])
+    assert one_behind["last_update"] > 0 and one_behind["catch_up"] == one_behind["first_contact"] == 0
+    mixed = play(3, [n1, n2])
+    assert mixed["catch_up"] > 0 and mixed["first_contact"] == dense["first_contact"] // 2 and mixed["last_update"] == 0
