@@ -10,6 +10,7 @@ check is probed on both sides of its boundary. See docs/testing.md.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -207,3 +208,13 @@ def test_budgeted_checks_spent_and_d_by_name():
         adaptive_k_budgeted(0, 5, 10, 0.5, 2, 0, d=9)
     # d == k is a valid model size: every round then sends exactly k
     assert [adaptive_k_budgeted(t, 5, 10, 0.5, 2, 10 * t, d=10) for t in range(5)] == [10] * 5
+
+
+@pytest.mark.parametrize(
+    "T,k,match",
+    [(0, 5, "T must be an int >= 1, got 0"), (2.5, 5, "T must be an int >= 1, got 2.5"),
+     (4, 0, "k must be an int >= 1, got 0"), (4, 1.5, "k must be an int >= 1, got 1.5")],
+)
+def test_the_schedule_names_a_bad_T_or_k(T, k, match):
+    with pytest.raises(ValueError, match=re.escape(f"AdapTop-K: {match}")):
+        adaptive_k_schedule(0, T, k, 0.5, 0)
