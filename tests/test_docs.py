@@ -42,6 +42,7 @@ README = ROOT / "README.md"
 MAKE_SPARSE = "Make your own Flower app sparse"
 USING = "Using the strategies in your own Flower app"
 LIBRARY = "Library"
+RUNNING = "Running experiments"
 HEADER_BYTES = 512  # generous bound on one payload's header
 ROUND_LINE = re.compile(
     r"round (\d+): train loss ([0-9.]+), uplink (\d+) B from (\d+) clients \(dense: (\d+) B each\)"
@@ -127,7 +128,7 @@ def _state_files(root: Path) -> list[str]:
 def test_every_python_block_is_run_here():
     """New README code gets tested: every python block is in a section this module runs."""
     headings = {heading for heading, lang, _ in fenced_blocks(README.read_text()) if lang == "python"}
-    assert headings == {MAKE_SPARSE, USING, LIBRARY}, headings
+    assert headings == {MAKE_SPARSE, USING, LIBRARY, RUNNING}, headings
     for code in python_blocks():
         assert not code.lstrip().startswith("# not run"), code
 
@@ -164,6 +165,19 @@ def test_make_your_own_app_sparse_as_written(tmp_path: Path):
     ns, _ = run_blocks(python_blocks(MAKE_SPARSE)[:1])  # make_model, for the oracle
     check_sparse_app_output(proc.stdout, ns["make_model"])
     assert _state_files(tmp_path / "state") == ["client-0.state", "client-1.state"]
+
+
+@pytest.mark.slow
+def test_python_api_block_runs_two_simulations(tmp_path: Path, monkeypatch):
+    """``simulate(RunConfig(...))`` and ``simulate(cfg, strategy=...)`` as written, through Ray."""
+    monkeypatch.chdir(tmp_path)
+    (block,) = python_blocks(RUNNING)
+    ns, printed = run_blocks([block])
+    first, second = (line.split() for line in printed.strip().splitlines()[-2:])
+    k = math.ceil(0.01 * ns["mine"].state.model.numel())  # RunConfig's ratio 0.01 vs the strategy's 0.05
+    assert 0.3 < float(first[0]) <= 1 and 0.3 < float(second[0]) <= 1  # both learn in 3 rounds
+    assert int(second[1]) > 4 * int(first[1])  # 5x the uplink entries (positions cost less per entry)
+    assert len(ns["rows"]) == 3 and ns["rows"][-1]["clients"] == 4 and k > 0
 
 
 def test_using_the_strategies_block():
