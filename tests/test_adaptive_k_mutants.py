@@ -218,3 +218,9 @@ def test_budgeted_checks_spent_and_d_by_name():
 def test_the_schedule_names_a_bad_T_or_k(T, k, match):
     with pytest.raises(ValueError, match=re.escape(f"AdapTop-K: {match}")):
         adaptive_k_schedule(0, T, k, 0.5, 0)
+
+
+@pytest.mark.parametrize("gamma", [True, 1.5, -0.1, "0.5"])
+def test_the_schedule_names_a_bad_gamma(gamma):
+    with pytest.raises((ValueError, TypeError), match=re.escape("AdapTop-K: gamma must be in [0, 1]")):
+        adaptive_k_schedule(0, 4, 5, gamma, 0)
