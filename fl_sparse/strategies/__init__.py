@@ -13,6 +13,7 @@ from fl_sparse.strategies.named import (
     BidirectionalTopKSGD,
     DenseFedAvg,
     HardThresholdSGD,
+    RandomKSGD,
     RTopKSGD,
     TopKSGD,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "TopKSGD",
     "BidirectionalTopKSGD",
     "RTopKSGD",
+    "RandomKSGD",
     "HardThresholdSGD",
     "AdaptiveTopKSGD",
     "STRATEGY_NAMES",
@@ -38,6 +40,7 @@ STRATEGY_NAMES = (
     "topk",
     "bidirectional-topk",
     "rtopk",
+    "randomk",
     "hard-threshold",
     "adaptive-topk",
     "adaptive-topk-no-ec",
@@ -58,35 +61,52 @@ def build_strategy(
     add_drop_ratio: float = 0.001,
     positions: str = "raw",
     lr: float = 0.05,
+    error_feedback: bool = True,
+    r_ratio: float | None = None,
     **common: Any,
 ) -> SparseFedAvg:
     """The strategy called ``name`` (one of :data:`STRATEGY_NAMES`), configured.
 
     ``common`` goes to every strategy (fraction_train, seed, diagnostics, ...).
     ``value_bits`` < 32 quantizes values with the fractional q-bit scheme.
+    ``error_feedback=False`` runs a sparse strategy without error compensation:
+    clients drop what they did not send (and bidirectional top-K's server keeps
+    no δ); ``adaptive-topk-no-ec`` is always without. It is ignored by
+    ``fedavg``, which sends everything. ``r_ratio`` sets rTop-k's pool
+    r = ⌈r_ratio·d⌉ (default: the paper's k/r = 1/n, n the clients sampled);
+    any other strategy refuses it.
     """
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    if name not in STRATEGY_NAMES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}")
+    if r_ratio is not None and name != "rtopk":
+        raise ValueError(f"r_ratio is rTop-k's pool size; strategy {name!r} does not take it")
+    error_feedback = bool(error_feedback)
     values = "fp32" if value_bits >= 32 else f"q{int(value_bits)}"
     wire = dict(uplink_values=values, downlink_values=values, uplink_positions=positions, downlink_positions=positions)
     if name == "fedavg":
         return DenseFedAvg(**common)
+    sparse = dict(client_error_feedback=error_feedback, **common)
     if name == "topk":
-        return TopKSGD(ratio=ratio, **wire, **common)
+        return TopKSGD(ratio=ratio, **wire, **sparse)
     if name == "bidirectional-topk":
-        return BidirectionalTopKSGD(ratio=ratio, downlink_ratio=downlink_ratio or ratio, **wire, **common)
+        return BidirectionalTopKSGD(
+            ratio=ratio, downlink_ratio=downlink_ratio or ratio, server_error_feedback=error_feedback, **wire, **sparse
+        )
     if name == "rtopk":
-        return RTopKSGD(ratio=ratio, **wire, **common)
+        return RTopKSGD(ratio=ratio, r_ratio=r_ratio, **wire, **sparse)
+    if name == "randomk":
+        return RandomKSGD(ratio=ratio, **wire, **sparse)
     if name == "hard-threshold":
-        return HardThresholdSGD(threshold=threshold, ratio=ratio, **wire, **common)
+        return HardThresholdSGD(threshold=threshold, ratio=ratio, **wire, **sparse)
     if name in ("adaptive-topk", "adaptive-topk-no-ec"):
         return AdaptiveTopKSGD(
-            ratio=ratio, num_rounds=num_rounds, error_feedback=name == "adaptive-topk", lr=lr, **wire, **common
+            ratio=ratio, num_rounds=num_rounds, error_feedback=error_feedback and name == "adaptive-topk", lr=lr,
+            **wire, **common,
         )
-    if name.startswith("ssgd-mv"):
-        from fl_sparse.strategies.ssgd_mv import build_ssgd_mv
+    from fl_sparse.strategies.ssgd_mv import build_ssgd_mv
 
-        return build_ssgd_mv(
-            name, ratio=ratio, add_drop_ratio=add_drop_ratio, value_bits=value_bits, positions=positions, **common
-        )
-    raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}")
+    return build_ssgd_mv(
+        name, ratio=ratio, add_drop_ratio=add_drop_ratio, value_bits=value_bits, positions=positions, **sparse
+    )

@@ -3,6 +3,7 @@
 * :class:`TopKSGD` – unidirectional top-K SGD (bidirectional paper, Algorithm 1).
 * :class:`BidirectionalTopKSGD` – Algorithm 2: the server keeps δ and sends Top_K(g + δ).
 * :class:`RTopKSGD` – rTop-k: top-r then a uniformly random k of them, k/r = 1/n.
+* :class:`RandomKSGD` – random-k: a uniformly random k of the d entries (the rTop-k paper's baseline).
 * :class:`HardThresholdSGD` – send every entry with |a| ≥ λ.
 * :class:`AdaptiveTopKSGD` – AdapTop-K: k_t varies per round under a fixed total budget.
 """
@@ -20,6 +21,7 @@ __all__ = [
     "TopKSGD",
     "BidirectionalTopKSGD",
     "RTopKSGD",
+    "RandomKSGD",
     "HardThresholdSGD",
     "AdaptiveTopKSGD",
 ]
@@ -90,29 +92,64 @@ class RTopKSGD(SparseFedAvg):
     """rTop-k with error compensation (rTop-k paper, Algorithm 1).
 
     Each worker takes its top-r entries, then sends a uniformly random k of
-    them. With ``r=None`` the paper's choice k/r = 1/n is used, n being the
-    number of clients sampled this round.
+    them. The pool size r is ``r`` (entries), or ``r_ratio`` (r = ⌈r_ratio·d⌉,
+    fixed once the model size d is known), or, with neither, the paper's choice
+    k/r = 1/n, n being the number of clients sampled this round. r is capped
+    at d and is at least k.
     """
 
     def __init__(
-        self, *args: Any, ratio: float | None = 0.001, k: int | None = None, r: int | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        ratio: float | None = 0.001,
+        k: int | None = None,
+        r: int | None = None,
+        r_ratio: float | None = None,
+        **kwargs: Any,
     ) -> None:
         if k is not None:
             ratio = None
+        if r is not None and r_ratio is not None:
+            raise ValueError("give at most one of r and r_ratio")
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+            raise ValueError(f"r must be an int >= 1, got {r!r}")
+        if r_ratio is not None and not (isinstance(r_ratio, (int, float)) and 0.0 < r_ratio <= 1.0):
+            raise ValueError(f"r_ratio must be in (0, 1], got {r_ratio!r}")
         self.r = r
+        self.r_ratio = None if r_ratio is None else float(r_ratio)
         super().__init__(*args, uplink={"name": "rtopk", **_budget(ratio, k), "n_workers": 1}, downlink=None, **kwargs)
 
     def options(self) -> dict[str, Any]:
-        return {**super().options(), "r": self.r}
+        return {**super().options(), "r": self.r, "r_ratio": self.r_ratio}
 
     def uplink_spec(self, server_round: int, num_clients: int) -> dict[str, Any]:
         spec = dict(self.uplink)
-        if self.r is not None:
+        r = self.r
+        if r is None and self.r_ratio is not None and self.state.model is not None:
+            r = math.ceil(round(self.r_ratio * self.state.model.numel(), 9))
+        if r is not None:
             spec.pop("n_workers", None)
-            spec["r"] = int(self.r)
+            spec["r"] = max(int(r), spec.get("k", 1))
         else:
             spec["n_workers"] = max(1, int(num_clients))
         return spec
+
+
+@with_fedavg_signature
+class RandomKSGD(SparseFedAvg):
+    """Random-k with error compensation: each worker sends a uniformly random k of its d entries.
+
+    The rTop-k paper's third baseline (its Tables I–III). Worker q:
+    a_q = ε_q + Δ_q; send a_q on a uniformly random k-subset S (values
+    unscaled); ε_q ← a_q − a_q|_S. The subset is drawn from a generator seeded
+    by (seed, round, partition), like rTop-k's: a fixed seed gives the same
+    masks, and every client and round draws its own.
+    """
+
+    def __init__(self, *args: Any, ratio: float | None = 0.001, k: int | None = None, **kwargs: Any) -> None:
+        if k is not None:
+            ratio = None
+        super().__init__(*args, uplink={"name": "randomk", **_budget(ratio, k)}, downlink=None, **kwargs)
 
 
 @with_fedavg_signature

@@ -30,6 +30,7 @@ from fl_sparse.strategies import (
     BidirectionalTopKSGD,
     DenseFedAvg,
     HardThresholdSGD,
+    RandomKSGD,
     RTopKSGD,
     TopKSGD,
     build_strategy,
@@ -316,6 +317,8 @@ def test_build_strategy_maps_names_and_wire_codes():
     assert isinstance(build_strategy("topk", ratio=0.01), TopKSGD)
     assert isinstance(build_strategy("fedavg", ratio=0.01), DenseFedAvg)
     assert isinstance(build_strategy("rtopk", ratio=0.01), RTopKSGD)
+    assert isinstance(build_strategy("randomk", ratio=0.01), RandomKSGD)
+    assert uplink_of(build_strategy("randomk", ratio=0.01), 1, mock_grid(2), zeros()) == {"name": "randomk", "ratio": 0.01}
     assert isinstance(build_strategy("hard-threshold", ratio=0.01), HardThresholdSGD)
     with pytest.raises(ValueError, match="unknown strategy"):
         build_strategy("gossip", ratio=0.01)
