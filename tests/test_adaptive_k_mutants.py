@@ -224,3 +224,10 @@ def test_the_schedule_names_a_bad_T_or_k(T, k, match):
 def test_the_schedule_names_a_bad_gamma(gamma):
     with pytest.raises((ValueError, TypeError), match=re.escape("AdapTop-K: gamma must be in [0, 1]")):
         adaptive_k_schedule(0, 4, 5, gamma, 0)
+
+
+def test_the_schedule_names_a_bad_t_hat_or_round():
+    with pytest.raises(ValueError, match=re.escape("AdapTop-K: t_hat must be an int in [0, T=4], got 5")):
+        adaptive_k_schedule(0, 4, 5, 0.5, 5)
+    with pytest.raises(ValueError, match=re.escape("AdapTop-K: round t must be an int in [0, T=4), got 4")):
+        adaptive_k_schedule(4, 4, 5, 0.5, 0)
