@@ -120,8 +120,14 @@ def client_generator_seed(seed: int, server_round: int, partition_id: int) -> in
 
 
 # ====================================================================== sync
-def apply_sync(state: ClientState, instr: Instruction, content: RecordDict, numel: int) -> None:
-    """Bring ``state.model`` to the server's ``model-version`` exactly, or raise SyncError."""
+def apply_sync(
+    state: ClientState, instr: Instruction, content: RecordDict, numel: int, segments: tuple[int, ...] | None = None
+) -> None:
+    """Bring ``state.model`` to the server's ``model-version`` exactly, or raise SyncError.
+
+    ``segments``: the layout's (:func:`fl_sparse.codec.segments_of`), for a sparse sync
+    whose positions use the segmented code.
+    """
     mode = instr.sync_mode
     if mode == "none":
         if state.model is None or state.model_version != instr.model_version:
@@ -136,9 +142,9 @@ def apply_sync(state: ClientState, instr: Instruction, content: RecordDict, nume
         if state.model is None or state.model_version != instr.base_version:
             raise SyncError(f"{mode} sync needs version {instr.base_version}, client holds {state.model_version}")
         if mode == "delta":
-            codec.decode(record, numel).add_(state.model, alpha=-1.0)  # w <- w - ĝ, the server's exact operation
+            codec.decode(record, numel, segments=segments).add_(state.model, alpha=-1.0)  # w <- w - ĝ, exactly
         elif mode == "set":
-            sparse = codec.decode(record, numel)
+            sparse = codec.decode(record, numel, segments=segments)
             state.model[sparse.indices] = sparse.values
         else:  # "values": SSGD-MV's last aggregate, on the last mask this client holds
             if _MASK not in state.extra or int(state.extra[_MASK_ROUND]) != instr.mask_round:
@@ -283,7 +289,8 @@ class SparseMod:
         state = session.state
         layout = session.layout(instr)
         numel = layout.numel
-        apply_sync(state, instr, msg.content, numel)
+        segments = codec.segments_of(layout)
+        apply_sync(state, instr, msg.content, numel, segments)
         model_hash = vector_hash(state.model)
         if model_hash != instr.model_hash:
             raise SyncError("model after sync does not match the server's hash")
@@ -316,9 +323,9 @@ class SparseMod:
         content = RecordDict({k: v for k, v in user_reply.content.items() if k != instr.arrays_key})
         memory = _memory(state, numel, instr.error_feedback)
         if instr.phase == protocol.PHASE_VOTE:
-            extra = self._vote_phase(state, memory, step, instr, content)
+            extra = self._vote_phase(state, memory, step, instr, content, segments)
         else:
-            self._train_phase(state, memory, step, instr, content, _partition_id(context))
+            self._train_phase(state, memory, step, instr, content, _partition_id(context), segments)
             extra = {}
         if layout.exact_names:
             content[protocol.EXACT] = exact_after
@@ -328,7 +335,9 @@ class SparseMod:
         return Message(content=content, reply_to=msg)
 
     # ------------------------------------------------------------ phases
-    def _train_phase(self, state, memory, step, instr: Instruction, content: RecordDict, partition_id: int) -> None:
+    def _train_phase(
+        self, state, memory, step, instr: Instruction, content: RecordDict, partition_id: int, segments: tuple[int, ...]
+    ) -> None:
         """[ZDL] Algorithm 1/2, worker side: error-compensated compression of Δ."""
         compressor = build_compressor(**instr.uplink_spec())
         # Random compressors (rTop-k, random-k) draw from (seed, round, client): reproducible.
@@ -337,7 +346,7 @@ class SparseMod:
         result = algorithms.client_compress(
             step, memory, lambda a: compressor(a, generator=generator), quantize=lambda s: codec.lossy_roundtrip(s, values=values)
         )
-        record = codec.encode(result.compressed, values=values, positions=positions)
+        record = codec.encode(result.compressed, values=values, positions=positions, segments=segments)
         state.error = memory.error.detach()
         _remember_sent(state, result.sent, instr.server_round)
         content[protocol.UPDATE] = record
@@ -350,7 +359,9 @@ class SparseMod:
         if instr.diagnostics:
             content[protocol.DIAGNOSTICS] = ArrayRecord({"a": result.compensated, "step": step})
 
-    def _vote_phase(self, state, memory, step, instr: Instruction, content: RecordDict) -> dict:
+    def _vote_phase(
+        self, state, memory, step, instr: Instruction, content: RecordDict, segments: tuple[int, ...]
+    ) -> dict:
         """[OOG] Alg. 1 l. 9-10 / Alg. 2 l. 11-15: vote with supp Top_K(a), or its changes; keep a."""
         numel = step.numel()
         a = memory.compensate(step)
@@ -362,18 +373,19 @@ class SparseMod:
             base = _stored_vote(state, instr.vote_round)
             if base is not None and base.numel() == k:
                 vote, adds, drops = algorithms.add_drop(a, base, top, instr.add_drop_k)
-                content[protocol.VOTE_ADD] = codec.encode_positions(adds, numel, positions=positions)
-                content[protocol.VOTE_DROP] = codec.encode_positions(drops, numel, positions=positions)
+                wire = dict(positions=positions, segments=segments)
+                content[protocol.VOTE_ADD] = codec.encode_positions(adds, numel, **wire)
+                content[protocol.VOTE_DROP] = codec.encode_positions(drops, numel, **wire)
                 report = {"vote_kind": "add-drop", "vote_base_round": instr.vote_round}
                 state.extra[_VOTE], state.extra[_VOTE_ROUND] = base, torch.tensor(instr.vote_round)
             else:
                 vote = top
-                content[protocol.VOTE] = codec.encode_positions(top, numel, positions=positions)
+                content[protocol.VOTE] = codec.encode_positions(top, numel, positions=positions, segments=segments)
                 state.extra.pop(_VOTE, None)
                 state.extra.pop(_VOTE_ROUND, None)
             state.extra[_SENT_VOTE], state.extra[_SENT_VOTE_ROUND] = vote, torch.tensor(instr.server_round)
         else:
-            content[protocol.VOTE] = codec.encode_positions(top, numel, positions=positions)
+            content[protocol.VOTE] = codec.encode_positions(top, numel, positions=positions, segments=segments)
         state.extra[_A] = a.detach().to(torch.float32)
         state.extra[_A_ROUND] = torch.tensor(instr.server_round)
         return report
@@ -386,7 +398,9 @@ class SparseMod:
         a = state.extra.pop(_A)
         state.extra.pop(_A_ROUND)
         numel = a.numel()
-        mask = codec.decode_positions(protocol.array_record(content_in, protocol.MASK), numel, max_nnz=instr.vote_k)
+        segments = codec.segments_of(session.layout(instr))  # stored since the vote phase's dense sync
+        mask_record = protocol.array_record(content_in, protocol.MASK)
+        mask = codec.decode_positions(mask_record, numel, max_nnz=instr.vote_k, segments=segments)
         values = a[mask]
         record = codec.encode_values(values, values=instr.uplink_values)
         sent = codec.lossy_roundtrip(SparseTensor(mask, values, numel), values=instr.uplink_values)

@@ -477,12 +477,13 @@ def test_catch_up_payload_brings_any_version_to_the_servers_model(tmp_path, have
         snapshots[t] = strategy.state.model.clone()
     mode, payload = strategy.sync_payload(have)
     client = None if have in (None, -1) else snapshots[have].clone()
+    segments = codec.segments_of(strategy.state.layout)  # a client holds the layout: rice may be segmented
     if mode == "dense":
         client = codec.decode_dense(payload, D)
     elif mode == "delta":
-        codec.decode(payload, D).add_(client, alpha=-1.0)
+        codec.decode(payload, D, segments=segments).add_(client, alpha=-1.0)
     elif mode == "set":
-        s = codec.decode(payload, D)
+        s = codec.decode(payload, D, segments=segments)
         client[s.indices] = s.values
     else:
         assert mode == "none" and payload is None
