@@ -380,3 +380,13 @@ def test_downlink_bytes_are_split_into_last_update_catch_up_and_first_contact():
     assert one_behind["last_update"] > 0 and one_behind["catch_up"] == one_behind["first_contact"] == 0
     mixed = play(3, [n1, n2])
     assert mixed["catch_up"] > 0 and mixed["first_contact"] == dense["first_contact"] // 2 and mixed["last_update"] == 0
+
+
+def test_bound_influence_takes_the_tighter_of_the_absolute_and_relative_bounds():
+    # norms 10, 40, 50: median 40, ratio 0.5 -> relative bound 20; absolute 15 is tighter, 30 is not
+    for absolute, expected in ((15.0, [[0.0, 10.0], [0.0, 15.0], [0.0, 15.0]]), (30.0, [[0.0, 10.0], [0.0, 20.0], [0.0, 20.0]])):
+        strategy = _strategy_at(np.zeros(10, np.float32), update_norm_bound=absolute, update_norm_bound_ratio=0.5)
+        updates = [_update(1, 1.0, [0.0, 10.0]), _update(2, 1.0, [0.0, 40.0]), _update(3, 1.0, [0.0, 50.0])]
+        out = strategy.bound_influence(9, updates)
+        assert [u.update.values.tolist() for u in out] == [pytest.approx(e, rel=1e-6) for e in expected]
+        assert strategy.state.round_metrics[9] == {"round": 9, "clipped": 2}  # a fresh round's row
