@@ -104,3 +104,28 @@ def _metadata(run_id: int, node: int, message_type: str) -> Metadata:
         ttl=3600.0,
         message_type=message_type,
     )
+
+
+def step_app(step, weight, metrics=None):
+    """A ClientApp (SparseMod in front) whose train function subtracts ``step(pid, round)`` from array ``w``.
+
+    ``weight(pid)`` is the reply's ``num-examples``; ``metrics(pid)`` adds more
+    metrics. The strategies' fast tests use it as a client with a known update.
+    """
+    from flwr.app import Array, ArrayRecord, MetricRecord
+    from flwr.clientapp import ClientApp
+
+    from fl_sparse.clients import SparseMod
+
+    app = ClientApp(mods=[SparseMod()])
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        t = int(msg.content["config"]["server-round"])
+        w = msg.content["arrays"]["w"].numpy()
+        values = {"num-examples": weight(pid), **(metrics(pid) if metrics else {})}
+        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w - step(pid, t))}),
+                                   "metrics": MetricRecord(values)}), reply_to=msg)
+
+    return app

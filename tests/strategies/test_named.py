@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
-from inprocess import InProcessGrid
+from inprocess import InProcessGrid, step_app
 
 from fl_sparse.clients import SparseMod
 from fl_sparse.compressors import adaptive_k_budgeted, adaptive_k_rounds, adaptive_k_t_hat, build_compressor
@@ -90,17 +90,7 @@ def local_step(pid: int, server_round: int) -> np.ndarray:
 
 
 def toy_app() -> ClientApp:
-    app = ClientApp(mods=[SparseMod()])
-
-    @app.train()
-    def train(msg: Message, context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        t = int(msg.content["config"]["server-round"])
-        w = msg.content["arrays"]["w"].numpy()
-        metrics = MetricRecord({"num-examples": WEIGHTS[pid], "train-loss": LOSSES[pid]})
-        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w - local_step(pid, t))}), "metrics": metrics}), reply_to=msg)
-
-    return app
+    return step_app(local_step, WEIGHTS.__getitem__, lambda pid: {"train-loss": LOSSES[pid]})
 
 
 def toy_grid(tmp_path) -> InProcessGrid:

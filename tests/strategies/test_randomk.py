@@ -16,7 +16,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
-from inprocess import InProcessGrid
+from inprocess import InProcessGrid, step_app
 
 from fl_sparse import codec, protocol
 from fl_sparse.clients import SparseMod
@@ -36,17 +36,7 @@ def local_step(pid: int, server_round: int) -> np.ndarray:
 
 
 def toy_app() -> ClientApp:
-    app = ClientApp(mods=[SparseMod()])
-
-    @app.train()
-    def train(msg: Message, context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        t = int(msg.content["config"]["server-round"])
-        w = msg.content["arrays"]["w"].numpy()
-        metrics = MetricRecord({"num-examples": WEIGHTS[pid], "train_loss": 1.0})
-        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w - local_step(pid, t))}), "metrics": metrics}), reply_to=msg)
-
-    return app
+    return step_app(local_step, WEIGHTS.__getitem__, lambda pid: {"train_loss": 1.0})
 
 
 class Recorder:
