@@ -90,7 +90,7 @@ def test_same_seed_same_run(tmp_path):
     cfg = replace(BASE, strategy="rtopk", clients=4, fraction=0.5, rounds=3)
     a = simulate(replace(cfg, out=str(tmp_path / "a")))
     b = simulate(replace(cfg, out=str(tmp_path / "b")))
-    drop = ("round_seconds",)
+    drop = ("round_seconds", "elapsed_seconds")  # wall-clock columns
     strip = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows]  # noqa: E731
     assert strip(a) == strip(b)
     assert torch.equal(_final_vector(tmp_path / "a"), _final_vector(tmp_path / "b"))
@@ -152,6 +152,7 @@ def test_hundred_noniid_clients_bidirectional_topk(tmp_path):
         batch_size=32,
         lr=0.1,
         ratio=0.05,
+        positions="raw",  # the size oracle below counts 4-byte positions
         out=str(tmp_path),
     )
     rows = simulate(cfg)
