@@ -123,11 +123,20 @@ def write(path: str, record: dict) -> None:
     if path:
         with open(path, "a") as fh:
             fh.write(json.dumps(record) + "\\n")
+
+
+def client(context, server_round: int, imports: tuple, ds0: float, ds1: float, load1: float, call0: float,
+           call1: float) -> None:
+    """One ClientApp message's timestamps (``imports``: before and after the app module's imports)."""
+    write(str(context.run_config.get("trace", "")), {
+        "kind": "client", "node": int(context.node_config.get("partition-id", -1)), "round": int(server_round),
+        "pid": os.getpid(), "proc": process_start(), "imp0": imports[0], "imp1": imports[1],
+        "ds0": ds0, "ds1": ds1, "load1": load1, "call0": call0, "call1": call1,
+    })
 '''
 
 NOOP_CLIENT_PY = '''\
 """A ClientApp that replies at once (plus its timestamps)."""
-import os
 import time
 
 T_IMPORT0 = time.time()
@@ -144,18 +153,12 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     t0 = time.time()
     reply = Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
-    trace.write(str(context.run_config.get("trace", "")), {
-        "kind": "client", "node": int(context.node_config.get("partition-id", -1)),
-        "round": int(msg.content["config"]["server-round"]), "pid": os.getpid(),
-        "proc": trace.process_start(), "imp0": T_IMPORT0, "imp1": T_IMPORT1,
-        "ds0": t0, "ds1": t0, "load1": t0, "call0": t0, "call1": time.time(),
-    })
+    trace.client(context, msg.content["config"]["server-round"], (T_IMPORT0, T_IMPORT1), t0, t0, t0, t0, time.time())
     return reply
 '''
 
 TORCH_CLIENT_PY = '''\
 """A minimal torch ClientApp: import torch, one SGD step of the MLP on a random batch, top-1% reply."""
-import os
 import time
 
 T_IMPORT0 = time.time()
@@ -183,18 +186,12 @@ def train(msg: Message, context: Context) -> Message:
         top = torch.topk(flat.abs(), max(1, flat.numel() // 100))
     reply = Message(RecordDict({"arrays": ArrayRecord([top.indices.numpy(), flat[top.indices].numpy()]),
                                 "metrics": MetricRecord({"num-examples": 10})}), reply_to=msg)
-    trace.write(str(context.run_config.get("trace", "")), {
-        "kind": "client", "node": int(context.node_config.get("partition-id", -1)),
-        "round": int(msg.content["config"]["server-round"]), "pid": os.getpid(),
-        "proc": trace.process_start(), "imp0": T_IMPORT0, "imp1": T_IMPORT1,
-        "ds0": t0, "ds1": t0, "load1": t0, "call0": t0, "call1": time.time(),
-    })
+    trace.client(context, msg.content["config"]["server-round"], (T_IMPORT0, T_IMPORT1), t0, t0, t0, t0, time.time())
     return reply
 '''
 
 REPO_CLIENT_PY = '''\
 """fl-sparse's ClientApp, unchanged, with timestamps around its parts."""
-import os
 import time
 
 T_IMPORT0 = time.time()
@@ -221,12 +218,8 @@ def train(msg: Message, context: Context) -> Message:
         t2 = time.time()
     reply = inner(msg, context)
     t3 = time.time()
-    trace.write(str(context.run_config.get("trace", "")), {
-        "kind": "client", "node": int(context.node_config.get("partition-id", -1)),
-        "round": int(config.get("server-round", 0)) if config is not None else 0, "pid": os.getpid(),
-        "proc": trace.process_start(), "imp0": T_IMPORT0, "imp1": T_IMPORT1,
-        "ds0": t0, "ds1": t1, "load1": t2, "call0": t2, "call1": t3,
-    })
+    server_round = config.get("server-round", 0) if config is not None else 0
+    trace.client(context, server_round, (T_IMPORT0, T_IMPORT1), t0, t1, t2, t2, t3)
     return reply
 '''
 
