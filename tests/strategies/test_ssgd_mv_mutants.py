@@ -222,6 +222,14 @@ ADD_DROP_CASES = {
 }
 
 
+def _assert_client_0_vote_rejected(strategy, server_round, messages, caplog, reason):
+    """Counted once, logged with its reason, and client 0 is not asked for values."""
+    assert strategy.state.round_metrics[server_round]["vote_failures"] == 1
+    assert sorted(m.metadata.dst_node_id for m in messages) == [_node(1), _node(2)]
+    lines = [r.getMessage() for r in caplog.records]
+    assert f"round {server_round}: rejected vote from client {_node(0)}: {reason}" in lines, lines
+
+
 @pytest.mark.parametrize("case", sorted(FULL_VOTE_CASES))
 def test_a_malformed_full_vote_is_rejected_with_its_reason(case, caplog):
     rewrite, reason = FULL_VOTE_CASES[case]
@@ -235,10 +243,7 @@ def test_a_malformed_full_vote_is_rejected_with_its_reason(case, caplog):
     bench = _Bench(strategy, NUMEL, 3, tamper=tamper)
     with caplog.at_level(logging.WARNING, logger="flwr"):
         messages, _ = bench.round(1)
-    assert strategy.state.round_metrics[1]["vote_failures"] == 1
-    assert sorted(m.metadata.dst_node_id for m in messages) == [_node(1), _node(2)]
-    lines = [r.getMessage() for r in caplog.records]
-    assert f"round 1: rejected vote from client {_node(0)}: {reason}" in lines, lines
+    _assert_client_0_vote_rejected(strategy, 1, messages, caplog, reason)
 
 
 @pytest.mark.parametrize("case", sorted(ADD_DROP_CASES))
@@ -259,10 +264,7 @@ def test_a_malformed_add_drop_vote_is_rejected_and_the_standing_vote_stays(case,
     standing = strategy.votes[_node(0)][1].clone()
     with caplog.at_level(logging.WARNING, logger="flwr"):
         messages, _ = bench.round(2)
-    assert strategy.state.round_metrics[2]["vote_failures"] == 1
-    assert sorted(m.metadata.dst_node_id for m in messages) == [_node(1), _node(2)]
-    lines = [r.getMessage() for r in caplog.records]
-    assert f"round 2: rejected vote from client {_node(0)}: {reason}" in lines, lines
+    _assert_client_0_vote_rejected(strategy, 2, messages, caplog, reason)
     # M_sum still holds client 0's round-1 vote, unchanged
     assert strategy.votes[_node(0)][0] == 1 and torch.equal(strategy.votes[_node(0)][1], standing)
     strategy.check_vote_invariants()
