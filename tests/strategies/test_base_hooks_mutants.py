@@ -19,7 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
-from inprocess import InProcessGrid
+from inprocess import InProcessGrid, step_app
 
 from fl_sparse import codec, protocol
 from fl_sparse.clients import SparseMod
@@ -40,18 +40,10 @@ def _model() -> ArrayRecord:
 
 
 def _app() -> ClientApp:
-    app = ClientApp(mods=[SparseMod()])
+    def step(pid: int, rnd: int) -> np.ndarray:
+        return np.random.default_rng(100 * pid + rnd).standard_normal((4, 6)).astype(np.float32)
 
-    @app.train()
-    def train(msg: Message, context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        rnd = int(msg.content["config"]["server-round"])
-        w = msg.content["arrays"]["w"].numpy()
-        step = np.random.default_rng(100 * pid + rnd).standard_normal(w.shape).astype(np.float32)
-        metrics = MetricRecord({"num-examples": WEIGHTS[pid]})
-        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w - step)}), "metrics": metrics}), reply_to=msg)
-
-    return app
+    return step_app(step, WEIGHTS.__getitem__)
 
 
 def _grid(n: int = 3) -> InProcessGrid:
