@@ -442,71 +442,60 @@ def _compute_partitions(
     )
 
     n = int(labels.shape[0])
+    ids = np.arange(n, dtype=np.int64)
     if scheme == "iid":
         # IidPartitioner cuts contiguous blocks; a seeded permutation of the
         # example ids makes the blocks a seeded uniform random split.
-        rng = np.random.default_rng(seed)
-        idx = rng.permutation(n).astype(np.int64)
-        partitioner = IidPartitioner(num_partitions=num_partitions)
-        ds = hf.Dataset.from_dict({"label": labels[idx], "idx": idx})
-    elif scheme == "dirichlet":
-        auto = min_partition_size is None
-        if auto:
-            # Too few examples per client for any draw to give each its minimum:
-            # straight to the draw-once-and-fill path below.
-            fill_empty = n < DIRICHLET_FILL_BELOW * num_partitions
-            min_partition_size = 0 if fill_empty else dirichlet_min_partition_size(n, num_partitions)
-        partitioner = DirichletPartitioner(
+        ids = np.random.default_rng(seed).permutation(n).astype(np.int64)
+        labels = labels[ids]
+    # Arrow format: a column comes back as one pyarrow array instead of a lazy
+    # row-by-row Python iterator (the partitioners' label scan and our index
+    # reads get ~100x faster; the partitions are the same).
+    ds = hf.Dataset.from_dict({"label": labels, "idx": ids}).with_format("arrow")
+
+    def read(partitioner) -> list[np.ndarray]:
+        partitioner.dataset = ds
+        return [_column(partitioner.load_partition(i), "idx") for i in range(num_partitions)]
+
+    def dirichlet(minimum: int) -> DirichletPartitioner:
+        return DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by="label",
             alpha=float(alpha),
-            min_partition_size=int(min_partition_size),
+            min_partition_size=int(minimum),
             self_balancing=bool(self_balancing),
             shuffle=True,
             seed=seed,
         )
-        ds = hf.Dataset.from_dict({"label": labels, "idx": np.arange(n, dtype=np.int64)})
-    else:  # shards: McMahan et al.'s pathological non-IID split, 2 label-sorted shards each
-        partitioner = ShardPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            num_shards_per_partition=2,
-            shuffle=True,
-            seed=seed,
-        )
-        ds = hf.Dataset.from_dict({"label": labels, "idx": np.arange(n, dtype=np.int64)})
-    # Arrow format: a column comes back as one pyarrow array instead of a lazy
-    # row-by-row Python iterator (the partitioners' label scan and our index
-    # reads get ~100x faster; the partitions are the same).
-    ds = ds.with_format("arrow")
-    partitioner.dataset = ds
+
     try:
         with warnings.catch_warnings():
             # pyarrow >= 25 deprecates an option the shard sorter passes; flwr-datasets
             # warns on every redraw of the Dirichlet proportions.
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", UserWarning)
-            try:
-                parts = tuple(
-                    torch.from_numpy(_column(partitioner.load_partition(i), "idx"))
-                    for i in range(num_partitions)
-                )
-                if scheme == "dirichlet" and auto and fill_empty:
-                    parts = _fill_empty_partitions([p.numpy() for p in parts])
-            except ValueError:
-                if scheme != "dirichlet" or not auto or fill_empty:
-                    raise
-                # Many clients (e.g. 10,000 on 60,000 examples at alpha = 0.3): no draw
-                # gives every client its minimum. Draw once with no minimum, then hand
-                # each empty client one example from the largest clients.
-                partitioner = DirichletPartitioner(
-                    num_partitions=num_partitions, partition_by="label", alpha=float(alpha),
-                    min_partition_size=0, self_balancing=bool(self_balancing), shuffle=True, seed=seed,
-                )
-                partitioner.dataset = ds
-                parts = _fill_empty_partitions(
-                    [_column(partitioner.load_partition(i), "idx") for i in range(num_partitions)]
-                )
+            if scheme == "iid":
+                parts = read(IidPartitioner(num_partitions=num_partitions))
+            elif scheme == "shards":  # McMahan et al.'s pathological non-IID split, 2 label-sorted shards each
+                parts = read(ShardPartitioner(
+                    num_partitions=num_partitions, partition_by="label", num_shards_per_partition=2,
+                    shuffle=True, seed=seed,
+                ))
+            elif min_partition_size is not None:
+                parts = read(dirichlet(min_partition_size))
+            else:
+                # Automatic minimum. With too few examples per client no draw gives every
+                # client one (10,000 clients on 60,000 examples at alpha = 0.3), and when
+                # flwr-datasets gives up on the automatic minimum: draw once without a
+                # minimum, then hand each empty client one example from the largest clients.
+                parts = None
+                if n >= DIRICHLET_FILL_BELOW * num_partitions:
+                    try:
+                        parts = read(dirichlet(dirichlet_min_partition_size(n, num_partitions)))
+                    except ValueError:
+                        pass
+                if parts is None:
+                    parts = _fill_empty_partitions(read(dirichlet(0)))
     except ValueError as exc:
         raise ValueError(
             f"cannot split {n} examples into {num_partitions} {scheme!r} partitions "
@@ -515,11 +504,11 @@ def _compute_partitions(
                 f" (every Dirichlet partition must get at least {min_partition_size} examples: "
                 f"use a smaller min-partition-size (unset: chosen automatically), a larger alpha "
                 f"or fewer partitions)"
-                if scheme == "dirichlet"
+                if scheme == "dirichlet" and min_partition_size is not None
                 else ""
             )
         ) from exc
-    return parts
+    return tuple(torch.from_numpy(np.ascontiguousarray(p, dtype=np.int64)) for p in parts)
 
 
 def _partition_file(key: tuple) -> Path | None:
@@ -575,7 +564,7 @@ def _write_partitions(path: Path | None, parts: tuple[torch.Tensor, ...]) -> Non
         tmp.unlink(missing_ok=True)
 
 
-def _fill_empty_partitions(parts: list[np.ndarray]) -> tuple[torch.Tensor, ...]:
+def _fill_empty_partitions(parts: list[np.ndarray]) -> list[np.ndarray]:
     """Give every empty partition one example, taken from the largest partition at the time.
 
     Deterministic (ties: the lowest partition id; the example moved is the
@@ -591,7 +580,7 @@ def _fill_empty_partitions(parts: list[np.ndarray]) -> tuple[torch.Tensor, ...]:
         donor = int(np.argmax(sizes))
         parts[target], parts[donor] = parts[donor][-1:], parts[donor][:-1]
         sizes[target], sizes[donor] = 1, sizes[donor] - 1
-    return tuple(torch.from_numpy(np.ascontiguousarray(p, dtype=np.int64)) for p in parts)
+    return parts
 
 
 def partition_sizes_summary(sizes, batch_size: int | None = None) -> str:
