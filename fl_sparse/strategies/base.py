@@ -636,11 +636,13 @@ class SparseFedAvg(FedAvg):
         if report.partition_id >= 0:
             old = self._pending_keys.get(report.partition_id)
             # Another node already claims this id: the saved state goes to neither (see reidentify).
-            claimed = any(k[0] == report.partition_id and n not in (node, old) for n, k in self.node_keys.items())
-            if old is not None and not claimed:
-                del self._pending_keys[report.partition_id]
-            else:
+            # Scanned only while a saved client waits for its id: every reply comes through here.
+            if old is not None and any(
+                k[0] == report.partition_id and n not in (node, old) for n, k in self.node_keys.items()
+            ):
                 old = None
+            elif old is not None:
+                del self._pending_keys[report.partition_id]
             if old is not None and old != node:  # a client of a continued run, back under a new node id
                 self.node_keys.pop(old, None)
                 self.move_clients({old: node})
