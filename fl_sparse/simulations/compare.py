@@ -66,6 +66,8 @@ def _settings(config: dict[str, Any]) -> dict[str, Any]:
     settings = {n: config.get(n, defaults[n]) for n in names}
     if settings.get("lr") is None:
         settings["lr"] = config.get("lr_used", MODEL_LR.get(settings["model"]))
+    if str(settings.get("strategy", "")).endswith("-no-ec"):
+        settings["error_feedback"] = False  # such a strategy ignores the flag: label the run as it ran
     return settings
 
 

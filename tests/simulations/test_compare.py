@@ -79,6 +79,16 @@ def test_any_other_setting_splits_a_group(folders):
     assert group_labels(groups) == ["bidirectional-topk ratio=0.01", "bidirectional-topk ratio=0.001"]
 
 
+def test_a_no_ec_strategy_is_labelled_without_error_feedback(tmp_path):
+    # adaptive-topk-no-ec ignores RunConfig.error_feedback: its label must say what ran, not the flag.
+    base = RunConfig(clients=4, rounds=3, error_feedback=True)
+    no_ec = load_run(_write_run(tmp_path / "n", replace(base, strategy="adaptive-topk-no-ec"), [0.5, 0.6, 0.7]))
+    topk = load_run(_write_run(tmp_path / "t", replace(base, strategy="topk", error_feedback=False), [0.5, 0.6, 0.7]))
+    # Both ran without error feedback, so only the strategy tells them apart.
+    assert group_labels(group_runs([no_ec, topk])) == ["adaptive-topk-no-ec", "topk"]
+    assert "no-error-feedback" in no_ec.label
+
+
 def test_table_numbers_mean_and_sample_std_over_seeds(folders):
     rows = summary_rows([load_run(f) for f in folders])
     a, b = (dict(zip(COLUMNS, r)) for r in rows)

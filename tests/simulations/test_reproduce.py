@@ -79,13 +79,13 @@ def results_rows(report: Path) -> dict[str, list[str]]:
 
 
 # ------------------------------------------------------------------ presets
-def test_the_five_papers_and_tiny_are_shipped():
-    assert set(preset_names()) == {*PAPERS, "tiny"}
+def test_the_five_papers_tiny_and_participation_are_shipped():
+    assert set(preset_names()) == {*PAPERS, "tiny", "participation"}
 
 
 @pytest.mark.parametrize("non_iid", [False, True], ids=["iid", "non-iid"])
 @pytest.mark.parametrize("budget", BUDGETS)
-@pytest.mark.parametrize("name", [*PAPERS, "tiny"])
+@pytest.mark.parametrize("name", [*PAPERS, "tiny", "participation"])
 def test_every_preset_expands_to_valid_run_configs(name, budget, non_iid, tmp_path):
     preset = load_preset(name)
     plan = expand(preset, budget=budget, non_iid=non_iid, out=tmp_path)
@@ -98,13 +98,25 @@ def test_every_preset_expands_to_valid_run_configs(name, budget, non_iid, tmp_pa
         p.config.validate()
         assert p.path == folder / f"{p.setting}-seed{p.seed}"
         assert p.config.seed == p.seed
-        if non_iid and name != "tiny":
+        if non_iid and name not in ("tiny", "participation"):  # those two set their own sampling
             for key, value in NON_IID.items():
                 assert getattr(p.config, key) == value, (p.label, key)
     # Settings differ in something that is not how they run: compare would merge them otherwise.
     configs = {json.dumps({k: v for k, v in asdict(p.config).items() if k not in ("out", "seed")}, sort_keys=True)
                for p in plan}
     assert len(configs) == len(settings)
+
+
+def test_the_participation_preset_samples_1_10_and_100_percent_in_both_variants():
+    for non_iid in (False, True):
+        plan = {p.setting: p.config for p in expand("participation", non_iid=non_iid)}
+        for strategy in ("bidirectional-topk", "topk"):
+            fractions = sorted(c.fraction for c in plan.values() if c.strategy == strategy)
+            assert fractions == [0.01, 0.1, 1.0], (non_iid, strategy)
+        assert {c.clients for c in plan.values()} == {100}
+        assert {c.partition for c in plan.values()} == {"dirichlet" if non_iid else "iid"}
+    preset = load_preset("participation")
+    assert {"downlink_first_contact_bytes", "downlink_catch_up_bytes", "downlink_last_update_bytes"} <= set(preset.columns)
 
 
 def test_the_small_budget_is_small_and_the_full_one_is_the_papers():
