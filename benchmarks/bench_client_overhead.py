@@ -10,10 +10,20 @@ each message's time in the ClientApp into
 * ``overhead``: everything else the mod does (sync, hash check, state load/save, error
   feedback, encoding, the report) -- the issue's target is at most 0.5 ms;
 
-beside the same ClientApp without the mod (``plain``: Flower's own per-message cost in-process,
-the baseline measured in the same run).
+beside, measured in the same run on the same messages,
 
-    python benchmarks/bench_client_overhead.py [--clients 10 100] [--rounds 8]
+* ``floor``: a no-op ClientApp that replies at once (Flower's own per-message cost in-process:
+  building, dispatching and answering the Message);
+* ``plain``: the same ClientApp and train function without the mod.
+
+Each number is the median over the messages of rounds 3.. (rounds 1-2: dense syncs, warm-up),
+pooled over ``--repeat`` interleaved runs, in two clocks: ``cpu`` (the process's CPU time:
+what the work costs, barely moved by other processes on the machine) and ``wall``.
+``--baseline DIR`` measures another checkout (e.g. ``git archive HEAD``) in subprocesses
+interleaved with this one's runs, and prints both with the ratio.
+
+    python benchmarks/bench_client_overhead.py [--clients 10 100] [--rounds 8] [--repeat 3]
+        [--threads 1] [--baseline DIR]
 
 Not a timed test: numbers depend on the machine (the load is printed).
 """
@@ -21,14 +31,17 @@ Not a timed test: numbers depend on the machine (the load is printed).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+# FL_SPARSE_BENCH_ROOT: measure another checkout with this script (see --baseline).
+ROOT = Path(os.environ.get("FL_SPARSE_BENCH_ROOT") or Path(__file__).resolve().parents[1])
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import numpy as np  # noqa: E402
@@ -44,41 +57,68 @@ from fl_sparse.strategies import BidirectionalTopKSGD  # noqa: E402
 from fl_sparse.tasks.models import build_model  # noqa: E402
 
 
-def measure(clients: int, rounds: int, with_mod: bool) -> dict[str, float]:
+VARIANTS = ("floor", "plain", "mod")
+PARTS = ("total", "user", "topk", "overhead")
+
+
+def measure(clients: int, rounds: int, variant: str) -> dict[str, list[float]]:
+    """Per-message samples (ms) of rounds 3..: ``{clock/part: [...]}``, clock ``wall`` or ``cpu``."""
     model = build_model("mlp-784-64-10", num_classes=10, seed=0)
     init = ArrayRecord(model.state_dict())
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     steps = {k: (np.random.default_rng(1).standard_normal(s) * 0.01).astype(np.float32) for k, s in shapes.items()}
-    user = [0.0]
+    with_mod = variant == "mod"
+    clock = {"wall": time.perf_counter, "cpu": time.process_time}
+    user = dict.fromkeys(clock, 0.0)
+    topk = dict.fromkeys(clock, 0.0)
     app = ClientApp(mods=[SparseMod(durable=False)] if with_mod else [])
 
-    @app.train()
-    def train(msg, context):
-        t = time.perf_counter()
-        arrays = msg.content["arrays"]
-        out = ArrayRecord({k: Array(arrays[k].numpy() - steps[k]) for k in arrays.keys()})
-        reply = Message(RecordDict({"arrays": out, "metrics": MetricRecord({"num-examples": 10})}), reply_to=msg)
-        user[0] += time.perf_counter() - t
-        return reply
+    if variant == "floor":
+
+        @app.train()
+        def noop(msg, context):
+            return Message(RecordDict({"metrics": MetricRecord({"num-examples": 10})}), reply_to=msg)
+
+    else:
+
+        @app.train()
+        def train(msg, context):
+            t = {c: f() for c, f in clock.items()}
+            arrays = msg.content["arrays"]
+            out = ArrayRecord({k: Array(arrays[k].numpy() - steps[k]) for k in arrays.keys()})
+            reply = Message(RecordDict({"arrays": out, "metrics": MetricRecord({"num-examples": 10})}), reply_to=msg)
+            for c, f in clock.items():
+                user[c] += f() - t[c]
+            return reply
 
     folder = tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
     grid = InProcessGrid(app, clients, node_config=lambda i: {"state-dir": folder})
-    inner, spent, calls = grid.client_app, [0.0], [0]
+    inner = grid.client_app
+    samples: dict[str, list[float]] = {f"{c}/{p}": [] for c in clock for p in PARTS}
+    recording = [False]
 
     def timed(msg, ctx):
-        t = time.perf_counter()
+        for c in clock:
+            user[c] = topk[c] = 0.0
+        t = {c: f() for c, f in clock.items()}
         reply = inner(msg, ctx)
-        spent[0] += time.perf_counter() - t
-        calls[0] += 1
+        if recording[0]:
+            for c, f in clock.items():
+                total = 1e3 * (f() - t[c])
+                samples[f"{c}/total"].append(total)
+                samples[f"{c}/user"].append(1e3 * user[c])
+                samples[f"{c}/topk"].append(1e3 * topk[c])
+                samples[f"{c}/overhead"].append(total - 1e3 * (user[c] + topk[c]))
         return reply
 
     grid.client_app = timed
-    topk, real_call = [0.0], compressors.TopK.__call__
+    real_call = compressors.TopK.__call__
 
     def timed_topk(self, x, *a, **k):
-        t = time.perf_counter()
+        t = {c: f() for c, f in clock.items()}
         out = real_call(self, x, *a, **k)
-        topk[0] += time.perf_counter() - t
+        for c, f in clock.items():
+            topk[c] += f() - t[c]
         return out
 
     compressors.TopK.__call__ = timed_topk
@@ -90,9 +130,7 @@ def measure(clients: int, rounds: int, with_mod: bool) -> dict[str, float]:
             strategy.identify(grid)
         arrays = init
         for t in range(1, rounds + 1):
-            if t == 3:  # rounds 1-2: dense first syncs, caches warming up
-                spent[0] = user[0] = topk[0] = 0.0
-                calls[0] = 0
+            recording[0] = t >= 3  # rounds 1-2: dense first syncs, caches warming up
             config = ConfigRecord({"server-round": t})
             if with_mod:
                 messages = list(strategy.configure_train(t, arrays, config, grid))
@@ -103,26 +141,92 @@ def measure(clients: int, rounds: int, with_mod: bool) -> dict[str, float]:
                 list(grid.send_and_receive(messages))
     finally:
         compressors.TopK.__call__ = real_call
-    per = lambda x: 1e3 * x / max(1, calls[0])  # noqa: E731
-    return {"total": per(spent[0]), "user": per(user[0]), "topk": per(topk[0]),
-            "overhead": per(spent[0] - user[0] - topk[0])}
+    return samples
+
+
+def collect(clients: list[int], rounds: int, repeat: int, baseline: str | None, threads: int) -> dict:
+    """``{label: {clients: {variant: {clock/part: [samples]}}}}``: label "current" (and "baseline"), runs interleaved."""
+    out: dict = {"current": {}}
+    if baseline:
+        out["baseline"] = {}
+    for n in clients:
+        for label in out:
+            out[label][n] = {v: {} for v in VARIANTS}
+        for _ in range(repeat):
+            for label in out:
+                if label == "baseline":
+                    got = _subprocess_run(baseline, n, rounds, threads)
+                else:
+                    got = {v: measure(n, rounds, v) for v in VARIANTS}
+                for v, samples in got.items():
+                    for key, values in samples.items():
+                        out[label][n][v].setdefault(key, []).extend(values)
+    return out
+
+
+def _subprocess_run(root: str, clients: int, rounds: int, threads: int) -> dict:
+    env = dict(os.environ, FL_SPARSE_BENCH_ROOT=str(Path(root).resolve()))
+    cmd = [sys.executable, __file__, "--json", "--clients", str(clients), "--rounds", str(rounds),
+           "--repeat", "1", "--threads", str(threads)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["current"][str(clients)]
+
+
+def medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    return {k: statistics.median(v) if v else float("nan") for k, v in samples.items()}
+
+
+def table(results: dict, clock: str = "cpu") -> list[str]:
+    """Rows: per client count, per checkout, ms per message (median) and ratios."""
+    lines = [
+        f"{'clients':>7} {'code':>8} {'floor':>7} {'plain':>7} {'mod':>7} {'user':>7} {'top-k':>7} "
+        f"{'overhead':>9} {'ovh/floor':>9} {'ovh/plain':>9} {'ovh/base':>8}"
+    ]
+    labels = list(results)
+    for n in results["current"]:
+        base = None
+        for label in reversed(labels):  # the baseline first, when there is one
+            r = {v: medians(s) for v, s in results[label][n].items()}
+            floor, plain, mod = r["floor"][f"{clock}/total"], r["plain"][f"{clock}/total"], r["mod"]
+            ovh = mod[f"{clock}/overhead"]
+            vs_base = f"{ovh / base:8.2f}" if base else f"{'':8}"
+            if label == "baseline":
+                base = ovh
+            lines.append(
+                f"{n:>7} {label:>8} {floor:7.3f} {plain:7.3f} {mod[f'{clock}/total']:7.3f} {mod[f'{clock}/user']:7.3f} "
+                f"{mod[f'{clock}/topk']:7.3f} {ovh:9.3f} {ovh / floor:9.2f} {ovh / plain:9.2f} {vs_base}"
+            )
+    return lines
+
+
+def print_tables(results: dict) -> None:
+    for clock, what in (("cpu", "CPU time of this process"), ("wall", "wall clock")):
+        print(f"ms per message, median ({what}); overhead = mod - user - top-k; target: overhead <= 0.5 ms")
+        for line in table(results, clock):
+            print(line)
+        print()
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 100])
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved runs per client count, samples pooled")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--baseline", default=None, help="another checkout to measure in the same run")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # raw samples, for --baseline
     args = ap.parse_args(argv)
-    FLOWER_LOGGER.setLevel("WARNING")
-    torch.set_num_threads(1)
+    FLOWER_LOGGER.setLevel("ERROR")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.json:
+        print(json.dumps(collect(args.clients, args.rounds, args.repeat, None, args.threads)))
+        return 0
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; mlp-784-64-10 (d = 50,890), "
-          f"bidirectional top-K 1 %; ms per message")
-    print(f"{'clients':>8} {'plain':>8} {'with mod':>9} {'user':>7} {'top-k':>7} {'overhead':>9} {'overhead/plain':>15}")
-    for n in args.clients:
-        plain = measure(n, args.rounds, with_mod=False)
-        mod = measure(n, args.rounds, with_mod=True)
-        print(f"{n:>8} {plain['total']:>8.3f} {mod['total']:>9.3f} {mod['user']:>7.3f} {mod['topk']:>7.3f} "
-              f"{mod['overhead']:>9.3f} {mod['overhead'] / plain['total']:>15.2f}")
+          f"bidirectional top-K 1 %, {torch.get_num_threads()} torch thread(s), {args.repeat} run(s) per row")
+    results = collect(args.clients, args.rounds, args.repeat, args.baseline, args.threads)
+    print_tables(results)
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
     return 0
 
 

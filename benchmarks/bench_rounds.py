@@ -26,7 +26,15 @@ count it runs ``simulate(RunConfig(..., quiet=True))`` and reports
   per round (target <= 3 at 100 clients). Strategies without a reference loop
   are compared with the plain loop of top-K.
 
+Before the simulations it prints the client's own cost per message, measured
+in-process without Ray (:mod:`bench_client_overhead`): the mod's overhead
+(everything but the train function and the compressor; target <= 0.5 ms)
+beside Flower's floor (a no-op ClientApp) and the plain ClientApp without
+the mod, at the same client counts, with ratios; the per-message cost of the
+plain loop (plain s/round / clients) is in the summary beside it.
+
     python benchmarks/bench_rounds.py [--clients 10 100] [--rounds 8] [--quick]
+    python benchmarks/bench_rounds.py --client-overhead-only [--overhead-baseline DIR]
 
 Not a timed test: numbers depend on the machine (Ray actors share its cores).
 """
@@ -44,6 +52,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # bench_client_overhead
 
 from fl_sparse.server_app import RunConfig  # noqa: E402
 
@@ -190,6 +199,25 @@ def time_flower_floor(clients: int, rounds: int, num_cpus: float) -> float:
     return statistics.median(seconds[1:]) if len(seconds) > 1 else float("nan")
 
 
+def client_overhead(clients: list[int], rounds: int, repeat: int, baseline: str | None) -> dict:
+    """The in-process per-message table (see :mod:`bench_client_overhead`), printed; returns the samples."""
+    import bench_client_overhead as overhead
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as bench_client_overhead runs it (and its --baseline subprocesses)
+    try:
+        results = overhead.collect(clients, rounds, repeat, baseline, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    print("client work per message, in-process (real Messages, ClientApp and SparseMod; no Ray), "
+          "mlp-784-64-10, bidirectional top-K 1 %, 1 torch thread")
+    print("floor: no-op ClientApp; plain: the same ClientApp without the mod; ratios against them "
+          "(and against --overhead-baseline), measured in the same run")
+    overhead.print_tables(results)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 100])
@@ -202,7 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-cpus", type=float, default=None, help="Ray CPUs per client (default: RunConfig's)")
     ap.add_argument("--strategies", nargs="+", default=None)
     ap.add_argument("--quick", action="store_true", help="4 rounds, fedavg/topk/bidirectional-topk only")
+    ap.add_argument("--client-overhead-only", action="store_true", help="only the in-process per-message table")
+    ap.add_argument("--no-client-overhead", action="store_true", help="skip the in-process per-message table")
+    ap.add_argument("--overhead-repeat", type=int, default=3, help="interleaved runs per row of that table")
+    ap.add_argument("--overhead-baseline", default=None, help="another checkout to compare in that table")
     args = ap.parse_args(argv)
+    overhead = None
+    if not args.no_client_overhead:
+        overhead = client_overhead(args.clients, args.rounds, args.overhead_repeat, args.overhead_baseline)
+        if args.client_overhead_only:
+            return 0
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
@@ -269,6 +306,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:20s} {n:7d} {s:9.4f} {wall:10.4f} {scan:10.4f} {plain:9.4f} {vs_dense:8.2f} {vs_plain:8.2f}{flag}")
     for n, floor in floors.items():
         print(f"{'flower floor (no-op)':20s} {n:7d} {floor:9.4f}")
+    if overhead is not None:
+        import bench_client_overhead as client
+
+        print()
+        print("per message (ms): the mod's own overhead in-process (CPU time, median) beside the plain loop's")
+        print("  flower floor: no-op ClientApp in-process; ray floor: the simulation's no-op s/round / clients")
+        print(f"{'clients':>7s} {'mod overhead':>12s} {'flower floor':>12s} {'ray floor':>9s} {'plain loop':>10s} "
+              f"{'ovh/plain loop':>14s}")
+        for n in args.clients:
+            mod = client.medians(overhead["current"][n]["mod"])["cpu/overhead"]
+            floor = client.medians(overhead["current"][n]["floor"])["cpu/total"]
+            plain = [row[5] for row in results if row[1] == n and row[0] == "bidirectional-topk"]  # plain s/round
+            per = 1e3 * plain[0] / n if plain else float("nan")
+            ray_floor = 1e3 * floors[n] / n
+            print(f"{n:7d} {mod:12.3f} {floor:12.3f} {ray_floor:9.3f} {per:10.3f} {mod / per:14.2f}")
     print(f"targets: vs dense <= 1.0 (sparse strategies; flagged above {DENSE_TOLERANCE}), vs plain <= 3.0 at 100 clients")
     print("flower floor: the same engine and settings with a ClientApp that replies at once")
     print("scan/round: time Flower's dispatcher spent walking its message store (see the docstring)")

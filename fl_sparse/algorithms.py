@@ -73,6 +73,7 @@ class ClientStep:
     compressed: SparseTensor  # C(a): what to encode (the value code applies Q)
     sent: SparseTensor  # Q(C(a)): exactly what the server will decode
     compression_error: float  # ‖a − sent‖², the round's error (hard-threshold paper's "total error" term)
+    error_norm: float = 0.0  # ‖e‖ after the round (= ‖a − sent‖ with the memory on): one norm per round
 
 
 def client_compress(
@@ -96,7 +97,8 @@ def client_compress(
     compressed = compress(a)
     sent = quantize(compressed)
     memory.update(a, sent)
-    return ClientStep(a, compressed, sent, memory.norm() ** 2)
+    norm = memory.norm()
+    return ClientStep(a, compressed, sent, norm**2, norm)
 
 
 def weighted_sum(updates: list[SparseTensor], weights: list[float]) -> SparseTensor:

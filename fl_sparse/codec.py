@@ -196,6 +196,7 @@ linear in the received bytes. Arguments that are the caller's own mistake
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import zlib
@@ -222,6 +223,7 @@ __all__ = [
     "decode_values",
     "encode_dense",
     "decode_dense",
+    "record_bytes",
     "wire_size",
     "lossy_roundtrip",
     "lossy_values",
@@ -552,12 +554,17 @@ def _choose_rice_bits(gaps: np.ndarray, numel: int) -> int:
     return r
 
 
-def _encode_rice(indices: np.ndarray, numel: int) -> tuple[np.ndarray, int, int]:
+def _encode_rice(
+    indices: np.ndarray, numel: int, gaps: np.ndarray | None = None, r: int | None = None
+) -> tuple[np.ndarray, int, int]:
+    """Plain Rice stream; ``gaps`` and ``r`` (:func:`_choose_rice_bits`) when the caller has them already."""
     nnz = indices.size
     if nnz == 0:
         return np.zeros(0, np.uint8), 0, 0
-    gaps = np.diff(indices, prepend=np.int64(-1)) - 1
-    r = _choose_rice_bits(gaps, numel)
+    if gaps is None:
+        gaps = np.diff(indices, prepend=np.int64(-1)) - 1
+    if r is None:
+        r = _choose_rice_bits(gaps, numel)
     quotients = gaps >> r
     remainders = gaps & ((1 << r) - 1)
     # Unary quotients: q '0's then a '1'; the j-th '1' sits at sum_{i<=j}(q_i+1) - 1.
@@ -1010,11 +1017,19 @@ def _check_position_param(pcode: int, param: int, numel: int) -> None:
 
 
 # ----------------------------------------------------------------- array I/O
+@functools.lru_cache(maxsize=64)
+def _little_endian(dtype: np.dtype) -> tuple[np.dtype, str]:
+    """(little-endian dtype, its name): ``dtype.name`` alone costs ~3 us a call."""
+    le = dtype.newbyteorder("<")
+    assert le.name in _WIRE_DTYPES, dtype
+    return le, le.name
+
+
 def _wire_array(a: np.ndarray) -> Array:
     """A 1-D numpy array as an :class:`Array` holding its raw little-endian bytes."""
-    a = np.ascontiguousarray(a.ravel(), dtype=a.dtype.newbyteorder("<"))
-    assert a.dtype.name in _WIRE_DTYPES, a.dtype
-    return Array(dtype=a.dtype.name, shape=(int(a.size),), stype=STYPE, data=a.tobytes())
+    le, name = _little_endian(a.dtype)
+    a = np.ascontiguousarray(a.ravel(), dtype=le)
+    return Array(dtype=name, shape=(int(a.size),), stype=STYPE, data=a.tobytes())
 
 
 def _read_array(record: Mapping, key: str, dtype_name: str, count: int) -> np.ndarray:
@@ -1170,9 +1185,11 @@ def _position_arrays(
     stream is strictly shorter than plain Rice's, plain Rice otherwise.
     """
     pcode = _position_code(positions)
+    gaps = r = None
     if pcode == PCODE_RICE and lengths is not None and idx.size:
         gaps = np.diff(idx, prepend=np.int64(-1)) - 1
-        plain_bits = _rice_stream_bits(gaps, _choose_rice_bits(gaps, numel))
+        r = _choose_rice_bits(gaps, numel)  # kept: plain Rice below needs the same r, not a second descent
+        plain_bits = _rice_stream_bits(gaps, r)
         plan = _plan_segmented(idx, lengths)
         if plan.nbits < plain_bits:
             packed, nbits = _encode_segmented(plan, lengths)
@@ -1183,7 +1200,7 @@ def _position_arrays(
     if pcode == PCODE_BLOCK:
         packed, b, nbits = _encode_block(idx, numel)
         return packed, pcode, b, nbits
-    packed, r, nbits = _encode_rice(idx, numel)
+    packed, r, nbits = _encode_rice(idx, numel, gaps, r)
     return packed, pcode, r, nbits
 
 
@@ -1194,9 +1211,23 @@ def _to_fp16(v32: torch.Tensor) -> torch.Tensor:
     return half
 
 
+def _finite_float32(x: torch.Tensor) -> torch.Tensor:
+    """:func:`fl_sparse.quantize._as_finite_float32` (same checks, same errors), numpy's isfinite on CPU.
+
+    ``torch.isfinite(v).all()`` is two kernels and a host sync; on a CPU tensor
+    numpy's is one pass: it matters twice per message (lossy round trip, encode).
+    """
+    if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dim() != 1 or not x.is_floating_point():
+        return _as_finite_float32(x)
+    v = x.detach().to(torch.float32)
+    if v.numel() and not np.isfinite(v.numpy()).all():
+        raise ValueError("values contain NaN or Inf (after casting to float32)")
+    return v
+
+
 def _value_arrays(x: torch.Tensor, code: _ValueCode) -> dict[str, np.ndarray]:
     """Encode values to the 'values' array (+ side array); quantization runs on x's device."""
-    v32 = _as_finite_float32(x)
+    v32 = _finite_float32(x)
     if code.code_id == VCODE_FP32:
         return {"values": v32.cpu().numpy().astype("<f4")}
     if code.code_id == VCODE_FP16:
@@ -1211,7 +1242,7 @@ def _value_arrays(x: torch.Tensor, code: _ValueCode) -> dict[str, np.ndarray]:
 
 
 def _lossy(x: torch.Tensor, code: _ValueCode) -> torch.Tensor:
-    v32 = _as_finite_float32(x)
+    v32 = _finite_float32(x)
     if code.code_id == VCODE_FP32:
         return v32
     if code.code_id == VCODE_FP16:
@@ -1415,6 +1446,11 @@ def decode_dense(record: ArrayRecord, numel: int) -> torch.Tensor:
     """Decode a finite float32 vector of length ``numel`` from :func:`encode_dense` (CPU)."""
     header = _check_header(record, KIND_DENSE, numel, None)
     return _decode_values_from(record, header)
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """``wire_size(record).total_bytes`` of a record this module just encoded, without re-checking its header."""
+    return sum(len(arr.data) for arr in record.values())
 
 
 def wire_size(record: ArrayRecord) -> WireSize:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import hashlib
 import io
 import json
 import math
@@ -24,9 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import xxhash
 from flwr.app import Array, ArrayRecord
 
-__all__ = ["FlatLayout", "array_to_numpy", "numpy_to_array", "vector_hash"]
+__all__ = ["FlatLayout", "all_finite", "array_to_numpy", "numpy_to_array", "vector_hash"]
 
 # ------------------------------------------------------------ Array <-> numpy
 # Flower's Array holds a whole .npy file in ``data``. ``Array.numpy()`` parses
@@ -64,13 +64,20 @@ def array_to_numpy(array: Array) -> np.ndarray:
     return array.numpy()
 
 
+@functools.lru_cache(maxsize=4096)
+def _npy_meta(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[bytes, str, tuple[int, ...]]:
+    """(.npy header, ``str(dtype)``, shape as Python ints): ``str(dtype)`` alone costs ~3 us."""
+    shape = tuple(int(n) for n in shape)
+    return _npy_header(dtype, shape), str(dtype), shape
+
+
 def numpy_to_array(nd: np.ndarray) -> Array:
-    """``Array(nd)`` (the same bytes), without ``np.save``."""
+    """``Array(nd)`` (the same bytes), without ``np.save``: one copy of the values, into the Array's bytes."""
     if nd.dtype.kind not in "biuf" or not nd.flags.c_contiguous:
         return Array(np.require(nd, requirements="C"))
-    shape = tuple(int(n) for n in nd.shape)
-    data = _npy_header(nd.dtype, shape) + nd.tobytes()
-    return Array(dtype=str(nd.dtype), shape=shape, stype="numpy.ndarray", data=data)
+    header, dtype, shape = _npy_meta(nd.dtype, nd.shape)
+    data = b"".join((header, memoryview(nd.reshape(-1)).cast("B")))  # one copy (header + tobytes() made two)
+    return Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=data)
 
 
 
@@ -90,9 +97,9 @@ class FlatLayout:
     passthrough: tuple[tuple[str, np.ndarray], ...] = ()
     order: tuple[str, ...] = ()
 
-    @property
+    @functools.cached_property  # read several times per message; np.prod costs ~5 us a shape
     def numel(self) -> int:
-        return int(sum(int(np.prod(s)) for s in self.shapes))
+        return sum(math.prod(s) for s in self.shapes)
 
     @property
     def exact_names(self) -> tuple[str, ...]:
@@ -125,7 +132,17 @@ class FlatLayout:
 
     @classmethod
     def from_json(cls, text: str) -> "FlatLayout":
-        """The layout :meth:`to_json` wrote; exact arrays hold zeros until values arrive."""
+        """The layout :meth:`to_json` wrote; exact arrays hold zeros until values arrive.
+
+        Parsed once per text and process (a client reads its stored layout with
+        every message): the result is immutable, its zero arrays read-only.
+        """
+        if cls is not FlatLayout:
+            return cls._parse_json(text)
+        return _layout_from_json(text)
+
+    @classmethod
+    def _parse_json(cls, text: str) -> "FlatLayout":
         try:
             arrays = json.loads(text)
             names, shapes, dtypes, passthrough, order = [], [], [], [], []
@@ -148,7 +165,9 @@ class FlatLayout:
                     shapes.append(shape)
                     dtypes.append(str(np_dtype))
                 else:
-                    passthrough.append((name, np.zeros(shape, dtype=np_dtype)))
+                    zeros = np.zeros(shape, dtype=np_dtype)
+                    zeros.flags.writeable = False  # shared by every caller of the cached layout
+                    passthrough.append((name, zeros))
                 order.append(name)
         except (TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed layout: {exc}") from None
@@ -218,12 +237,13 @@ class FlatLayout:
         """An ArrayRecord with this layout's arrays filled from ``vector``."""
         if vector.dim() != 1 or vector.numel() != self.numel:
             raise ValueError(f"vector has shape {tuple(vector.shape)}, expected ({self.numel},)")
-        vec = vector.detach().to("cpu", torch.float32).numpy()
+        vec = vector.detach().to("cpu", torch.float32).contiguous().numpy()
         arrays: dict[str, np.ndarray] = {}
         offset = 0
         for name, shape, dtype in zip(self.names, self.shapes, self.dtypes):
-            n = int(np.prod(shape))
-            arrays[name] = vec[offset : offset + n].reshape(shape).astype(dtype, copy=True)
+            n = math.prod(shape)
+            part = vec[offset : offset + n].reshape(shape)  # a view: numpy_to_array copies it once
+            arrays[name] = part if dtype == "float32" else part.astype(dtype)
             offset += n
         arrays.update(self.passthrough)
         record = ArrayRecord()
@@ -246,10 +266,34 @@ class FlatLayout:
         return out
 
 
-def vector_hash(vector: torch.Tensor) -> str:
-    """Hex digest of the exact bytes of a float32 vector.
+@functools.lru_cache(maxsize=64)
+def _layout_from_json(text: str) -> FlatLayout:
+    return FlatLayout._parse_json(text)
 
-    Used to prove that a client trains from bit-for-bit the server's model.
+
+def vector_hash(vector: torch.Tensor) -> str:
+    """Hex digest (128 bits, 32 hex digits) of the exact bytes of a float32 vector.
+
+    Used to prove that a client trains from bit-for-bit the server's model, and
+    as the content address of a model copy. XXH3-128: about 5 us at d = 50,890
+    where BLAKE2b-128 took 280 us (SHA-256 with SHA-NI 145 us, MD5 360 us),
+    once per message on every client and per round on the server. Not a
+    cryptographic hash: a collision cannot be *found by chance* (2**-128 per
+    pair of distinct models), but could be constructed on purpose. Only the
+    server writes the models hashed here, and it is trusted with the model
+    anyway; nothing here defends against an adversarial collision.
     """
     data = vector.detach().to("cpu", torch.float32).contiguous().numpy()
-    return hashlib.blake2b(memoryview(data).cast("B"), digest_size=16).hexdigest()  # no copy
+    return xxhash.xxh3_128_hexdigest(memoryview(data).cast("B"))  # no copy
+
+
+def all_finite(vector: torch.Tensor) -> bool:
+    """True if no entry of ``vector`` is NaN or +-Inf (exact; any float dtype, any device).
+
+    On CPU it is numpy's ``isfinite``: ~8 us at d = 50,890, where
+    ``torch.isfinite(x).all()`` took ~130 us on one thread (and, on two busy
+    cores, milliseconds at its OpenMP barrier).
+    """
+    if vector.device.type == "cpu" and vector.dtype in (torch.float32, torch.float64, torch.float16):
+        return bool(np.isfinite(vector.detach().numpy()).all())
+    return bool(torch.isfinite(vector).all())
