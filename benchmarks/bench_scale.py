@@ -5,14 +5,17 @@ For N = 100, 1,000 and 10,000 clients it builds the strategy and an in-process G
 every node identify itself, then plays rounds in which 10 clients are sampled, and reports
 
 * ``s/round``: median seconds of a round (sampling, configure_train with the syncs, the 10
-  clients' work, aggregate_train), and its ratio to N = 100 (the issue's target: <= 1.5 at 10,000);
+  clients' work, aggregate_train), and its ratio to N = 100 (the issue's target: <= 1.5 at 10,000).
+  The setups play their rounds interleaved (round 1 of every N, then round 2, ...), so a load
+  spike on a shared machine hits every N alike;
 * ``server B/client``: the strategy's per-client bookkeeping (client versions, accepted rounds,
-  node keys; SSGD-MV-AD's stored votes), measured with ``tracemalloc`` around a round and divided
-  by the clients the server knows;
-* ``state B/client``: bytes of the clients' state files (model copy and error memory) per client
-  that trained, and in total.
+  node keys; SSGD-MV-AD's stored votes), as the pickled size of those containers divided by the
+  clients the server knows;
+* ``state B/client``: bytes of the clients' state folder (state files, and the shared model
+  copies under ``models/``, each hard-linked file counted once) per client that trained, and in
+  total.
 
-    python benchmarks/bench_scale.py [--clients 100 1000 10000] [--rounds 6] [--strategy bidirectional-topk]
+    python benchmarks/bench_scale.py [--clients 100 1000 10000] [--rounds 12] [--strategy bidirectional-topk]
 
 Not a timed test: numbers depend on the machine (printed load).
 """
@@ -21,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
-import tracemalloc
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +48,7 @@ SAMPLED = 10
 
 
 def _app() -> ClientApp:
-    app = ClientApp(mods=[SparseMod(durable=False)])
+    app = ClientApp(mods=[SparseMod()])
 
     @app.train()
     def train(msg: Message, context) -> Message:
@@ -71,50 +74,69 @@ def _server_bytes(strategy) -> int:
     return sum(len(pickle.dumps(p)) for p in parts)
 
 
-def run(clients: int, rounds: int, strategy_name: str, state_root: Path) -> dict:
-    folder = Path(tempfile.mkdtemp(prefix=f"scale-{clients}-", dir=state_root))
-    grid = InProcessGrid(_app(), clients, node_config=lambda i: {"state-dir": str(folder)})
-    strategy = build_strategy(strategy_name, ratio=0.01, fraction_train=SAMPLED / clients, min_train_nodes=SAMPLED,
-                              min_available_nodes=1, fraction_evaluate=0.0, seed=0)
-    strategy.initialize(ArrayRecord({"w": Array(np.linspace(-1, 1, D, dtype=np.float32))}))
-    t0 = time.perf_counter()
-    strategy.identify(grid)
-    identify = time.perf_counter() - t0
-    arrays = strategy.current_arrays()
-    times = []
-    tracemalloc.start()
-    for t in range(1, rounds + 1):
+class Setup:
+    """One N: the strategy, its in-process grid of N nodes, the arrays of the last round."""
+
+    def __init__(self, clients: int, strategy_name: str, state_root: Path) -> None:
+        self.clients = clients
+        self.folder = Path(tempfile.mkdtemp(prefix=f"scale-{clients}-", dir=state_root))
+        self.grid = InProcessGrid(_app(), clients)
+        self.strategy = build_strategy(strategy_name, ratio=0.01, fraction_train=SAMPLED / clients,
+                                       min_train_nodes=SAMPLED, min_available_nodes=1, fraction_evaluate=0.0, seed=0)
+        # As in the simulation: the server names the (throw-away) state folder, so the clients
+        # share model copies there (fl_sparse.clients.state, "the model store").
+        self.strategy.client_state_dir = str(self.folder)
+        self.strategy.client_state_fsync = False
+        self.strategy.initialize(ArrayRecord({"w": Array(np.linspace(-1, 1, D, dtype=np.float32))}))
+        t0 = time.perf_counter()
+        self.strategy.identify(self.grid)
+        self.identify_s = time.perf_counter() - t0
+        self.arrays = self.strategy.current_arrays()
+        self.times: list[float] = []
+
+    def play(self, t: int) -> None:
         start = time.perf_counter()
-        messages = list(strategy.configure_train(t, arrays, ConfigRecord({"server-round": t}), grid))
-        replies = list(grid.send_and_receive(messages))
-        new, _ = strategy.aggregate_train(t, replies)
-        arrays = new if new is not None else arrays
-        times.append(time.perf_counter() - start)
-    tracemalloc.stop()
-    files = list(folder.rglob("*.state"))
-    state_total = sum(f.stat().st_size for f in files)
-    return {
-        "clients": clients,
-        "identify_s": identify,
-        "s_round": statistics.median(times[1:]),
-        "known": len(strategy.node_keys),
-        "server_bytes": _server_bytes(strategy),
-        "trained": len(files),
-        "state_total": state_total,
-    }
+        messages = list(self.strategy.configure_train(t, self.arrays, ConfigRecord({"server-round": t}), self.grid))
+        replies = list(self.grid.send_and_receive(messages))
+        new, _ = self.strategy.aggregate_train(t, replies)
+        self.arrays = new if new is not None else self.arrays
+        self.times.append(time.perf_counter() - start)
+
+    def result(self) -> dict:
+        files = {}
+        for f in self.folder.rglob("*"):
+            if f.is_file():
+                st = f.stat()
+                files[(st.st_dev, st.st_ino)] = st.st_size  # a hard-linked model copy counts once
+        trained = len(list(self.folder.rglob("*.state")))
+        return {
+            "clients": self.clients,
+            "identify_s": self.identify_s,
+            "s_round": statistics.median(self.times[1:]),  # round 1 syncs everyone densely: left out
+            "known": len(self.strategy.node_keys),
+            "server_bytes": _server_bytes(self.strategy),
+            "trained": trained,
+            "state_total": sum(files.values()),
+        }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, nargs="+", default=[100, 1000, 10_000])
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--strategy", default="bidirectional-topk")
     args = ap.parse_args(argv)
     FLOWER_LOGGER.setLevel("WARNING")
     root = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; strategy {args.strategy}, "
           f"d = {D}, {SAMPLED} sampled per round")
-    rows = [run(n, args.rounds, args.strategy, root) for n in args.clients]
+    setups = [Setup(n, args.strategy, root) for n in args.clients]
+    for t in range(1, args.rounds + 1):
+        for setup in setups:
+            setup.play(t)
+    rows = [setup.result() for setup in setups]
+    for setup in setups:
+        shutil.rmtree(setup.folder, ignore_errors=True)
     base = rows[0]["s_round"]
     print(f"{'clients':>8} {'identify s':>10} {'s/round':>9} {'x first':>8} {'server B/client':>16} "
           f"{'state B/client':>15} {'state MB total':>15}")

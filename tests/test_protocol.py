@@ -69,6 +69,7 @@ INSTRUCTION_FIELDS = dict(
     diagnostics=st.booleans(),
     state_dir=TEXT,
     state_fsync=st.booleans(),
+    error_memory_dtype=st.sampled_from(protocol.ERROR_MEMORY_DTYPES),
     vote_k=NON_NEG_INT,
     add_drop_k=NON_NEG_INT,
     vote_round=INT64,

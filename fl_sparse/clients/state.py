@@ -62,6 +62,65 @@ only while the file is the very one it wrote (same inode, size and
 mtime; ``os.replace`` gives every save a new inode), so a state written by
 another process is always read from the file. Loads return copies: a caller
 that changes the state and then fails leaves the cache as the file is.
+
+**The model store** (``share_models=True``; :class:`~fl_sparse.clients.SparseMod`
+turns it on in the folder the server names, i.e. the simulation's, where all
+clients share one folder, and leaves it off in a SuperNode's own folder).
+A client's model copy is always the server's model at some version, so the
+clients that synced to one version hold the same bytes. They are stored once,
+in ``<folder>/models/``:
+
+* ``models/<hash>.model``: the version file, the model's raw float32 bytes
+  (no header), named by :func:`model_hash` = :func:`fl_sparse.flat.vector_hash`
+  of those bytes (the hash the server sends with each sync and the mod checks);
+* ``models/<client>.<hash>.model``: a hard link to it per client holding it;
+* ``<client>.state`` records ``model_ref = [hash, "float32", shape]`` in its
+  header instead of a ``model`` tensor.
+
+A save links the client to the version first (``os.link`` of the version
+file to a temporary name, ``os.replace`` onto the client's link; the version
+file is written, to a temporary file and ``os.link``-ed to its name, only if
+it does not exist yet), then replaces the state file, then removes the
+client's link to the version it held before. **GC rule:** the file system's
+link count is the reference count: after removing its old link, the client
+removes that version's file if its canonical name is the only name left
+(``st_nlink == 1``). A load reads the model through the client's own link,
+so a version file removed or re-created by others never takes a client's
+model away; if the client's link is missing it is re-made from the version
+file. Races between processes (many Ray actors save at once) lose nothing:
+every writer holds the model in memory, so a version file removed between a
+look and a link (``FileNotFoundError``) is written again, and one written by
+another process meanwhile (``FileExistsError``) is used. The worst a race
+can do is leave one client on a private copy of a version (a version file
+removed just after another client linked it), which is freed as usual when
+that client moves on. In practice the two do not meet: clients move *to* the
+server's current version and release *older* ones. Where hard links are not
+supported (``os.link`` raises, e.g. ``EPERM``/``EXDEV``), the process keeps
+models inline in that folder, as without the model store (a WARNING says so
+once).
+
+A version file is verified on every read from disk (size and hash of its
+bytes against the state's ``model_ref``); a mismatch or a missing file is a
+corrupt state: the state file is moved aside as above, the client's link
+removed (the version file too if it was the corrupt one, so no other client
+links it again), and the client starts empty and gets a dense sync. The
+per-process cache keeps version bytes by hash, so the clients one Ray actor
+handles share one read. A save killed between its link and its state file
+leaves a link no state names; the sweep that removes stale temporary files
+also removes such links and version files nobody links, once untouched
+(ctime) for :data:`STALE_TMP_SECONDS`.
+
+**The error memory's dtype** (``error_dtype``): ``"float32"`` (default),
+``"float16"`` or ``"bfloat16"``. The memory is computed in float32; a save
+stores it rounded to the chosen dtype (half the bytes) with ``casts =
+{"error": "float32"}`` in the header, and a load casts it back, so the memory
+a client continues from is the rounded one whether it comes from the cache or
+the file. float16 overflow is *clamped*, not refused: entries beyond the
+dtype's finite range (±65504 for float16, ±3.39e38 for bfloat16) are
+stored as ±max with a WARNING giving their number and largest magnitude, never
+as inf (refusing would fail the client's round for a memory that is already
+far out of any useful range). float16 also flushes magnitudes below ~6e-8 to
+zero; bfloat16 keeps 8 significant bits.
 """
 
 from __future__ import annotations
@@ -71,6 +130,7 @@ import json
 import math
 import os
 import re
+import secrets
 import socket
 import struct
 import tempfile
@@ -86,7 +146,19 @@ import numpy as np
 import torch
 from flwr.common.logger import log
 
-__all__ = ["ClientState", "ClientStateStore", "StateCorruptError", "decode_state", "encode_state"]
+from fl_sparse.flat import vector_hash
+
+__all__ = [
+    "ClientState",
+    "ClientStateStore",
+    "ERROR_DTYPES",
+    "StateCorruptError",
+    "decode_state",
+    "encode_state",
+    "model_hash",
+]
+
+ERROR_DTYPES = ("float32", "float16", "bfloat16")  # how a store may keep the error memory on disk
 
 
 class StateCorruptError(RuntimeError):
@@ -159,14 +231,67 @@ def _tensors(state: ClientState) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def encode_state(state: ClientState) -> list[memoryview | bytes]:
+_HASH = re.compile(r"^[0-9a-f]{16,128}$")  # a hex digest of vector_hash
+
+
+def model_hash(tensor: torch.Tensor) -> str:
+    """The name of a float32 model copy in the model store: :func:`fl_sparse.flat.vector_hash` of its bytes.
+
+    The very hash the server sends with every sync and the client checks its
+    copy against, so clients at one server version name one file.
+    """
+    if tensor.dtype != torch.float32:
+        raise TypeError(f"the model store keeps float32 models, not {tensor.dtype}")
+    return vector_hash(tensor.reshape(-1))
+
+
+@dataclass(frozen=True)
+class _ModelRef:
+    """A model copy kept in the model store, not in the state file: its hash, dtype and shape."""
+
+    hash: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def to_json(self) -> list:
+        return [self.hash, str(self.dtype).removeprefix("torch."), list(self.shape)]
+
+    @classmethod
+    def from_json(cls, value) -> "_ModelRef":
+        try:
+            digest, dtype_name, shape = value
+            dtype = _DTYPES[dtype_name]
+            shape = tuple(int(n) for n in shape)
+        except (ValueError, KeyError, TypeError, OverflowError):
+            raise ValueError(f"bad model_ref {value!r}") from None
+        if not isinstance(digest, str) or not _HASH.match(digest) or any(n < 0 for n in shape) or dtype != torch.float32:
+            raise ValueError(f"bad model_ref {value!r}")
+        return cls(digest, dtype, shape)
+
+
+def encode_state(
+    state: ClientState, *, model_ref: _ModelRef | None = None, casts: dict[str, str] | None = None
+) -> list[memoryview | bytes]:
     """``state`` as the chunks of one file: magic, header length, JSON header, tensors, CRC-32.
 
     The header lists ``[name, dtype, shape, offset]`` per tensor; offsets count
     from the start of the data section, which begins right after the header.
     The last 4 bytes are the CRC-32 (little-endian) of everything before them.
     Chunks are views of the tensors' memory (no copy); write them in order.
+
+    Two optional header keys (absent, the file is byte for byte the format
+    before them): ``model_ref`` = ``[hash, dtype, shape]`` says the model copy
+    is in the model store (``state.model`` must then be None; see
+    :class:`ClientStateStore`), and ``casts`` = ``{"error": "float32"}`` says
+    the stored error memory (float16 or bfloat16 in the file) is float32 in
+    memory: :func:`decode_state` casts it back.
     """
+    if model_ref is not None and state.model is not None:
+        raise ValueError("a state with a model_ref stores no model tensor")
     entries, chunks, offset = [], [], 0
     for name, tensor in _tensors(state):
         dtype = str(tensor.dtype).removeprefix("torch.")
@@ -180,15 +305,17 @@ def encode_state(state: ClientState) -> list[memoryview | bytes]:
         if tensor.numel():
             chunks.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
             offset += tensor.numel() * tensor.element_size()
-    header = json.dumps(
-        {
-            "model_version": int(state.model_version),
-            "steps_done": int(state.steps_done),
-            "tensors": entries,
-            "data_bytes": offset,
-        },
-        separators=(",", ":"),
-    ).encode()
+    fields_ = {
+        "model_version": int(state.model_version),
+        "steps_done": int(state.steps_done),
+        "tensors": entries,
+        "data_bytes": offset,
+    }
+    if model_ref is not None:
+        fields_["model_ref"] = model_ref.to_json()
+    if casts:
+        fields_["casts"] = dict(casts)
+    header = json.dumps(fields_, separators=(",", ":")).encode()
     # Pad the header (JSON allows trailing spaces) so the data section starts
     # on an _ALIGN boundary: a reader can then use the tensors in place.
     header += b" " * (-(len(MAGIC) + 4 + len(header)) % _ALIGN)
@@ -206,8 +333,15 @@ def decode_state(buf) -> ClientState:
     Given a writable buffer (``bytearray``, a uint8 numpy array), the tensors
     are views of it (no copy: the caller hands the buffer over); given a
     read-only one (``bytes``), they are copies. A version 2 file's checksum is
-    verified before any tensor is read; a version 1 file has none.
+    verified before any tensor is read; a version 1 file has none. A file
+    whose model copy is in the model store decodes with ``model=None``
+    (:meth:`ClientStateStore.load` fetches it); a stored float16 / bfloat16
+    error memory comes back as the dtype the header's ``casts`` names.
     """
+    return _decode(buf)[0]
+
+
+def _decode(buf) -> tuple[ClientState, _ModelRef | None]:
     if memoryview(buf).readonly:
         buf = bytearray(buf)
     view = memoryview(buf).cast("B")
@@ -232,7 +366,12 @@ def decode_state(buf) -> ClientState:
         model_version, steps_done = int(header["model_version"]), int(header["steps_done"])
         if not isinstance(entries, list):
             raise TypeError("'tensors' is not a list")
-    except (ValueError, KeyError, TypeError, OverflowError) as exc:
+        ref = _ModelRef.from_json(header["model_ref"]) if "model_ref" in header else None
+        casts = header.get("casts") or {}
+        if not isinstance(casts, dict) or set(casts) - {"error"}:
+            raise TypeError(f"bad casts {casts!r}")
+        cast_error = _DTYPES[casts["error"]] if "error" in casts else None
+    except (ValueError, KeyError, TypeError, OverflowError, AttributeError) as exc:
         raise ValueError(f"unreadable header: {exc!r}") from None
     data = pos + header_len
     if len(view) - trailer - data != data_bytes:
@@ -265,6 +404,8 @@ def decode_state(buf) -> ClientState:
             tensor = torch.empty(0, dtype=torch.uint8)
         tensor = tensor.view(dtype).reshape(shape)
         if name == "model":
+            if ref is not None:
+                raise ValueError("a model tensor beside a model_ref")
             state.model = tensor
         elif name == "error":
             state.error = tensor
@@ -272,7 +413,11 @@ def decode_state(buf) -> ClientState:
             state.extra[name.removeprefix("extra/")] = tensor
         else:
             raise ValueError(f"unknown tensor entry {name!r}")
-    return state
+    if cast_error is not None and state.error is not None:
+        if not (state.error.dtype.is_floating_point and cast_error.is_floating_point):
+            raise ValueError(f"cannot cast a stored {state.error.dtype} error memory to {cast_error}")
+        state.error = _widen(state.error, cast_error)
+    return state, ref
 
 
 # ------------------------------------------------------------------ housekeeping
@@ -282,7 +427,12 @@ SWEEP_INTERVAL_SECONDS = 60.0  # a process looks for stale temporary files at mo
 # Errors that say nothing about the file (this process is out of something): raised, the file kept.
 _TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN}
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:64] or "host"
-_TMP = re.compile(r"^(?P<target>.+\.state)(?:\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.)?[a-z0-9_]*\.tmp$")
+_TMP = re.compile(r"^(?P<target>.+\.(?:state|model))(?:\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.)?[a-z0-9_]*\.tmp$")
+MODELS = "models"  # the model store: a sub-folder of the store's folder
+_CANONICAL = re.compile(r"^(?P<hash>[0-9a-f]{16,128})\.model$")
+_LINK = re.compile(r"^(?P<key>.+)\.(?P<hash>[0-9a-f]{16,128})\.model$")
+_LINK_TRIES = 8  # a version file removed under a linking client this often in a row: store the model inline
+_no_links: set[str] = set()  # model folders where os.link failed: this process stores models inline there
 _CORRUPT = re.compile(r"\.corrupt-(\d+)(?:-(\d+))?$")
 _swept: dict[str, float] = {}  # folder -> time.monotonic() of this process's last sweep
 _swept_lock = threading.Lock()
@@ -298,6 +448,58 @@ def _pid_alive(pid: int) -> bool:
     except OSError:  # EPERM: it exists, under another user
         return True
     return True
+
+
+def _safe(key: str) -> str:
+    return "".join(c if (c.isalnum() or c in "-_.") else "_" for c in key)
+
+
+def error_dtype_name(value: str | torch.dtype) -> str:
+    """``value`` as one of :data:`ERROR_DTYPES`, or ValueError."""
+    name = str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
+    if name not in ERROR_DTYPES:
+        raise ValueError(f"error memory dtype must be one of {', '.join(ERROR_DTYPES)}, got {value!r}")
+    return name
+
+
+# float32 <-> float16 / bfloat16 with numpy: torch's casts of a model-sized vector use its thread pool,
+# which on a busy machine waits milliseconds at the barrier (the same rounding, bit for bit).
+def _narrow_array(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """float32 ``a`` rounded to nearest-even float16 / bfloat16, as ``torch.Tensor.to`` rounds."""
+    if dtype == torch.float16:
+        with np.errstate(over="ignore"):  # beyond the range: inf, as torch; the store clamps first
+            return torch.from_numpy(a.astype(np.float16))
+    u = a.view(np.uint32)
+    one, half = np.uint32(1), np.uint32(0x7FFF)
+    top = ((u + (half + ((u >> np.uint32(16)) & one))) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(a)
+    if nan.any():  # a NaN stays a (quiet) NaN
+        top[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
+    return torch.from_numpy(top.view(np.int16)).view(torch.bfloat16)
+
+
+def _widen(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` (a new tensor), through numpy for float16 / bfloat16 to float32."""
+    if dtype == torch.float32 and t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16):
+        flat = t.contiguous().reshape(-1)
+        if t.dtype == torch.float16:
+            out = flat.numpy().astype(np.float32)
+        else:
+            out = (flat.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return torch.from_numpy(out).reshape(t.shape)
+    return t.to(dtype, copy=True)
+
+
+class _Unlinkable(Exception):
+    """The model store cannot hold this model by hard links now: store it inline."""
+
+
+class _BadModel(ValueError):
+    """A model file whose size or bytes do not match its name (``path``: that file)."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def _fsync_dir(path: Path) -> None:
@@ -317,13 +519,29 @@ def _fsync_dir(path: Path) -> None:
 class ClientStateStore:
     """One atomic file per client under ``root`` (fsync'd, file and folder, unless ``durable=False``).
 
+    ``share_models``: keep model copies in the content-addressed model store
+    ``root/models`` (one file per model version, hard-linked by the clients
+    that hold it) instead of in each state file; see the module docstring.
+    ``error_dtype``: ``"float32"`` (default), ``"float16"`` or ``"bfloat16"``,
+    the dtype the error memory is stored in (it is float32 again after a load).
+
     Opening a store removes stale temporary files of earlier saves from
     ``root`` (see the module docstring for the rule).
     """
 
-    def __init__(self, root: str | os.PathLike, durable: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        durable: bool = True,
+        *,
+        share_models: bool = False,
+        error_dtype: str | torch.dtype = "float32",
+    ) -> None:
         self.root = Path(root)
         self.durable = durable
+        self.share_models = bool(share_models)
+        self.error_dtype = error_dtype_name(error_dtype)
+        self.models = self.root / MODELS
         key = str(self.root)
         now = time.monotonic()
         with _swept_lock:
@@ -333,18 +551,30 @@ class ClientStateStore:
         if due:
             self.remove_stale_temp_files()
 
+    def __repr__(self) -> str:
+        return (f"ClientStateStore({str(self.root)!r}, durable={self.durable}, share_models={self.share_models}, "
+                f"error_dtype={self.error_dtype!r})")
+
     def path(self, key: str) -> Path:
-        safe = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in key)
-        return self.root / f"{safe}.state"
+        return self.root / f"{_safe(key)}.state"
+
+    def model_path(self, key: str, digest: str) -> Path:
+        """The hard link through which client ``key`` holds model version ``digest``."""
+        return self.models / f"{_safe(key)}.{digest}.model"
+
+    def canonical_model_path(self, digest: str) -> Path:
+        """The model store's own name for version ``digest`` (what new clients link to)."""
+        return self.models / f"{digest}.model"
 
     def load(self, key: str, *, reset_corrupt: bool = True) -> ClientState:
         """The stored state, or a fresh one if there is none yet.
 
         A file that cannot be used (torn, checksum mismatch, foreign, an I/O
-        error) is moved aside to ``<name>.corrupt-<unix-time>`` with a
+        error; a shared model copy that is missing or whose bytes do not hash
+        to its name) is moved aside to ``<name>.corrupt-<unix-time>`` with a
         WARNING, and an empty state with ``reset_reason`` set is returned;
         with ``reset_corrupt=False`` it raises :class:`StateCorruptError`
-        instead and leaves the file where it is.
+        instead and leaves the files where they are.
         """
         path = self.path(key)
         try:
@@ -352,45 +582,90 @@ class ClientStateStore:
         except FileNotFoundError:
             _CACHE.drop(path)
             return ClientState()
-        cached = _CACHE.get(path, _signature(stat))
-        if cached is not None:
-            return _copy(cached)
-        read_stat = None
-        try:
-            with open(path, "rb", buffering=0) as fh:
-                read_stat = os.fstat(fh.fileno())  # of the very file read, even if replaced meanwhile
-                buf = np.empty(read_stat.st_size, dtype=np.uint8)  # not zero-filled, unlike bytearray(n)
-                got = fh.readinto(buf)
-                if got != read_stat.st_size:
-                    raise OSError(f"short read ({got} of {read_stat.st_size} bytes)")
-            state = decode_state(buf)
-        except FileNotFoundError:
-            _CACHE.drop(path)
-            return ClientState()
-        except OSError as exc:
-            if exc.errno in _TRANSIENT:
-                raise
-            reason = f"cannot read it: {exc}"
-        except ValueError as exc:  # torn, bit-flipped or foreign file
-            reason = str(exc)
-        else:
-            # Not cached: a handler saves what it loaded, and the save caches that.
-            return state
+        stored = _CACHE.get(path, _signature(stat))
+        fresh, read_stat, reason, bad_model = False, None, None, None
+        if stored is None:
+            try:
+                with open(path, "rb", buffering=0) as fh:
+                    read_stat = os.fstat(fh.fileno())  # of the very file read, even if replaced meanwhile
+                    buf = np.empty(read_stat.st_size, dtype=np.uint8)  # not zero-filled, unlike bytearray(n)
+                    got = fh.readinto(buf)
+                    if got != read_stat.st_size:
+                        raise OSError(f"short read ({got} of {read_stat.st_size} bytes)")
+                state, ref = _decode(buf)
+            except FileNotFoundError:
+                _CACHE.drop(path)
+                return ClientState()
+            except OSError as exc:
+                if exc.errno in _TRANSIENT:
+                    raise
+                reason = f"cannot read it: {exc}"
+            except ValueError as exc:  # torn, bit-flipped or foreign file
+                reason = str(exc)
+            else:
+                # Not cached: a handler saves what it loaded, and the save caches that.
+                stored, fresh = _Stored(state, ref, None), True
+        model = None
+        if reason is None and stored.ref is not None:
+            try:
+                model = self._model_bytes(key, stored.ref)
+            except _BadModel as exc:
+                reason, bad_model = str(exc), exc.path
+            except OSError as exc:
+                if exc.errno in _TRANSIENT:
+                    raise
+                reason = f"cannot read its model copy: {exc}"
+            except ValueError as exc:
+                reason = str(exc)
+        if reason is None:
+            return _materialize(stored, model, fresh)
         _CACHE.drop(path)
         if not reset_corrupt:
             raise StateCorruptError(f"cannot read client state {path}: {reason}")
         self._move_aside(path, read_stat, reason)
+        if stored is not None and stored.ref is not None:
+            if bad_model is not None:
+                self._forget_bad_model(stored.ref.hash, bad_model)
+            self._release(key, stored.ref.hash)
         return ClientState(reset_reason=f"{path.name}: {reason}")
 
     def save(self, key: str, state: ClientState) -> None:
-        """Write ``state`` atomically; the cache keeps it (do not change it in place afterwards)."""
+        """Write ``state`` atomically; the cache keeps it (do not change it in place afterwards).
+
+        With ``share_models`` the model copy goes to the model store first
+        (linked, or written once per version), then the state file naming it
+        replaces the old one, then the link to the version this client held
+        before is removed and that version's file too if no client links it.
+        """
         self._make_root()
         path = self.path(key)
+        held = self._held_hash(path)  # the model version this client holds through a link now
         _CACHE.drop(path)
+        ref, linked, flat = None, False, None
+        model = state.model
+        if (
+            self.share_models
+            and isinstance(model, torch.Tensor)
+            and model.numel()
+            and model.dtype == torch.float32  # the mod's; any other model stays in the state file
+            and str(self.models) not in _no_links
+        ):
+            flat = model.detach().to("cpu").contiguous().reshape(-1)
+            digest = vector_hash(flat)
+            flat = flat.view(torch.uint8)
+            try:
+                linked = self._link(key, digest, flat)
+            except _Unlinkable:
+                flat = None
+            else:
+                ref = _ModelRef(digest, model.dtype, tuple(model.shape))
+        error, error_from = self._narrow(state.error)
+        casts = {"error": str(error_from).removeprefix("torch.")} if error_from is not None else None
+        body = ClientState(None if ref else model, state.model_version, error, state.steps_done, dict(state.extra))
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f"{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
-                for chunk in encode_state(state):
+                for chunk in encode_state(body, model_ref=ref, casts=casts):
                     fh.write(chunk)
                 fh.flush()
                 if self.durable:
@@ -399,16 +674,27 @@ class ClientStateStore:
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            if linked:  # no state file names the new link
+                self._release(key, ref.hash)
             raise
         if self.durable:
             _fsync_dir(self.root)  # the rename itself survives a power cut
-        snapshot = ClientState(state.model, state.model_version, state.error, state.steps_done, dict(state.extra))
-        _CACHE.put(path, _signature(os.stat(path)), snapshot)
+        if held is not None and (ref is None or ref.hash != held):
+            self._release(key, held)
+        stored = _Stored(body, ref, error_from)
+        _CACHE.put(path, _signature(os.stat(path)), stored, _nbytes(body))
+        if ref is not None:
+            model_key = (str(self.models), ref.hash)
+            if _CACHE.get(model_key, None) is None:  # a copy: the caller's tensor is theirs to change
+                _CACHE.put(model_key, None, flat.clone(), flat.numel())
 
     def delete(self, key: str) -> None:
         path = self.path(key)
+        held = self._held_hash(path)
         _CACHE.drop(path)
         path.unlink(missing_ok=True)
+        if held is not None:
+            self._release(key, held)
 
     def corrupt_files(self, key: str) -> list[Path]:
         """The files of ``key`` moved aside as corrupt, oldest first."""
@@ -430,6 +716,10 @@ class ClientStateStore:
 
         Stale: last written more than :data:`STALE_TMP_SECONDS` before ``now``,
         or named as written on this host by a process that no longer exists.
+        In the model store (``root/models``) it also removes what a killed
+        save left there: a client's link to a version its state file does not
+        name, and a version file no client links (see the module docstring);
+        both only when untouched for :data:`STALE_TMP_SECONDS`.
         """
         now = time.time() if now is None else now
         removed = []
@@ -437,6 +727,19 @@ class ClientStateStore:
             entries = list(os.scandir(self.root))
         except OSError:  # no folder yet
             return removed
+        removed += self._sweep_temp(entries, now)
+        try:
+            models = list(os.scandir(self.models))
+        except OSError:  # no model store here
+            return removed
+        removed += self._sweep_temp(models, now, by_ctime=True)
+        removed += self._sweep_models(models, now)
+        return removed
+
+    def _sweep_temp(self, entries: list[os.DirEntry], now: float, by_ctime: bool = False) -> list[Path]:
+        # In the model store a temporary *link* to an old version file has that file's old mtime;
+        # its ctime is when it was linked.
+        removed = []
         for entry in entries:
             m = _TMP.match(entry.name)
             if m is None:
@@ -444,7 +747,8 @@ class ClientStateStore:
             try:
                 if not entry.is_file(follow_symlinks=False):
                     continue
-                old = now - entry.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS
+                st = entry.stat(follow_symlinks=False)
+                old = now - (max(st.st_mtime, st.st_ctime) if by_ctime else st.st_mtime) > STALE_TMP_SECONDS
                 dead = (
                     os.name == "posix"
                     and m.group("host") == _HOST
@@ -460,6 +764,45 @@ class ClientStateStore:
                 log(WARNING, "could not remove stale temporary client state %s: %s", entry.path, exc)
         return removed
 
+    def _sweep_models(self, entries: list[os.DirEntry], now: float) -> list[Path]:
+        """Links no state file names, and version files no client links, untouched for a while."""
+        removed, links, canonical = [], {}, []
+        for entry in entries:
+            if _CANONICAL.match(entry.name):
+                canonical.append(entry)
+            elif (m := _LINK.match(entry.name)) is not None:
+                links.setdefault(m.group("key"), []).append((m.group("hash"), entry))
+
+        def untouched(entry: os.DirEntry) -> os.stat_result | None:
+            try:
+                st = os.stat(entry.path, follow_symlinks=False)  # fresh: not the scan's cached one
+            except OSError:
+                return None
+            return st if now - max(st.st_mtime, st.st_ctime) > STALE_TMP_SECONDS else None
+
+        for key, held in links.items():
+            state_path = self.root / f"{key}.state"
+            if len(held) == 1 and state_path.exists():
+                continue  # the usual case: one link, its state file there (its header is not read)
+            current = self._held_hash(state_path)
+            for digest, entry in held:
+                # A link a save made moments ago may be one its state file is about to name.
+                if digest != current and untouched(entry) is not None:
+                    try:
+                        os.unlink(entry.path)
+                        removed.append(Path(entry.path))
+                    except OSError:
+                        pass
+        for entry in canonical:
+            st = untouched(entry)
+            if st is not None and st.st_nlink <= 1:
+                try:
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+                except OSError:
+                    pass
+        return removed
+
     # ------------------------------------------------------------ internals
     def _make_root(self) -> None:
         if self.root.is_dir():
@@ -467,6 +810,192 @@ class ClientStateStore:
         self.root.mkdir(parents=True, exist_ok=True)
         if self.durable:
             _fsync_dir(self.root.parent)  # the new folder's own entry
+
+    # ---- the model store
+    def _held_hash(self, path: Path) -> str | None:
+        """The model version the state file at ``path`` names (held through a link), or None."""
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        stored = _CACHE.get(path, _signature(stat))
+        if stored is not None:
+            return stored.ref.hash if stored.ref is not None else None
+        if not self.models.is_dir():
+            return None  # nothing was ever shared here: no header to read
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(len(MAGIC) + 4)
+                if head[: len(MAGIC)] != MAGIC or len(head) < len(MAGIC) + 4:
+                    return None
+                (header_len,) = struct.unpack_from("<I", head, len(MAGIC))
+                if header_len > 1 << 20:
+                    return None
+                header = json.loads(fh.read(header_len))
+            return _ModelRef.from_json(header["model_ref"]).hash if "model_ref" in header else None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def _link(self, key: str, digest: str, flat: torch.Tensor) -> bool:
+        """Make ``key``'s link to version ``digest`` (writing the version file if there is none).
+
+        True if a new link was made, False if the client already had it.
+        Raises :class:`_Unlinkable` where hard links do not work.
+        """
+        if not self.models.is_dir():
+            self.models.mkdir(parents=True, exist_ok=True)
+            if self.durable:
+                _fsync_dir(self.root)
+        link, canonical = self.model_path(key, digest), self.canonical_model_path(digest)
+        if os.path.lexists(link):
+            return False
+        for _ in range(_LINK_TRIES):
+            tmp = link.with_name(f"{link.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            try:
+                os.link(canonical, tmp)
+            except FileNotFoundError:  # no such version yet, or its last holder just removed it
+                self._write_canonical(canonical, flat)
+                continue
+            except FileExistsError:  # a temporary name taken: draw another
+                continue
+            except OSError as exc:
+                self._links_unsupported(exc)
+            try:
+                os.replace(tmp, link)  # over nothing, or a link of ours a killed save left
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            if self.durable:
+                _fsync_dir(self.models)
+            return True
+        log(WARNING, "model store %s: version %s vanished %d times while linking it; stored inline",
+            self.models, digest, _LINK_TRIES)
+        raise _Unlinkable(digest)
+
+    def _write_canonical(self, canonical: Path, flat: torch.Tensor) -> None:
+        """Write a version file; another writer's (the same bytes, by its name) wins a race."""
+        fd, tmp = tempfile.mkstemp(dir=self.models, prefix=f"{canonical.name}.{_HOST}.{os.getpid()}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(memoryview(flat.numpy()))
+                fh.flush()
+                if self.durable:
+                    os.fsync(fh.fileno())
+            try:
+                os.link(tmp, canonical)  # never os.replace: the clients' links must stay on one file
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                self._links_unsupported(exc)
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def _links_unsupported(self, exc: OSError):
+        if exc.errno != errno.EMLINK:  # too many links to one file: only this version, only now
+            with _swept_lock:
+                first = str(self.models) not in _no_links
+                _no_links.add(str(self.models))
+            if first:
+                log(WARNING, "model store %s: hard links do not work here (%s); clients keep their model "
+                    "copy in their own state file", self.models, exc)
+        raise _Unlinkable(str(exc)) from exc
+
+    def _release(self, key: str, digest: str) -> None:
+        """Remove ``key``'s link to version ``digest``; remove the version if no client links it now."""
+        try:
+            os.unlink(self.model_path(key, digest))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log(WARNING, "could not remove model link %s: %s", self.model_path(key, digest), exc)
+            return
+        self._collect(digest)
+
+    def _collect(self, digest: str) -> bool:
+        """The GC rule: a version file whose only name left is its canonical one is removed."""
+        canonical = self.canonical_model_path(digest)
+        try:
+            if os.stat(canonical).st_nlink > 1:
+                return False
+            os.unlink(canonical)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            log(WARNING, "could not remove unused model version %s: %s", canonical, exc)
+            return False
+        _CACHE.drop((str(self.models), digest))
+        return True
+
+    def _model_bytes(self, key: str, ref: _ModelRef) -> torch.Tensor:
+        """Version ``ref`` as uint8 bytes (shared with the cache: copy before changing), verified."""
+        cache_key = (str(self.models), ref.hash)
+        cached = _CACHE.get(cache_key, None)
+        if cached is not None and cached.numel() == ref.nbytes:
+            return cached
+        link = self.model_path(key, ref.hash)
+        try:
+            data = self._read_model(link, ref)
+        except FileNotFoundError:
+            canonical = self.canonical_model_path(ref.hash)
+            try:
+                data = self._read_model(canonical, ref)
+            except FileNotFoundError:
+                raise ValueError(f"its model copy {MODELS}/{link.name} is missing") from None
+            try:  # hold it again through our own link
+                self._link(key, ref.hash, data)
+            except (_Unlinkable, OSError):
+                pass
+        _CACHE.put(cache_key, None, data, data.numel())
+        return data
+
+    @staticmethod
+    def _read_model(path: Path, ref: _ModelRef) -> torch.Tensor:
+        with open(path, "rb", buffering=0) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size != ref.nbytes:
+                raise _BadModel(path, f"model file {MODELS}/{path.name} is {size} bytes, the state says {ref.nbytes}")
+            buf = np.empty(size, dtype=np.uint8)
+            got = fh.readinto(buf)
+            if got != size:
+                raise OSError(f"short read of {path} ({got} of {size} bytes)")
+        digest = vector_hash(torch.from_numpy(buf).view(torch.float32))
+        if digest != ref.hash:
+            raise _BadModel(path, f"model file {MODELS}/{path.name} is corrupt (its bytes hash to {digest})")
+        return torch.from_numpy(buf)
+
+    def _forget_bad_model(self, digest: str, bad: Path) -> None:
+        """A corrupt version file is not handed to other clients: drop its canonical name if it is that file."""
+        canonical = self.canonical_model_path(digest)
+        try:
+            if bad == canonical or os.path.samestat(os.stat(bad), os.stat(canonical)):
+                os.unlink(canonical)
+        except OSError:
+            pass
+        _CACHE.drop((str(self.models), digest))
+
+    # ---- the error memory's dtype
+    def _narrow(self, error: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.dtype | None]:
+        """``error`` as stored (cast to ``error_dtype``, clamped to its range) and the dtype to cast back to."""
+        if error is None or self.error_dtype == "float32" or not error.is_floating_point():
+            return error, None
+        target = _DTYPES[self.error_dtype]
+        if error.dtype == target:
+            return error, None
+        a = error.detach().to("cpu", torch.float32).contiguous().reshape(-1).numpy()
+        limit = float(torch.finfo(target).max)
+        if a.size and not (float(a.max()) <= limit and float(a.min()) >= -limit):  # NaN takes this path too
+            beyond = np.isfinite(a) & (np.abs(a) > limit)  # a non-finite entry is left as it is
+            over = int(beyond.sum())
+            if over:
+                log(WARNING, "error memory: %d entries beyond the %s range (largest magnitude %.4g) are "
+                    "stored clamped to +-%.6g", over, self.error_dtype, float(np.abs(a[beyond]).max()), limit)
+                a = np.where(beyond, np.clip(a, -limit, limit), a)
+        return _narrow_array(a, target).reshape(error.shape), error.dtype
 
     def _move_aside(self, path: Path, read_stat: os.stat_result | None, reason: str) -> None:
         """Rename the corrupt file to ``<name>.corrupt-<unix-time>``, keep the newest few, warn."""
@@ -516,17 +1045,34 @@ def _signature(stat: os.stat_result) -> tuple[int, int, int, int]:
     return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
-def _copy(state: ClientState) -> ClientState:
-    def clone(t):
-        return t.clone() if isinstance(t, torch.Tensor) else t
+@dataclass
+class _Stored:
+    """A state file's contents as the cache keeps them.
 
-    return ClientState(
-        clone(state.model),
-        state.model_version,
-        clone(state.error),
-        state.steps_done,
-        {k: clone(v) for k, v in state.extra.items()},
-    )
+    ``state.model`` is None when ``ref`` names the model store's version;
+    ``state.error`` is as stored, and cast to ``error_from`` (when set) on load.
+    """
+
+    state: ClientState
+    ref: _ModelRef | None
+    error_from: torch.dtype | None
+
+
+def _materialize(stored: _Stored, model: torch.Tensor | None, fresh: bool) -> ClientState:
+    """The state a load returns: the caller's own tensors (``fresh``: ``stored`` is nobody else's)."""
+    def own(t):
+        return t if fresh or not isinstance(t, torch.Tensor) else t.clone()
+
+    st = stored.state
+    if stored.ref is not None:
+        out_model = model.clone().view(stored.ref.dtype).reshape(stored.ref.shape)
+    else:
+        out_model = own(st.model)
+    if stored.error_from is not None and st.error is not None:
+        error = _widen(st.error, stored.error_from)  # a new tensor
+    else:
+        error = own(st.error)
+    return ClientState(out_model, st.model_version, error, st.steps_done, {k: own(v) for k, v in st.extra.items()})
 
 
 def _nbytes(state: ClientState) -> int:
@@ -535,45 +1081,52 @@ def _nbytes(state: ClientState) -> int:
 
 
 class _StateCache:
-    """Per-process LRU of client states, keyed by file path and checked against the file's stat."""
+    """Per-process LRU of client states (keyed by file path, checked against the file's stat)
+    and of model store versions (keyed by (folder, hash); content-addressed, so never stale).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: "OrderedDict[Path, tuple[tuple, ClientState, int]]" = OrderedDict()
+        self._entries: "OrderedDict[object, tuple[tuple | None, object, int]]" = OrderedDict()
         self._bytes = 0
 
     @staticmethod
     def limit() -> int:
         return int(float(os.environ.get("FL_SPARSE_STATE_CACHE_MB", "512")) * 2**20)
 
-    def get(self, path: Path, signature: tuple) -> ClientState | None:
+    def get(self, key, signature: tuple | None):
         with self._lock:
-            entry = self._entries.get(path)
+            entry = self._entries.get(key)
             if entry is None:
                 return None
             if entry[0] != signature:  # the file changed under us: read it
-                self._pop(path)
+                self._pop(key)
                 return None
-            self._entries.move_to_end(path)
+            self._entries.move_to_end(key)
             return entry[1]
 
-    def put(self, path: Path, signature: tuple, state: ClientState) -> None:
-        size, limit = _nbytes(state), self.limit()
+    def put(self, key, signature: tuple | None, value, size: int) -> None:
+        limit = self.limit()
         with self._lock:
-            self._pop(path)
+            self._pop(key)
             if size > limit:
                 return
-            self._entries[path] = (signature, state, size)
+            self._entries[key] = (signature, value, size)
             self._bytes += size
             while self._bytes > limit:
                 self._pop(next(iter(self._entries)))
 
-    def drop(self, path: Path) -> None:
+    def drop(self, key) -> None:
         with self._lock:
-            self._pop(path)
+            self._pop(key)
 
-    def _pop(self, path: Path) -> None:
-        entry = self._entries.pop(path, None)
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    def _pop(self, key) -> None:
+        entry = self._entries.pop(key, None)
         if entry is not None:
             self._bytes -= entry[2]
 

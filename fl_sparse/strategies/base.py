@@ -214,6 +214,10 @@ class SparseFedAvg(FedAvg):
         A hint for where clients without a state folder of their own keep
         their state, and whether they need to fsync it (the simulation's
         temporary folder: no). A node's own setting wins.
+    error_memory_dtype : str
+        The dtype clients store their error memory in between rounds:
+        "float32" (default), "float16" or "bfloat16" (half the bytes; computed
+        in float32, rounded when stored; float16 clamps beyond ±65504).
     max_weight_ratio : float, optional
         Bounded influence: a client's weight (its ``weighted_by_key`` metric)
         counts at most this many times the round's median weight. Without it a
@@ -261,6 +265,7 @@ class SparseFedAvg(FedAvg):
         diagnostics: bool = False,
         client_state_dir: str | None = None,
         client_state_fsync: bool = True,
+        error_memory_dtype: str = "float32",
         max_weight_ratio: float | None = None,
         update_norm_bound: float | None = None,
         update_norm_bound_ratio: float | None = None,
@@ -313,6 +318,9 @@ class SparseFedAvg(FedAvg):
         self.diagnostics = diagnostics
         self.client_state_dir = client_state_dir or ""
         self.client_state_fsync = bool(client_state_fsync)
+        if error_memory_dtype not in protocol.ERROR_MEMORY_DTYPES:
+            raise ValueError(f"error_memory_dtype must be one of {protocol.ERROR_MEMORY_DTYPES}, got {error_memory_dtype!r}")
+        self.error_memory_dtype = error_memory_dtype
         for name, value in (("max_weight_ratio", max_weight_ratio), ("update_norm_bound", update_norm_bound),
                             ("update_norm_bound_ratio", update_norm_bound_ratio)):
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -707,6 +715,7 @@ class SparseFedAvg(FedAvg):
             uplink_values=self.uplink_values,
             uplink_positions=self.uplink_positions,
             error_feedback=self.client_error_feedback,
+            error_memory_dtype=self.error_memory_dtype,
             seed=self.seed,
             diagnostics=self.diagnostics,
             state_dir=self.client_state_dir,
