@@ -9,7 +9,10 @@ paper's comparison (:mod:`fl_sparse.simulations.reproduce`).
 ``fl-sparse simulate --resume DIR [--rounds T]`` continues the run checkpointed
 in ``DIR`` (a run with ``--out DIR``) with its own settings; only ``--rounds``
 and how it runs (``--eval-every``, ``--checkpoint-every``,
-``--max-failed-rounds``, ``--num-cpus``, ``--num-gpus``, ``--quiet``) may be given.
+``--max-failed-rounds``, ``--num-cpus``, ``--num-gpus``, ``--quiet``, ``--ray-address``) may be given.
+
+``--ray-address HOST:PORT`` (or ``RAY_ADDRESS``) runs the clients on an existing
+Ray cluster (docs/ray-cluster.md).
 """
 
 from __future__ import annotations
@@ -101,6 +104,9 @@ def build_parser(*, _explicit_only: bool = False) -> argparse.ArgumentParser:
                      help="position code: raw int32, the bidirectional paper's block code, or Golomb-Rice (smallest)")
     sim.add_argument("--no-error-feedback", dest="error_feedback", action="store_false", default=d.error_feedback,
                      help="plain sparsification: clients keep no error memory (without the flag they do)")
+    sim.add_argument("--error-memory-dtype", choices=("float32", "float16", "bfloat16"), default=d.error_memory_dtype,
+                     help="dtype clients store their error memory in between rounds (computed in float32; "
+                          "float16 clamps entries beyond +-65504)")
     sim.add_argument("--r-ratio", type=float, default=d.r_ratio,
                      help="rtopk: r/d, the top-r set the k entries are drawn from (None: the paper's rule)")
     sim.add_argument("--seed", type=int, default=d.seed, help="seeds model init, data split and order, sampling")
@@ -113,6 +119,10 @@ def build_parser(*, _explicit_only: bool = False) -> argparse.ArgumentParser:
     sim.add_argument("--num-cpus", type=float, default=d.num_cpus, help="CPUs per client actor")
     sim.add_argument("--num-gpus", type=float, default=d.num_gpus, help="GPUs per client actor (fractional ok)")
     sim.add_argument("--state-dir", default=None, help="client state folder (None: DIR/client-state with --out, else a temporary one, removed after the run)")
+    sim.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                     help="join the Ray cluster at this address (as RAY_ADDRESS, which it overrides; unset: "
+                          "$RAY_ADDRESS, else a local Ray); a cluster of several nodes needs --state-dir on a "
+                          "filesystem every node mounts (docs/ray-cluster.md)")
     sim.add_argument("--max-failed-rounds", type=int, default=d.max_failed_rounds, help="stop after this many rounds in a row that accepted no client update")
     sim.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                      help="with --out: save DIR/checkpoint.pt every N rounds (also at the end and at a stop; 0: only then)")
@@ -160,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(reproduce.run(args))
     if args.command == "simulate":
-        from fl_sparse.simulations.runner import simulate
+        from fl_sparse.simulations.runner import RayClusterError, simulate
 
         from fl_sparse.server_app import RunFailed, RunInterrupted, preflight
 
@@ -196,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
             saved = f"; metrics, model and checkpoint saved in {cfg.out} (continue: fl-sparse simulate --resume {cfg.out})"
             print(f"fl-sparse simulate: {exc}" + (saved if cfg.out else ""), file=sys.stderr)
             return 130
+        except RayClusterError as exc:  # before training: unreachable, too small, no shared state folder
+            print(f"fl-sparse simulate: error: {exc}", file=sys.stderr)
+            return 2
         except RunFailed as exc:
             print(f"fl-sparse simulate: failed: {exc}", file=sys.stderr)
             if cfg.out:

@@ -137,6 +137,7 @@ class RunConfig:
     add_drop_ratio: float = 0.001
     positions: str = "rice"
     error_feedback: bool = True
+    error_memory_dtype: str = "float32"  # how clients store their error memory: float32 | float16 | bfloat16
     r_ratio: float | None = None
     seed: int = 0
     out: str | None = None
@@ -145,6 +146,7 @@ class RunConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     state_dir: str | None = None
+    ray_address: str | None = None  # join this Ray cluster (as $RAY_ADDRESS); None: $RAY_ADDRESS or a local Ray
     max_failed_rounds: int = 3
     checkpoint_every: int = 1
     resume: str | None = None
@@ -171,6 +173,8 @@ class RunConfig:
             (self.r_ratio is None or 0.0 < self.r_ratio <= 1.0, "r-ratio must be in (0, 1] (or unset for the paper's rule)"),
             (self.r_ratio is None or self.strategy == "rtopk", "r-ratio is rtopk's r/d; leave it unset for other strategies"),
             (self.positions in ("raw", "block", "rice"), "positions must be raw, block or rice"),
+            (self.error_memory_dtype in ("float32", "float16", "bfloat16"),
+             "error-memory-dtype must be float32, float16 or bfloat16"),
             (self.alpha > 0, "alpha must be > 0"),
             (self.partition in ("iid", "dirichlet", "shards"), "partition must be iid, dirichlet or shards"),
             (2 <= self.value_bits <= 16 or self.value_bits == 32, "value-bits must be 2..16 (q-bit values) or 32 (none)"),
@@ -220,7 +224,7 @@ class RunConfig:
         for unset_below_zero in ("lr", "r_ratio", "min_partition_size"):  # pyproject cannot hold None: < 0 means unset
             if values.get(unset_below_zero) is not None and float(values[unset_below_zero]) < 0:
                 values[unset_below_zero] = None
-        for optional in ("out", "state_dir", "resume"):
+        for optional in ("out", "state_dir", "ray_address", "resume"):
             if values.get(optional) == "":
                 values[optional] = None
         return cls(**values).validate()
@@ -473,11 +477,12 @@ def preflight(cfg: RunConfig, *, local_clients: bool = True) -> str:
 
     Returns one line of partition-size statistics (printed at the start of a run).
 
-    The settings themselves (:meth:`RunConfig.validate`), the output folder
-    (created and written to), the checkpoint a resumed run continues
+    The settings themselves (:meth:`RunConfig.validate`), the output and state
+    folders (created and written to), the checkpoint a resumed run continues
     (readable, of this run, before the last round), the dataset (on disk), the data split (every
-    partition non-empty) and, for a simulation on this machine, the CPUs and
-    GPUs asked for per client.
+    partition non-empty) and, for a simulation on this machine (no Ray cluster
+    to join: ``ray_address`` and ``$RAY_ADDRESS`` unset), the CPUs and GPUs
+    asked for per client.
     """
     from fl_sparse.tasks.data import DatasetUnavailableError, load_dataset, partition_indices, partition_sizes_summary
 
@@ -493,15 +498,16 @@ def preflight(cfg: RunConfig, *, local_clients: bool = True) -> str:
         flwr_logger.setLevel(level)
     if cfg.resume:
         _check_resumable(cfg, checkpoint.load(cfg.resume, mmap=True))
-    if cfg.out:
-        out = Path(cfg.out)
+    for what, folder in (("output folder", cfg.out), ("state folder", cfg.state_dir)):
+        if not folder:
+            continue
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".fl-sparse-write-test"
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            probe = Path(folder) / ".fl-sparse-write-test"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise ValueError(f"output folder {cfg.out!r} is not writable: {exc.strerror or exc}") from None
+            raise ValueError(f"{what} {folder!r} is not writable: {exc.strerror or exc}") from None
     try:
         train, _ = load_dataset(cfg.dataset)
     except DatasetUnavailableError as exc:
@@ -518,7 +524,9 @@ def preflight(cfg: RunConfig, *, local_clients: bool = True) -> str:
     if min(sizes) == 0:
         raise ValueError(f"the {cfg.partition} split leaves partition {sizes.index(0)} empty; use fewer clients")
     summary = partition_sizes_summary(sizes, cfg.batch_size)
-    if local_clients:
+    # On a Ray cluster the clients run on its nodes, not (only) here: the simulation runner checks
+    # their CPUs/GPUs once it has joined (fl_sparse.simulations.runner.check_cluster).
+    if local_clients and not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
         cpus = os.cpu_count() or 1
         if cfg.num_cpus > cpus:
             raise ValueError(f"num-cpus {cfg.num_cpus:g} per client, but this machine has {cpus} CPUs")
@@ -533,7 +541,8 @@ def preflight(cfg: RunConfig, *, local_clients: bool = True) -> str:
 
 # ------------------------------------------------------------------ resume
 # What a continued run may change; every other setting is the saved run's.
-RESUME_OVERRIDES = ("rounds", "eval_every", "checkpoint_every", "max_failed_rounds", "num_cpus", "num_gpus", "quiet")
+RESUME_OVERRIDES = ("rounds", "eval_every", "checkpoint_every", "max_failed_rounds", "num_cpus", "num_gpus", "quiet",
+                    "ray_address")
 # Not compared when a run continues: how far and how it runs, not what it computes.
 _NOT_COMPARED = set(RESUME_OVERRIDES) | {"out", "resume"}
 
@@ -561,7 +570,8 @@ def resume_config(directory: str | os.PathLike, **overrides: Any) -> RunConfig:
             f"(allowed: {', '.join(o.replace('_', '-') for o in RESUME_OVERRIDES)})"
         )
     ckpt = checkpoint.load(directory, mmap=True)
-    cfg = replace(_saved_config(ckpt), **overrides, out=str(directory), resume=str(directory))
+    # Where to run is not saved: a Ray cluster to join is given again (or $RAY_ADDRESS).
+    cfg = replace(_saved_config(ckpt), **{"ray_address": None, **overrides}, out=str(directory), resume=str(directory))
     try:
         cfg.validate()
     except ValueError as exc:
@@ -607,10 +617,12 @@ def strategy_from_config(cfg: RunConfig):
         min_available_nodes=1,
         seed=cfg.seed,
         diagnostics=cfg.diagnostics,
+        error_memory_dtype=cfg.error_memory_dtype,
     )
 
 
-def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool = False) -> list[dict[str, Any]]:
+def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool = False,
+               metadata: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run ``cfg`` on ``grid``; returns (and writes, if ``cfg.out``) the per-round metrics.
 
     ``strategy`` overrides the one ``cfg.strategy`` names (e.g. your own
@@ -618,6 +630,8 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
     says every client runs in this process's simulation engine: the temporary
     state folder may then go to RAM (:func:`simulation_state_dir`) and the
     Grid polls for replies every :data:`SIMULATION_PULL_INTERVAL` seconds.
+    ``metadata`` adds keys to ``out/config.json`` (the simulation runner's
+    ``ray_cluster``: the cluster it joined).
 
     With ``cfg.out`` the run is checkpointed (:mod:`fl_sparse.checkpoint`)
     every ``cfg.checkpoint_every`` rounds, at its last round and when it stops
@@ -665,7 +679,7 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.num_gpus > 0 else "cpu")
     metrics_log = None
     if cfg.out:
-        _write_config_json(cfg.out, run_metadata(cfg, num_params=layout.numel, device=device))
+        _write_config_json(cfg.out, {**run_metadata(cfg, num_params=layout.numel, device=device), **(metadata or {})})
         metrics_log = MetricsLog(cfg.out, rows)  # a resumed run's files start again from the checkpoint's rows
     # Running sums and the wall clock go on from the rows a resumed run continues.
     cumulative_up = int(rows[-1]["cumulative_uplink_bytes"]) if rows else 0

@@ -3,18 +3,34 @@
 ``simulate(RunConfig(...))`` is what ``fl-sparse simulate`` calls: it wires
 the fl-sparse ServerApp (with this config) and ClientApp into
 ``flwr.simulation.run_simulation`` with one virtual SuperNode per client.
+
+On a Ray cluster (``cfg.ray_address`` / ``--ray-address``, else
+``$RAY_ADDRESS``; docs/ray-cluster.md) it joins the cluster itself before
+Flower starts (:func:`join_ray_cluster`), prints what it joined, checks the
+cluster can run the clients (:func:`check_cluster`: a node with the CPUs/GPUs
+one client asks for; on several nodes, an absolute ``state_dir`` that every
+node sees) and refuses with :class:`RayClusterError` otherwise. Flower's Ray
+backend then uses that connection: it calls ``ray.init`` only when
+``ray.is_initialized()`` is false, and ``ray.shutdown()`` (a disconnect, the
+cluster keeps running) at the end.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
+import uuid
 import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from fl_sparse.server_app import RunConfig, RunFailed, RunInterrupted, preflight, run_server
 
-__all__ = ["simulate", "backend_config"]
+__all__ = ["simulate", "backend_config", "ClusterInfo", "RayClusterError", "check_cluster", "join_ray_cluster",
+           "ray_address"]
 
 
 class _KnownNoise(logging.Filter):
@@ -48,21 +64,223 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
 
     ``init_args`` go to ``ray.init``; ``_system_config`` raises the size of
     messages Ray sends inline (:data:`INLINE_OBJECT_BYTES`), unless the run
-    joins an existing Ray cluster (``RAY_ADDRESS`` set).
+    joins an existing Ray cluster (:func:`ray_address`: ``--ray-address`` or ``RAY_ADDRESS``).
     """
     resources: dict[str, Any] = {"num_cpus": float(cfg.num_cpus), "num_gpus": float(cfg.num_gpus)}
     init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "logging_level": logging.WARNING}
-    if not os.environ.get("RAY_ADDRESS"):
+    if not ray_address(cfg):
         # Only a Ray instance started here takes system settings; ray.init refuses
-        # them when it joins an existing cluster (RAY_ADDRESS).
+        # them when it joins an existing cluster (RAY_ADDRESS, --ray-address).
         init_args["_system_config"] = {"max_direct_call_object_size": INLINE_OBJECT_BYTES}
     return {"client_resources": resources, "init_args": init_args}
+
+
+class RayClusterError(ValueError):
+    """The Ray cluster cannot run this simulation: unreachable, too small, or no state folder every node sees.
+
+    Raised by :func:`simulate` before any training starts (the CLI prints it and exits with 2).
+    """
+
+
+def ray_address(cfg: RunConfig) -> str | None:
+    """The Ray cluster a run joins: ``cfg.ray_address``, else ``$RAY_ADDRESS``; None: Flower starts a local Ray."""
+    return cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """What :func:`join_ray_cluster` found: the cluster's GCS address and its alive nodes' resources."""
+
+    address: str
+    nodes: int
+    cpus: float
+    gpus: float
+    node_ips: tuple[str, ...]
+
+    @classmethod
+    def from_nodes(cls, address: str, nodes: list[dict[str, Any]]) -> "ClusterInfo":
+        """From ``ray.nodes()`` (dead nodes, which Ray keeps listing, are left out)."""
+        alive = [n for n in nodes if n.get("Alive")]
+        return cls(
+            address=str(address),
+            nodes=len(alive),
+            cpus=sum(float((n.get("Resources") or {}).get("CPU", 0)) for n in alive),
+            gpus=sum(float((n.get("Resources") or {}).get("GPU", 0)) for n in alive),
+            node_ips=tuple(str(n.get("NodeManagerAddress", "?")) for n in alive),
+        )
+
+    def line(self) -> str:
+        """The line :func:`simulate` prints when it has joined."""
+        return (f"fl-sparse: joined Ray cluster at {self.address}: {self.nodes} node{'s' * (self.nodes != 1)}, "
+                f"{self.cpus:g} CPUs, {self.gpus:g} GPUs")
+
+    def as_dict(self) -> dict[str, Any]:
+        """``ray_cluster`` in the run folder's config.json."""
+        return {**asdict(self), "node_ips": list(self.node_ips)}
+
+
+def check_cluster(cfg: RunConfig, nodes: list[dict[str, Any]], address: str) -> None:
+    """Refuse (:class:`RayClusterError`) a cluster that cannot run ``cfg``'s clients; ``nodes`` as ``ray.nodes()``.
+
+    * No alive node has the CPUs (and GPUs) one client asks for: no client could start.
+    * More than one alive node and no ``cfg.state_dir``: the clients keep their
+      state (model copy, error memory) in files, and a client may run on any
+      node from one round to the next. The folder the driver would pick
+      (``/dev/shm`` or a temporary folder; ``out/client-state`` with ``out``)
+      is on the driver's machine only, so an explicit ``state_dir`` on a
+      filesystem every node mounts is required, as an absolute path (each node
+      would resolve a relative one from its own working folder).
+    One alive node runs as on a single machine: it is the driver's (Ray
+    connects a driver through a Ray node of its own machine).
+    """
+    alive = [n for n in nodes if n.get("Alive")]
+    if not alive:
+        raise RayClusterError(f"the Ray cluster at {address} has no alive node")
+    resources = [n.get("Resources") or {} for n in alive]
+
+    def fits(res: dict[str, Any]) -> bool:
+        return float(res.get("CPU", 0)) >= cfg.num_cpus and (cfg.num_gpus <= 0 or float(res.get("GPU", 0)) >= cfg.num_gpus)
+
+    if not any(fits(r) for r in resources):
+        want = f"{cfg.num_cpus:g} CPUs" + (f" and {cfg.num_gpus:g} GPUs" if cfg.num_gpus > 0 else "")
+        have = ", ".join(f"{float(r.get('CPU', 0)):g} CPUs/{float(r.get('GPU', 0)):g} GPUs" for r in resources)
+        raise RayClusterError(
+            f"no node of the Ray cluster at {address} has the {want} one client asks for (nodes: {have}); "
+            "lower --num-cpus/--num-gpus or add a larger node"
+        )
+    if len(alive) > 1:
+        if not cfg.state_dir:
+            hint = (f" (--out alone keeps it in {cfg.out}/client-state on this machine; if {cfg.out} is on a shared "
+                    f"filesystem, pass --state-dir {Path(cfg.out).absolute() / 'client-state'})") if cfg.out else ""
+            raise RayClusterError(
+                f"on a Ray cluster of {len(alive)} nodes ({address}) the client state must be on a filesystem every "
+                f"node mounts: pass --state-dir /shared/path (RunConfig.state_dir), a folder on a shared filesystem "
+                f"mounted at the same path on every node{hint}; see docs/ray-cluster.md"
+            )
+        if not os.path.isabs(cfg.state_dir):
+            raise RayClusterError(
+                f"on a Ray cluster of {len(alive)} nodes ({address}) --state-dir must be an absolute path (each node "
+                f"would resolve {cfg.state_dir!r} from its own working folder): "
+                f"pass --state-dir {Path(cfg.state_dir).absolute()} if every node mounts it there"
+            )
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A TCP connection to ``HOST:PORT`` (``ray://`` stripped; ``auto`` and other forms are left to Ray)."""
+    bare = address.split("://", 1)[-1]
+    host, sep, port = bare.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise RayClusterError(
+            f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}; is a head node running there "
+            f"(ray start --head --port={port}) and is the port open from this machine?"
+        ) from None
+
+
+def _check_state_dir_shared(state_dir: str, nodes: list[dict[str, Any]], address: str, timeout: float = 60.0) -> None:
+    """Every alive node sees a marker file the driver writes in ``state_dir``, or :class:`RayClusterError`.
+
+    One zero-CPU Ray task per node (hard node affinity) checks that the file
+    exists. A node that does not answer within ``timeout`` seconds is reported
+    on stderr, not refused: slow is not proof of a private folder.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def sees(path: str) -> bool:  # defined here: Ray ships it by value, the nodes need no fl_sparse import for it
+        import os as _os
+
+        return _os.path.exists(path)
+
+    alive = [n for n in nodes if n.get("Alive")]
+    marker = Path(state_dir) / f".fl-sparse-shared-{uuid.uuid4().hex}"
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_bytes(b"")
+    except OSError as exc:
+        raise RayClusterError(f"the state folder {state_dir} is not writable from this machine: {exc.strerror or exc}") from None
+    try:
+        probe = ray.remote(num_cpus=0, max_retries=0)(sees)
+        refs = [
+            probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
+            for n in alive
+        ]
+        done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        blind, slow = [], []
+        for n, ref in zip(alive, refs):
+            if ref in pending:
+                slow.append(str(n.get("NodeManagerAddress", n["NodeID"])))
+                continue
+            try:
+                if not ray.get(ref):
+                    blind.append(str(n.get("NodeManagerAddress", n["NodeID"])))
+            except Exception:  # noqa: BLE001 - a node that cannot run the check: reported below as slow
+                slow.append(str(n.get("NodeManagerAddress", n["NodeID"])))
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise RayClusterError(
+            f"the state folder {state_dir} is not shared: node{'s' * (len(blind) > 1)} {', '.join(blind)} of the Ray "
+            f"cluster at {address} cannot see a file this machine wrote there; mount one shared filesystem at the "
+            "same path on every node and pass that path as --state-dir"
+        )
+    if slow:
+        print(f"fl-sparse: warning: could not check that node{'s' * (len(slow) > 1)} {', '.join(slow)} see the state "
+              f"folder {state_dir} (no answer in {timeout:g} s)", file=sys.stderr, flush=True)
+
+
+def join_ray_cluster(cfg: RunConfig, address: str) -> ClusterInfo:
+    """Connect this process to the Ray cluster at ``address``, check it can run ``cfg``, print what it joined.
+
+    ``ray.init`` gets the arguments Flower's Ray backend would pass
+    (:func:`backend_config`'s ``init_args`` and the ``PYTHONPATH`` runtime
+    env), so Flower, which calls ``ray.init`` only when Ray is not initialised
+    yet, runs on this connection. On any refusal (:func:`check_cluster`, a
+    state folder some node cannot see) the connection is closed again and
+    :class:`RayClusterError` raised; an unreachable address is one too, naming it.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        _check_reachable(address)
+        init_args = dict(backend_config(cfg)["init_args"])
+        init_args.pop("_system_config", None)  # ray.init refuses system settings when it joins a cluster
+        pythonpath = os.pathsep.join(sys.path)  # as Flower's RayBackend.init_ray sends it to the workers
+        if os.environ.get("PYTHONPATH"):
+            pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*accelerator visible devices.*", category=FutureWarning)
+                ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+        except Exception as exc:  # noqa: BLE001 - Ray's own words, after the address
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RayClusterError(f"cannot join the Ray cluster at {address}: {first}") from None
+    try:
+        nodes = ray.nodes()
+        info = ClusterInfo.from_nodes(ray.get_runtime_context().gcs_address or address, nodes)
+        check_cluster(cfg, nodes, info.address)
+        if info.nodes > 1:
+            _check_state_dir_shared(cfg.state_dir, nodes, info.address)
+    except BaseException:
+        ray.shutdown()
+        raise
+    print(info.line(), file=sys.stderr, flush=True)
+    return info
 
 
 def simulate(cfg: RunConfig, strategy=None) -> list[dict[str, Any]]:
     """Run ``cfg`` in Flower's Ray simulation; returns one metrics dict per round.
 
     ``strategy`` (optional) replaces the strategy ``cfg.strategy`` names.
+    With a Ray cluster to join (:func:`ray_address`) it joins before Flower
+    starts (:func:`join_ray_cluster`: raises :class:`RayClusterError` when the
+    cluster cannot run it) and records the cluster as ``ray_cluster`` in the
+    run folder's config.json.
     """
     preflight(cfg)
     # Offline by design: no telemetry, no dependency installation.
@@ -74,6 +292,9 @@ def simulate(cfg: RunConfig, strategy=None) -> list[dict[str, Any]]:
 
     from fl_sparse.clients.app import app as client_app
 
+    address = ray_address(cfg)
+    joined = join_ray_cluster(cfg, address) if address else None
+    metadata = {"ray_cluster": joined.as_dict()} if joined is not None else None
     rows: list[dict[str, Any]] = []
     failed: list[RuntimeError] = []
     server_app = ServerApp()
@@ -81,7 +302,7 @@ def simulate(cfg: RunConfig, strategy=None) -> list[dict[str, Any]]:
     @server_app.main()
     def _main(grid: Grid, context) -> None:
         try:
-            rows.extend(run_server(grid, cfg, strategy, local_clients=True))
+            rows.extend(run_server(grid, cfg, strategy, local_clients=True, metadata=metadata))
         except (RunFailed, RunInterrupted) as exc:  # raised again below, outside Flower's ServerApp runner
             failed.append(exc)
 
@@ -103,6 +324,10 @@ def simulate(cfg: RunConfig, strategy=None) -> list[dict[str, Any]]:
     finally:
         flwr_logger.setLevel(level)
         flwr_logger.removeFilter(noise)
+        if joined is not None:
+            import ray
+
+            ray.shutdown()  # Flower's backend already disconnects at its end; this covers a failed start
     if failed:
         raise failed[0]
     if len(rows) != cfg.rounds:
