@@ -35,31 +35,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import numpy as np  # noqa: E402
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord  # noqa: E402
 from flwr.common.logger import FLOWER_LOGGER  # noqa: E402
-from inprocess import InProcessGrid  # noqa: E402
+from inprocess import InProcessGrid, step_app  # noqa: E402
 
-from fl_sparse.clients import SparseMod  # noqa: E402
 from fl_sparse.strategies import build_strategy  # noqa: E402
 
 D = 50_890  # mlp-784-64-10
 SAMPLED = 10
 
 
-def _app() -> ClientApp:
-    app = ClientApp(mods=[SparseMod()])
-
-    @app.train()
-    def train(msg: Message, context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        rnd = int(msg.content["config"]["server-round"])
-        w = msg.content["arrays"]["w"].numpy()
-        step = np.random.default_rng(pid * 1000 + rnd).standard_normal(w.shape).astype(np.float32) * 0.01
-        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w - step)}),
-                                   "metrics": MetricRecord({"num-examples": 10.0})}), reply_to=msg)
-
-    return app
+def _step(pid: int, rnd: int) -> np.ndarray:
+    """The update client ``pid`` makes in round ``rnd``: fixed random noise, so every N sees the same work."""
+    return np.random.default_rng(pid * 1000 + rnd).standard_normal(D).astype(np.float32) * 0.01
 
 
 def _server_bytes(strategy) -> int:
@@ -80,7 +68,7 @@ class Setup:
     def __init__(self, clients: int, strategy_name: str, state_root: Path) -> None:
         self.clients = clients
         self.folder = Path(tempfile.mkdtemp(prefix=f"scale-{clients}-", dir=state_root))
-        self.grid = InProcessGrid(_app(), clients)
+        self.grid = InProcessGrid(step_app(_step, lambda pid: 10.0), clients)
         self.strategy = build_strategy(strategy_name, ratio=0.01, fraction_train=SAMPLED / clients,
                                        min_train_nodes=SAMPLED, min_available_nodes=1, fraction_evaluate=0.0, seed=0)
         # As in the simulation: the server names the (throw-away) state folder, so the clients
