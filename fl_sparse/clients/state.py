@@ -25,7 +25,7 @@ dir) may skip the fsyncs (``durable=False``): still atomic, just not flushed
 to the disk.
 
 The file is a small JSON header followed by the raw tensor bytes and a
-CRC-32 of everything before it (see :func:`encode_state`), not
+checksum (XXH3-64) of everything before it (see :func:`encode_state`), not
 ``torch.save``'s zip archive: a client saves its state after every message,
 and at MLP size the archive's per-entry overhead cost more than the bytes
 themselves. Every length in the header is checked against the file before
@@ -39,8 +39,11 @@ to ``<name>.corrupt-<unix-time>`` in the same folder (the newest
 naming the file and the reason, and returns an empty state (no model copy,
 no error memory) with :attr:`ClientState.reset_reason` set. The client mod
 then asks the server for a dense sync (see :mod:`fl_sparse.clients.mod`).
-Version 1 files (``FLSPARSE-STATE-1``, no checksum, written before this
-format) are still read, unverified; the next save rewrites them as version 2.
+Version 1 files (``FLSPARSE-STATE-1``, no checksum) are still read,
+unverified, and version 2 files (``FLSPARSE-STATE-2``, the same layout with a
+CRC-32 trailer) verified by their CRC; the next save rewrites either as
+version 3. (XXH3 replaced CRC-32 because the checksum of the error memory was
+a third of a save at MLP size: 62 us for 200 kB against 4 us.)
 
 Temporary files of a save that never finished (the process was killed) are
 removed when a store opens its folder (at most once per
@@ -144,6 +147,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import xxhash
 from flwr.common.logger import log
 
 from fl_sparse.flat import vector_hash
@@ -205,9 +209,11 @@ class ClientState:
 
 
 # ------------------------------------------------------------------ file format
-MAGIC = b"FLSPARSE-STATE-2\n"
+MAGIC = b"FLSPARSE-STATE-3\n"
+MAGIC_V2 = b"FLSPARSE-STATE-2\n"  # the same layout with a CRC-32 (zlib) trailer; still read (verified)
 MAGIC_V1 = b"FLSPARSE-STATE-1\n"  # no checksum; still read (unverified)
-_CRC = struct.Struct("<I")  # the trailer: CRC-32 (zlib) of every byte before it
+_XXH = struct.Struct("<Q")  # the trailer: XXH3-64 (seed 0) of every byte before it
+_CRC = struct.Struct("<I")  # a version 2 file's trailer: CRC-32 (zlib) of every byte before it
 _ALIGN = 64  # every tensor starts on a 64-byte boundary, as torch's own allocations do
 _DTYPES = {
     str(dt).removeprefix("torch."): dt
@@ -276,11 +282,11 @@ class _ModelRef:
 def encode_state(
     state: ClientState, *, model_ref: _ModelRef | None = None, casts: dict[str, str] | None = None
 ) -> list[memoryview | bytes]:
-    """``state`` as the chunks of one file: magic, header length, JSON header, tensors, CRC-32.
+    """``state`` as the chunks of one file: magic, header length, JSON header, tensors, XXH3-64.
 
     The header lists ``[name, dtype, shape, offset]`` per tensor; offsets count
     from the start of the data section, which begins right after the header.
-    The last 4 bytes are the CRC-32 (little-endian) of everything before them.
+    The last 8 bytes are the XXH3-64 digest (seed 0, little-endian) of everything before them.
     Chunks are views of the tensors' memory (no copy); write them in order.
 
     Two optional header keys (absent, the file is byte for byte the format
@@ -320,10 +326,10 @@ def encode_state(
     # on an _ALIGN boundary: a reader can then use the tensors in place.
     header += b" " * (-(len(MAGIC) + 4 + len(header)) % _ALIGN)
     out = [MAGIC, struct.pack("<I", len(header)), header, *chunks]
-    crc = 0
+    digest = xxhash.xxh3_64()
     for chunk in out:
-        crc = zlib.crc32(chunk, crc)
-    out.append(_CRC.pack(crc))
+        digest.update(chunk)
+    out.append(_XXH.pack(digest.intdigest()))
     return out
 
 
@@ -332,8 +338,8 @@ def decode_state(buf) -> ClientState:
 
     Given a writable buffer (``bytearray``, a uint8 numpy array), the tensors
     are views of it (no copy: the caller hands the buffer over); given a
-    read-only one (``bytes``), they are copies. A version 2 file's checksum is
-    verified before any tensor is read; a version 1 file has none. A file
+    read-only one (``bytes``), they are copies. A version 3 (or 2) file's checksum
+    is verified before any tensor is read; a version 1 file has none. A file
     whose model copy is in the model store decodes with ``model=None``
     (:meth:`ClientStateStore.load` fetches it); a stored float16 / bfloat16
     error memory comes back as the dtype the header's ``casts`` names.
@@ -347,6 +353,8 @@ def _decode(buf) -> tuple[ClientState, _ModelRef | None]:
     view = memoryview(buf).cast("B")
     magic = bytes(view[: len(MAGIC)])
     if magic == MAGIC:
+        trailer = _XXH.size
+    elif magic == MAGIC_V2:
         trailer = _CRC.size
     elif magic == MAGIC_V1:
         trailer = 0
@@ -378,10 +386,16 @@ def _decode(buf) -> tuple[ClientState, _ModelRef | None]:
         found = len(view) - trailer - data
         raise ValueError(f"data section is {found} bytes, the header says {data_bytes} (truncated or grown file)")
     if trailer:
-        (stored,) = _CRC.unpack_from(view, len(view) - trailer)
-        actual = zlib.crc32(view[: len(view) - trailer])
-        if actual != stored:
-            raise ValueError(f"checksum mismatch (CRC-32 {actual:08x}, the file says {stored:08x})")
+        if magic == MAGIC:
+            (stored,) = _XXH.unpack_from(view, len(view) - trailer)
+            actual = xxhash.xxh3_64_intdigest(view[: len(view) - trailer])
+            if actual != stored:
+                raise ValueError(f"checksum mismatch (XXH3-64 {actual:016x}, the file says {stored:016x})")
+        else:
+            (stored,) = _CRC.unpack_from(view, len(view) - trailer)
+            actual = zlib.crc32(view[: len(view) - trailer])
+            if actual != stored:
+                raise ValueError(f"checksum mismatch (CRC-32 {actual:08x}, the file says {stored:08x})")
     state = ClientState(model_version=model_version, steps_done=steps_done)
     for entry in entries:
         try:
@@ -500,6 +514,40 @@ class _BadModel(ValueError):
     def __init__(self, path: Path, message: str) -> None:
         super().__init__(message)
         self.path = path
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path`` (named for the stale-file sweep): ``(fd, name)``.
+
+    What ``tempfile.mkstemp`` does (``O_EXCL``, mode 0600), without its name
+    generator and path juggling: a third of the cost at one save per message.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = f"{path}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def _write_all(fd: int, chunks: list) -> None:
+    """Write ``chunks`` in order with as few system calls as the OS allows (``writev``, short writes resumed)."""
+    views = [memoryview(c).cast("B") for c in chunks if len(c)]
+    if not hasattr(os, "writev"):  # Windows
+        for view in views:
+            while view:
+                view = view[os.write(fd, view):]
+        return
+    iov_max = 1024  # POSIX guarantees at least 16; Linux and macOS take 1024
+    while views:
+        done = os.writev(fd, views[:iov_max])
+        while views and done >= len(views[0]):
+            done -= len(views[0])
+            views.pop(0)
+        if done:
+            views[0] = views[0][done:]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -662,14 +710,16 @@ class ClientStateStore:
         error, error_from = self._narrow(state.error)
         casts = {"error": str(error_from).removeprefix("torch.")} if error_from is not None else None
         body = ClientState(None if ref else model, state.model_version, error, state.steps_done, dict(state.extra))
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f"{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp")
+        chunks = encode_state(body, model_ref=ref, casts=casts)
+        fd, tmp = _create_temp(path)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                for chunk in encode_state(body, model_ref=ref, casts=casts):
-                    fh.write(chunk)
-                fh.flush()
+            try:
+                _write_all(fd, chunks)
                 if self.durable:
-                    os.fsync(fh.fileno())
+                    os.fsync(fd)
+                written = os.fstat(fd)  # os.replace keeps inode, size and mtime: the cache's signature
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -682,7 +732,7 @@ class ClientStateStore:
         if held is not None and (ref is None or ref.hash != held):
             self._release(key, held)
         stored = _Stored(body, ref, error_from)
-        _CACHE.put(path, _signature(os.stat(path)), stored, _nbytes(body))
+        _CACHE.put(path, _signature(written), stored, _nbytes(body))
         if ref is not None:
             model_key = (str(self.models), ref.hash)
             if _CACHE.get(model_key, None) is None:  # a copy: the caller's tensor is theirs to change
@@ -826,7 +876,7 @@ class ClientStateStore:
         try:
             with open(path, "rb") as fh:
                 head = fh.read(len(MAGIC) + 4)
-                if head[: len(MAGIC)] != MAGIC or len(head) < len(MAGIC) + 4:
+                if head[: len(MAGIC)] not in (MAGIC, MAGIC_V2) or len(head) < len(MAGIC) + 4:
                     return None
                 (header_len,) = struct.unpack_from("<I", head, len(MAGIC))
                 if header_len > 1 << 20:

@@ -14,6 +14,7 @@ import zlib
 
 import pytest
 import torch
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -59,8 +60,14 @@ def _file(state: ClientState) -> bytes:
 
 
 def _raw(header: bytes, data: bytes = b"\0" * 4) -> bytes:
-    """A hand-built version 2 file with a valid checksum: the header checks run past the CRC."""
+    """A hand-built version 3 file with a valid checksum: the header checks run past the checksum."""
     body = state_module.MAGIC + struct.pack("<I", len(header)) + header + data
+    return body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+
+
+def _as_version_2(v3: bytes) -> bytes:
+    """The same state as the version 2 format wrote it: v2 magic, CRC-32 trailer."""
+    body = state_module.MAGIC_V2 + v3[len(state_module.MAGIC) : -8]
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -109,7 +116,7 @@ def test_flipped_bytes_are_always_rejected(state, data):
         raw[pos] ^= data.draw(st.integers(1, 255))
     if bytes(raw) == _file(state):  # two flips of one byte undid each other
         return
-    # The CRC-32 trailer: no changed byte, tensor bytes included, goes unnoticed.
+    # The XXH3-64 trailer: no changed byte, tensor bytes included, goes unnoticed.
     with pytest.raises(ValueError):
         decode_state(raw)
 
@@ -323,17 +330,43 @@ def test_version_1_files_are_still_read(tmp_path):
     """The format before the checksum: same layout, v1 magic, no trailer."""
     state = ClientState(model=torch.arange(6.0), model_version=9, error=torch.ones(6), steps_done=4,
                         extra={"layout": torch.tensor([1, 2, 3], dtype=torch.uint8)})
-    v2 = _file(state)
-    v1 = state_module.MAGIC_V1 + v2[len(state_module.MAGIC) : -4]
+    v3 = _file(state)
+    v1 = state_module.MAGIC_V1 + v3[len(state_module.MAGIC) : -8]
     assert _same(decode_state(v1), state)
     store = ClientStateStore(tmp_path, durable=False)
     store.root.mkdir(exist_ok=True)
     store.path("client-1").write_bytes(v1)
     assert _same(store.load("client-1"), state)
-    store.save("client-1", store.load("client-1"))  # the next save writes version 2
-    assert store.path("client-1").read_bytes() == v2
-    with pytest.raises(ValueError, match="data section"):  # a v2 file is never read as v1
-        decode_state(state_module.MAGIC_V1 + v2[len(state_module.MAGIC) :])
+    store.save("client-1", store.load("client-1"))  # the next save writes version 3
+    assert store.path("client-1").read_bytes() == v3
+    with pytest.raises(ValueError, match="data section"):  # a checksummed file is never read as v1
+        decode_state(state_module.MAGIC_V1 + v3[len(state_module.MAGIC) :])
+
+
+@given(states(), st.data())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_version_2_files_are_read_and_verified(state, data):
+    """The CRC-32 format before XXH3: read, checked against its CRC, rewritten as version 3."""
+    v2 = _as_version_2(_file(state))
+    assert _same(decode_state(v2), state)
+    flipped = bytearray(v2)
+    pos = data.draw(st.integers(len(state_module.MAGIC), len(v2) - 1))  # past the magic: still a v2 file
+    flipped[pos] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(ValueError):
+        decode_state(flipped)
+    with pytest.raises(ValueError):  # a v3 file is never read with a v2 trailer, nor the reverse
+        decode_state(state_module.MAGIC + v2[len(state_module.MAGIC_V2) :])
+
+
+def test_a_version_2_file_is_rewritten_as_version_3(tmp_path):
+    state = ClientState(model=torch.arange(6.0), model_version=9, error=torch.ones(6), steps_done=4)
+    store = ClientStateStore(tmp_path, durable=False)
+    store.root.mkdir(exist_ok=True)
+    store.path("client-1").write_bytes(_as_version_2(_file(state)))
+    loaded = store.load("client-1")
+    assert _same(loaded, state)
+    store.save("client-1", loaded)
+    assert store.path("client-1").read_bytes() == _file(state)
 
 
 # ====================================================================== temporary files
@@ -478,3 +511,29 @@ def test_non_durable_save_never_fsyncs(tmp_path, monkeypatch):
     store = ClientStateStore(tmp_path / "run-7", durable=False)
     store.save("client-1", ClientState(model=torch.ones(4)))
     assert [e for e in events if e[0] == "fsync"] == []
+
+
+@given(st.lists(st.binary(max_size=40), max_size=12), st.integers(1, 50))
+@settings(max_examples=80, deadline=None)
+def test_writes_resume_after_short_writes(tmp_path_factory, chunks, most):
+    """``writev`` may write less than asked (signals, pipes, huge files): the rest follows, in order."""
+    real = os.writev
+    calls = []
+
+    def short_writev(fd, buffers):
+        calls.append(len(buffers))
+        if len(calls) > 2000:  # a writer that never advances would loop forever
+            raise AssertionError("writev called 2000 times for at most 480 bytes")
+        data = b"".join(bytes(b) for b in buffers)[:most]
+        return real(fd, [data]) if data else 0
+
+    path = tmp_path_factory.mktemp("short") / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        os.writev = short_writev
+        state_module._write_all(fd, chunks)
+    finally:
+        os.writev = real
+        os.close(fd)
+    assert path.read_bytes() == b"".join(chunks)
+    assert all(n >= 1 for n in calls)
