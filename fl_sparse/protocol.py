@@ -117,9 +117,10 @@ def user_records(content: RecordDict) -> RecordDict:
 
 def array_record(content: RecordDict, key: str, *, what: str = "message") -> ArrayRecord:
     """``content[key]`` as an ArrayRecord, or ProtocolError naming the key."""
-    if key not in content.array_records:
+    record = content[key] if key in content else None  # content.array_records rebuilds a dict per call
+    if not isinstance(record, ArrayRecord):
         raise ProtocolError(f"{what} has no {key!r} ArrayRecord")
-    return content.array_records[key]
+    return record
 
 
 # ------------------------------------------------------------------ fields
@@ -329,9 +330,9 @@ class UplinkMetrics:
 
     @classmethod
     def read(cls, content: RecordDict) -> "UplinkMetrics":
-        if METRICS not in content.metric_records:
+        record = content[METRICS] if METRICS in content else None  # content.metric_records rebuilds a dict
+        if not isinstance(record, MetricRecord):
             raise ProtocolError(f"reply has no {METRICS!r} MetricRecord")
-        record = content.metric_records[METRICS]
         # MetricRecord keeps ints as ints and floats as floats; accept an int where a float is due.
         items = {k: (float(v) if isinstance(v, int) and k != "uplink-bytes" and not isinstance(v, bool) else v) for k, v in record.items()}
         return _from_record(cls, MetricRecord(items), "uplink metrics")

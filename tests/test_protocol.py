@@ -390,3 +390,17 @@ def test_a_generation_that_is_not_a_folder_name_is_refused(generation):
     """The generation names the clients' state folder: nothing that could leave it or break it."""
     with pytest.raises(ProtocolError, match="generation"):
         Instruction(server_round=1, generation=generation)
+
+
+@pytest.mark.parametrize("present", ["absent", "config", "metric"])
+def test_a_record_of_the_wrong_kind_is_named_not_used(present):
+    """A reply whose update (or metrics) key holds another record type is refused as missing."""
+    other = {"absent": None, "config": ConfigRecord({"a": 1}), "metric": MetricRecord({"a": 1})}[present]
+    content = RecordDict({protocol.UPDATE: other, protocol.METRICS: other} if other is not None else {})
+    with pytest.raises(ProtocolError, match=f"reply has no {protocol.UPDATE!r} ArrayRecord"):
+        protocol.array_record(content, protocol.UPDATE, what="reply")
+    if present != "metric":
+        with pytest.raises(ProtocolError, match=f"reply has no {protocol.METRICS!r} MetricRecord"):
+            UplinkMetrics.read(content)
+    good = ArrayRecord()
+    assert protocol.array_record(RecordDict({protocol.UPDATE: good}), protocol.UPDATE) is good

@@ -134,9 +134,9 @@ def apply_sync(
         if state.model is None or state.model_version != instr.model_version:
             raise SyncError(f"server assumes version {instr.model_version}, client holds {state.model_version}")
         return
-    if protocol.SYNC not in content.array_records:
+    record = content[protocol.SYNC] if protocol.SYNC in content else None  # not content.array_records: a copy
+    if not isinstance(record, ArrayRecord):
         raise SyncError(f"sync-mode {mode!r} without a {protocol.SYNC!r} payload")
-    record = content.array_records[protocol.SYNC]
     if mode == "dense":
         state.model = codec.decode_dense(record, numel).clone()
     else:
@@ -499,9 +499,9 @@ def _stored_vote(state: ClientState, vote_round: int) -> torch.Tensor | None:
 
 def _trained_arrays(content: RecordDict, key: str) -> ArrayRecord:
     """The ArrayRecord the train function returned: under ``key``, or its only ArrayRecord."""
+    if key in content and isinstance(content[key], ArrayRecord):
+        return content[key]
     records = content.array_records
-    if key in records:
-        return records[key]
     if len(records) == 1:
         return next(iter(records.values()))
     raise ValueError(

@@ -208,3 +208,17 @@ def test_with_a_dense_sync_the_reset_client_just_trains(tmp_path, monkeypatch):
     assert damage.errors == {}  # the client never refused a message
     store = ClientStateStore(next(tmp_path.glob("gen-*")), durable=False)
     assert [p.read_bytes() for p in store.corrupt_files(f"client-{VICTIM}")] == damage.written
+
+
+def test_a_sync_payload_of_the_wrong_record_type_is_a_sync_error():
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fl_sparse.clients.mod import SyncError, apply_sync
+    from fl_sparse.clients.state import ClientState
+    from fl_sparse.protocol import SYNC, Instruction
+
+    state = ClientState(model=torch.zeros(4), model_version=1)
+    instr = Instruction(server_round=2, sync_mode="delta", base_version=1, model_version=2)
+    with pytest.raises(SyncError, match=f"without a {SYNC!r} payload"):
+        apply_sync(state, instr, RecordDict({SYNC: ConfigRecord({"x": 1})}), 4)
+    assert state.model_version == 1 and torch.equal(state.model, torch.zeros(4))
