@@ -48,7 +48,12 @@ def _device(config: ConfigRecord) -> torch.device:
     name = str(config.get("device", "auto"))
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        # The index tensors report ("cuda:0"): without it every device comparison fails and
+        # local training moves the model (a walk of every module) on each message.
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def local_training(task: ClientTask, config: ConfigRecord, server_round: int, device: torch.device) -> float:
