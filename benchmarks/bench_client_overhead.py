@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,8 +62,15 @@ VARIANTS = ("floor", "plain", "mod")
 PARTS = ("total", "user", "topk", "overhead")
 
 
-def measure(clients: int, rounds: int, variant: str) -> dict[str, list[float]]:
-    """Per-message samples (ms) of rounds 3..: ``{clock/part: [...]}``, clock ``wall`` or ``cpu``."""
+def measure(clients: int, rounds: int, variant: str, folder_kind: str = "simulation") -> dict[str, list[float]]:
+    """Per-message samples (ms) of rounds 3..: ``{clock/part: [...]}``, clock ``wall`` or ``cpu``.
+
+    ``folder_kind``: where the clients keep their state. ``"simulation"``: the folder the
+    strategy names (``client_state_dir``, no fsync), as ``fl-sparse simulate`` runs it: all
+    clients in one folder, model copies shared per version (see :mod:`fl_sparse.clients.state`).
+    ``"own"``: a folder given in each node's config, as on a SuperNode (the mod then keeps
+    every client's model copy in its own state file; fsync off here as well).
+    """
     model = build_model("mlp-784-64-10", num_classes=10, seed=0)
     init = ArrayRecord(model.state_dict())
     shapes = {k: v.shape for k, v in model.state_dict().items()}
@@ -71,7 +79,8 @@ def measure(clients: int, rounds: int, variant: str) -> dict[str, list[float]]:
     clock = {"wall": time.perf_counter, "cpu": time.process_time}
     user = dict.fromkeys(clock, 0.0)
     topk = dict.fromkeys(clock, 0.0)
-    app = ClientApp(mods=[SparseMod(durable=False)] if with_mod else [])
+    own = folder_kind == "own"
+    app = ClientApp(mods=[SparseMod(durable=False) if own else SparseMod()] if with_mod else [])
 
     if variant == "floor":
 
@@ -92,7 +101,7 @@ def measure(clients: int, rounds: int, variant: str) -> dict[str, list[float]]:
             return reply
 
     folder = tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
-    grid = InProcessGrid(app, clients, node_config=lambda i: {"state-dir": folder})
+    grid = InProcessGrid(app, clients, node_config=(lambda i: {"state-dir": folder}) if own else None)
     inner = grid.client_app
     samples: dict[str, list[float]] = {f"{c}/{p}": [] for c in clock for p in PARTS}
     recording = [False]
@@ -124,7 +133,8 @@ def measure(clients: int, rounds: int, variant: str) -> dict[str, list[float]]:
     compressors.TopK.__call__ = timed_topk
     try:
         strategy = BidirectionalTopKSGD(ratio=0.01, fraction_evaluate=0.0, min_train_nodes=clients,
-                                        min_available_nodes=clients)
+                                        min_available_nodes=clients, client_state_dir=None if own else folder,
+                                        client_state_fsync=False)
         strategy.initialize(init)
         if with_mod:
             strategy.identify(grid)
@@ -141,6 +151,7 @@ def measure(clients: int, rounds: int, variant: str) -> dict[str, list[float]]:
                 list(grid.send_and_receive(messages))
     finally:
         compressors.TopK.__call__ = real_call
+        shutil.rmtree(folder, ignore_errors=True)
     return samples
 
 
