@@ -23,7 +23,7 @@ what the work costs, barely moved by other processes on the machine) and ``wall`
 interleaved with this one's runs, and prints both with the ratio.
 
     python benchmarks/bench_client_overhead.py [--clients 10 100] [--rounds 8] [--repeat 3]
-        [--threads 1] [--baseline DIR]
+        [--threads 1] [--baseline DIR] [--state-folder simulation|own]
 
 Not a timed test: numbers depend on the machine (the load is printed).
 """
@@ -155,7 +155,9 @@ def measure(clients: int, rounds: int, variant: str, folder_kind: str = "simulat
     return samples
 
 
-def collect(clients: list[int], rounds: int, repeat: int, baseline: str | None, threads: int) -> dict:
+def collect(
+    clients: list[int], rounds: int, repeat: int, baseline: str | None, threads: int, folder_kind: str = "simulation"
+) -> dict:
     """``{label: {clients: {variant: {clock/part: [samples]}}}}``: label "current" (and "baseline"), runs interleaved."""
     out: dict = {"current": {}}
     if baseline:
@@ -166,19 +168,19 @@ def collect(clients: list[int], rounds: int, repeat: int, baseline: str | None, 
         for _ in range(repeat):
             for label in out:
                 if label == "baseline":
-                    got = _subprocess_run(baseline, n, rounds, threads)
+                    got = _subprocess_run(baseline, n, rounds, threads, folder_kind)
                 else:
-                    got = {v: measure(n, rounds, v) for v in VARIANTS}
+                    got = {v: measure(n, rounds, v, folder_kind) for v in VARIANTS}
                 for v, samples in got.items():
                     for key, values in samples.items():
                         out[label][n][v].setdefault(key, []).extend(values)
     return out
 
 
-def _subprocess_run(root: str, clients: int, rounds: int, threads: int) -> dict:
+def _subprocess_run(root: str, clients: int, rounds: int, threads: int, folder_kind: str) -> dict:
     env = dict(os.environ, FL_SPARSE_BENCH_ROOT=str(Path(root).resolve()))
     cmd = [sys.executable, __file__, "--json", "--clients", str(clients), "--rounds", str(rounds),
-           "--repeat", "1", "--threads", str(threads)]
+           "--repeat", "1", "--threads", str(threads), "--state-folder", folder_kind]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])["current"][str(clients)]
 
@@ -225,17 +227,21 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="interleaved runs per client count, samples pooled")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--baseline", default=None, help="another checkout to measure in the same run")
+    ap.add_argument("--state-folder", choices=["simulation", "own"], default="simulation",
+                    help="simulation: the folder the strategy names, shared model copies (fl-sparse simulate); "
+                         "own: a folder per node config, each state file with its model copy (a SuperNode)")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # raw samples, for --baseline
     args = ap.parse_args(argv)
     FLOWER_LOGGER.setLevel("ERROR")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.json:
-        print(json.dumps(collect(args.clients, args.rounds, args.repeat, None, args.threads)))
+        print(json.dumps(collect(args.clients, args.rounds, args.repeat, None, args.threads, args.state_folder)))
         return 0
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; mlp-784-64-10 (d = 50,890), "
-          f"bidirectional top-K 1 %, {torch.get_num_threads()} torch thread(s), {args.repeat} run(s) per row")
-    results = collect(args.clients, args.rounds, args.repeat, args.baseline, args.threads)
+          f"bidirectional top-K 1 %, {torch.get_num_threads()} torch thread(s), {args.repeat} run(s) per row, "
+          f"state folder: {args.state_folder}")
+    results = collect(args.clients, args.rounds, args.repeat, args.baseline, args.threads, args.state_folder)
     print_tables(results)
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
     return 0
