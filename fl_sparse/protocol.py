@@ -164,9 +164,22 @@ def _from_record(cls, record: ConfigRecord | MetricRecord, what: str):
     return cls(**values)
 
 
-def _to_items(obj) -> dict[str, Any]:
+@functools.lru_cache(maxsize=None)
+def _field_defaults(cls) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+def _to_items(obj, *, skip_defaults: bool = False) -> dict[str, Any]:
+    """The record items of ``obj``; ``skip_defaults``: leave out fields at their default (the reader fills them in)."""
     # Not dataclasses.asdict: it deep-copies every value (the fields are scalars) and cost more than the record.
-    return {key: getattr(obj, name) for key, name, _, _ in _wire_fields(type(obj))}
+    items = {key: getattr(obj, name) for key, name, _, _ in _wire_fields(type(obj))}
+    if skip_defaults:
+        defaults = _field_defaults(type(obj))
+        for key, name, _, has_default in _wire_fields(type(obj)):
+            value, default = items[key], defaults.get(name)
+            if has_default and type(value) is type(default) and value == default:
+                del items[key]
+    return items
 
 
 # ------------------------------------------------------------------ server -> client
@@ -254,7 +267,9 @@ class Instruction:
         return spec
 
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord(_to_items(self))
+        # Fields at their default are left out (a train message of a plain top-K round carries
+        # about 12 of the 25): Flower type-checks every record item, at about 3 us each, on both sides.
+        return ConfigRecord(_to_items(self, skip_defaults=True))
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> "Instruction":

@@ -7,7 +7,7 @@ the offending field, so either side can say why a message was dropped.
 from __future__ import annotations
 
 import math
-from dataclasses import fields, replace
+from dataclasses import MISSING, fields, replace
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -106,16 +106,23 @@ def test_strategies_cover_every_field():
         assert {f.name for f in fields(cls)} == set(covered), f"{cls.__name__} changed: extend the strategies"
 
 
+def _differs(value, default) -> bool:
+    return default is MISSING or type(value) is not type(default) or value != default
+
+
 @settings(max_examples=150, deadline=None)
 @given(instructions)
 def test_instruction_round_trip(instr):
     record = instr.to_record()
     assert isinstance(record, ConfigRecord)
-    assert set(record) == {_key(f.name) for f in fields(Instruction)}
+    # Every field not at its default is on the wire; those at their default are left out.
+    assert set(record) == {_key(f.name) for f in fields(Instruction) if _differs(getattr(instr, f.name), f.default)}
     assert Instruction.from_record(record) == instr
     assert Instruction.from_record(_wire(record)) == instr
     content = RecordDict({protocol.RECORD: _wire(record), "config": ConfigRecord({"lr": 0.1})})
     assert Instruction.read(content) == instr
+    # A server before fields at their default were left out sent every field: still read.
+    assert Instruction.from_record(ConfigRecord(protocol._to_items(instr))) == instr
 
 
 @settings(max_examples=100, deadline=None)
