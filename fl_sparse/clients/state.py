@@ -224,6 +224,9 @@ _DTYPES = {
 }
 
 
+_DTYPE_NAMES = {dt: name for name, dt in _DTYPES.items()}
+
+
 def _tensors(state: ClientState) -> list[tuple[str, torch.Tensor]]:
     named = [("model", state.model), ("error", state.error)]
     named += [(f"extra/{key}", value) for key, value in state.extra.items()]
@@ -233,7 +236,9 @@ def _tensors(state: ClientState) -> list[tuple[str, torch.Tensor]]:
             continue
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"client state entry {name!r} is a {type(tensor).__name__}, not a tensor")
-        out.append((name, tensor.detach().to("cpu").contiguous()))
+        if tensor.device.type != "cpu" or tensor.requires_grad or not tensor.is_contiguous():
+            tensor = tensor.detach().to("cpu").contiguous()  # a save per message: skip three no-op calls
+        out.append((name, tensor))
     return out
 
 
@@ -300,8 +305,8 @@ def encode_state(
         raise ValueError("a state with a model_ref stores no model tensor")
     entries, chunks, offset = [], [], 0
     for name, tensor in _tensors(state):
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        if dtype not in _DTYPES:
+        dtype = _DTYPE_NAMES.get(tensor.dtype)
+        if dtype is None:
             raise TypeError(f"client state entry {name!r} has unsupported dtype {tensor.dtype}")
         pad = -offset % _ALIGN
         if pad:
@@ -309,7 +314,10 @@ def encode_state(
             offset += pad
         entries.append([name, dtype, list(tensor.shape), offset])
         if tensor.numel():
-            chunks.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: its bytes through torch
+                chunks.append(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            else:  # numpy's views are cheaper than torch's
+                chunks.append(memoryview(tensor.numpy()).cast("B"))
             offset += tensor.numel() * tensor.element_size()
     fields_ = {
         "model_version": int(state.model_version),
@@ -685,7 +693,6 @@ class ClientStateStore:
         replaces the old one, then the link to the version this client held
         before is removed and that version's file too if no client links it.
         """
-        self._make_root()
         path = self.path(key)
         held = self._held_hash(path)  # the model version this client holds through a link now
         _CACHE.drop(path)
@@ -711,7 +718,11 @@ class ClientStateStore:
         casts = {"error": str(error_from).removeprefix("torch.")} if error_from is not None else None
         body = ClientState(None if ref else model, state.model_version, error, state.steps_done, dict(state.extra))
         chunks = encode_state(body, model_ref=ref, casts=casts)
-        fd, tmp = _create_temp(path)
+        try:
+            fd, tmp = _create_temp(path)
+        except FileNotFoundError:  # the folder's first save (no stat of it on every save)
+            self._make_root()
+            fd, tmp = _create_temp(path)
         try:
             try:
                 _write_all(fd, chunks)
@@ -892,29 +903,27 @@ class ClientStateStore:
         True if a new link was made, False if the client already had it.
         Raises :class:`_Unlinkable` where hard links do not work.
         """
-        if not self.models.is_dir():
-            self.models.mkdir(parents=True, exist_ok=True)
-            if self.durable:
-                _fsync_dir(self.root)
         link, canonical = self.model_path(key, digest), self.canonical_model_path(digest)
-        if os.path.lexists(link):
-            return False
         for _ in range(_LINK_TRIES):
-            tmp = link.with_name(f"{link.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
             try:
-                os.link(canonical, tmp)
-            except FileNotFoundError:  # no such version yet, or its last holder just removed it
+                # Straight to the client's name: a link is made whole or not at all, so no
+                # temporary name is needed, and one that exists already holds this very version
+                # (names are content hashes; a killed save may have left it).
+                os.link(canonical, link)
+            except FileExistsError:
+                return False
+            except FileNotFoundError:  # no such version yet, its last holder just removed it, or no folder
+                if os.path.lexists(link):  # link(2) looks at the source first: we hold this version already
+                    return False
+                if not self.models.is_dir():
+                    self._make_root()
+                    self.models.mkdir(exist_ok=True)
+                    if self.durable:
+                        _fsync_dir(self.root)
                 self._write_canonical(canonical, flat)
-                continue
-            except FileExistsError:  # a temporary name taken: draw another
                 continue
             except OSError as exc:
                 self._links_unsupported(exc)
-            try:
-                os.replace(tmp, link)  # over nothing, or a link of ours a killed save left
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
             if self.durable:
                 _fsync_dir(self.models)
             return True
