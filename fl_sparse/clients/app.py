@@ -50,8 +50,8 @@ def _device(config: ConfigRecord) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and device.index is None:
-        # The index tensors report ("cuda:0"): without it every device comparison fails and
-        # local training moves the model (a walk of every module) on each message.
+        # Tensors report their device with its index ("cuda:0"), and torch.device("cuda") compares
+        # unequal to it: local training would move the model (a walk of every module) on each message.
         device = torch.device("cuda", torch.cuda.current_device())
     return device
 
