@@ -158,8 +158,14 @@ class ErrorFeedback:
         """``{"numel": int | None, "error": Tensor | None}`` (the tensor is the memory's own; copy it to keep it)."""
         return {"numel": self._numel, "error": self._error}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict` output; the tensor is copied to this memory's device and dtype."""
+    def load_state_dict(self, state: dict[str, Any], *, copy: bool = True) -> None:
+        """Restore from :meth:`state_dict` output; the tensor is copied to this memory's device and dtype.
+
+        ``copy=False``: the memory takes the tensor itself when it already has
+        that device and dtype (the caller hands it over). Safe because the
+        memory never changes its tensor in place: :meth:`compensate` and
+        :meth:`update` make new ones. The caller must not change it either.
+        """
         if not isinstance(state, dict) or "error" not in state or "numel" not in state:
             raise ValueError("state must be a dict with keys 'numel' and 'error'")
         numel, error = state["numel"], state["error"]
@@ -174,7 +180,7 @@ class ErrorFeedback:
             if expected is not None and error.numel() != expected:
                 raise ValueError(f"state['error'] has {error.numel()} entries, expected {expected}")
             device = self._device if self._device is not None else error.device
-            self._error = error.detach().to(device=device, dtype=self._dtype, copy=True)
+            self._error = error.detach().to(device=device, dtype=self._dtype, copy=copy)
             self._device = device
             self._numel = error.numel()
         else:

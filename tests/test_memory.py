@@ -183,3 +183,25 @@ def test_cuda_memory_and_device_mismatch():
     assert torch.equal(sent.to_dense() + mem.error, c)
     with pytest.raises(ValueError, match="cuda|cpu"):
         mem.compensate(torch.randn(1_000))
+
+
+@given(st.integers(1, 200), st.integers(1, 4), st.data())
+@settings(max_examples=60, deadline=None)
+def test_a_handed_over_error_is_shared_and_never_changed(numel, rounds, data):
+    """load_state_dict(copy=False) takes the tensor itself; compensate and update only make new ones."""
+    floats = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+    given_error = torch.tensor(data.draw(st.lists(floats, min_size=numel, max_size=numel)))
+    before = given_error.clone()
+    memory = ErrorFeedback(numel)
+    memory.load_state_dict({"numel": numel, "error": given_error}, copy=False)
+    assert memory.error.data_ptr() == given_error.data_ptr()
+    for _ in range(rounds):
+        step = torch.tensor(data.draw(st.lists(floats, min_size=numel, max_size=numel)))
+        a = memory.compensate(step)
+        k = data.draw(st.integers(0, numel))
+        idx = torch.randperm(numel, generator=torch.Generator().manual_seed(k))[:k].sort().values
+        memory.update(a, SparseTensor(idx, a[idx], numel))
+    assert torch.equal(given_error, before)
+    copied = ErrorFeedback(numel)
+    copied.load_state_dict({"numel": numel, "error": given_error})  # the default copies
+    assert copied.error.data_ptr() != given_error.data_ptr() and torch.equal(copied.error, before)

@@ -177,7 +177,9 @@ def _remember_sent(state: ClientState, sent: SparseTensor, server_round: int) ->
 def _memory(state: ClientState, numel: int, error_feedback: bool) -> ErrorFeedback:
     memory = ErrorFeedback(numel)
     if state.error is not None and error_feedback:
-        memory.load_state_dict({"numel": numel, "error": state.error})
+        # Handed over, not copied: state.error is this message's own (the store's load copies),
+        # and the mod replaces it with the memory's new tensor after compression.
+        memory.load_state_dict({"numel": numel, "error": state.error}, copy=False)
     return memory
 
 
