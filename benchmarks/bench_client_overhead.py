@@ -23,7 +23,7 @@ what the work costs, barely moved by other processes on the machine) and ``wall`
 interleaved with this one's runs, and prints both with the ratio.
 
     python benchmarks/bench_client_overhead.py [--clients 10 100] [--rounds 8] [--repeat 3]
-        [--threads 1] [--baseline DIR] [--state-folder simulation|own]
+        [--threads 1] [--baseline DIR] [--state-folder simulation|own|memory]
 
 Not a timed test: numbers depend on the machine (the load is printed).
 """
@@ -54,6 +54,7 @@ from inprocess import InProcessGrid  # noqa: E402
 
 from fl_sparse import compressors  # noqa: E402
 from fl_sparse.clients import SparseMod  # noqa: E402
+from fl_sparse.clients.state import ClientState, ClientStateStore  # noqa: E402
 from fl_sparse.strategies import BidirectionalTopKSGD  # noqa: E402
 from fl_sparse.tasks.models import build_model  # noqa: E402
 
@@ -70,6 +71,9 @@ def measure(clients: int, rounds: int, variant: str, folder_kind: str = "simulat
     clients in one folder, model copies shared per version (see :mod:`fl_sparse.clients.state`).
     ``"own"``: a folder given in each node's config, as on a SuperNode (the mod then keeps
     every client's model copy in its own state file; fsync off here as well).
+    ``"memory"``: a diagnostic, not a mode of the package: as ``"simulation"``, but the state
+    store's load and save are replaced by a dict in this process (a load still returns copies,
+    as the real one does), so the overhead shows what is left without any file I/O.
     """
     model = build_model("mlp-784-64-10", num_classes=10, seed=0)
     init = ArrayRecord(model.state_dict())
@@ -131,6 +135,22 @@ def measure(clients: int, rounds: int, variant: str, folder_kind: str = "simulat
         return out
 
     compressors.TopK.__call__ = timed_topk
+    real_store = (ClientStateStore.load, ClientStateStore.save)
+    if folder_kind == "memory":
+        held: dict = {}
+
+        def load_from_memory(self, key, *, reset_corrupt=True):
+            st = held.get((str(self.root), key))
+            if st is None:
+                return ClientState()
+            own = lambda t: None if t is None else t.clone()  # noqa: E731
+            return ClientState(own(st.model), st.model_version, own(st.error), st.steps_done,
+                               {k: v.clone() for k, v in st.extra.items()})
+
+        def save_to_memory(self, key, state):
+            held[(str(self.root), key)] = state
+
+        ClientStateStore.load, ClientStateStore.save = load_from_memory, save_to_memory
     try:
         strategy = BidirectionalTopKSGD(ratio=0.01, fraction_evaluate=0.0, min_train_nodes=clients,
                                         min_available_nodes=clients, client_state_dir=None if own else folder,
@@ -151,6 +171,7 @@ def measure(clients: int, rounds: int, variant: str, folder_kind: str = "simulat
                 list(grid.send_and_receive(messages))
     finally:
         compressors.TopK.__call__ = real_call
+        ClientStateStore.load, ClientStateStore.save = real_store
         shutil.rmtree(folder, ignore_errors=True)
     return samples
 
@@ -227,9 +248,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="interleaved runs per client count, samples pooled")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--baseline", default=None, help="another checkout to measure in the same run")
-    ap.add_argument("--state-folder", choices=["simulation", "own"], default="simulation",
+    ap.add_argument("--state-folder", choices=["simulation", "own", "memory"], default="simulation",
                     help="simulation: the folder the strategy names, shared model copies (fl-sparse simulate); "
-                         "own: a folder per node config, each state file with its model copy (a SuperNode)")
+                         "own: a folder per node config, each state file with its model copy (a SuperNode); "
+                         "memory: a diagnostic without file I/O (load and save replaced by a dict)")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # raw samples, for --baseline
     args = ap.parse_args(argv)
     FLOWER_LOGGER.setLevel("ERROR")
