@@ -136,7 +136,6 @@ import re
 import secrets
 import socket
 import struct
-import tempfile
 import threading
 import time
 import zlib
@@ -933,13 +932,14 @@ class ClientStateStore:
 
     def _write_canonical(self, canonical: Path, flat: torch.Tensor) -> None:
         """Write a version file; another writer's (the same bytes, by its name) wins a race."""
-        fd, tmp = tempfile.mkstemp(dir=self.models, prefix=f"{canonical.name}.{_HOST}.{os.getpid()}.", suffix=".tmp")
+        fd, tmp = _create_temp(canonical)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(memoryview(flat.numpy()))
-                fh.flush()
+            try:
+                _write_all(fd, [flat.numpy()])
                 if self.durable:
-                    os.fsync(fh.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             try:
                 os.link(tmp, canonical)  # never os.replace: the clients' links must stay on one file
             except FileExistsError:
