@@ -115,10 +115,16 @@ def user_records(content: RecordDict) -> RecordDict:
     return RecordDict({k: v for k, v in content.items() if not is_protocol_key(k)})
 
 
+def find_array_record(content: RecordDict, key: str) -> ArrayRecord | None:
+    """``content[key]`` if it is an ArrayRecord, else None (not ``content.array_records``: it rebuilds a dict per call)."""
+    record = content[key] if key in content else None
+    return record if isinstance(record, ArrayRecord) else None
+
+
 def array_record(content: RecordDict, key: str, *, what: str = "message") -> ArrayRecord:
     """``content[key]`` as an ArrayRecord, or ProtocolError naming the key."""
-    record = content[key] if key in content else None  # content.array_records rebuilds a dict per call
-    if not isinstance(record, ArrayRecord):
+    record = find_array_record(content, key)
+    if record is None:
         raise ProtocolError(f"{what} has no {key!r} ArrayRecord")
     return record
 
@@ -172,13 +178,13 @@ def _field_defaults(cls) -> dict[str, Any]:
 def _to_items(obj, *, skip_defaults: bool = False) -> dict[str, Any]:
     """The record items of ``obj``; ``skip_defaults``: leave out fields at their default (the reader fills them in)."""
     # Not dataclasses.asdict: it deep-copies every value (the fields are scalars) and cost more than the record.
-    items = {key: getattr(obj, name) for key, name, _, _ in _wire_fields(type(obj))}
-    if skip_defaults:
-        defaults = _field_defaults(type(obj))
-        for key, name, _, has_default in _wire_fields(type(obj)):
-            value, default = items[key], defaults.get(name)
-            if has_default and type(value) is type(default) and value == default:
-                del items[key]
+    defaults = _field_defaults(type(obj)) if skip_defaults else {}
+    items = {}
+    for key, name, _, _ in _wire_fields(type(obj)):
+        value = getattr(obj, name)
+        default = defaults.get(name, MISSING)
+        if not (type(value) is type(default) and value == default):
+            items[key] = value
     return items
 
 

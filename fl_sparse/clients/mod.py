@@ -134,8 +134,8 @@ def apply_sync(
         if state.model is None or state.model_version != instr.model_version:
             raise SyncError(f"server assumes version {instr.model_version}, client holds {state.model_version}")
         return
-    record = content[protocol.SYNC] if protocol.SYNC in content else None  # not content.array_records: a copy
-    if not isinstance(record, ArrayRecord):
+    record = protocol.find_array_record(content, protocol.SYNC)
+    if record is None:
         raise SyncError(f"sync-mode {mode!r} without a {protocol.SYNC!r} payload")
     if mode == "dense":
         state.model = codec.decode_dense(record, numel).clone()
@@ -501,8 +501,9 @@ def _stored_vote(state: ClientState, vote_round: int) -> torch.Tensor | None:
 
 def _trained_arrays(content: RecordDict, key: str) -> ArrayRecord:
     """The ArrayRecord the train function returned: under ``key``, or its only ArrayRecord."""
-    if key in content and isinstance(content[key], ArrayRecord):
-        return content[key]
+    record = protocol.find_array_record(content, key)
+    if record is not None:
+        return record
     records = content.array_records
     if len(records) == 1:
         return next(iter(records.values()))
