@@ -83,6 +83,7 @@ if "FL_SPARSE_CACHE" not in os.environ:  # the data split's disk cache: a throw-
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import bench_topk  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -95,26 +96,12 @@ STRATEGIES = ("fedavg", "bidirectional-topk", "topk")
 MODEL = "cnn-fmnist"
 
 
-def _sync(device: str) -> None:
-    if device != "cpu":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device: str):
-    """``(result, ms)`` of one synchronized call."""
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return out, (time.perf_counter() - start) * 1e3
-
-
 def _median_ms(fn, device: str, repeats: int):
     """``(last result, median ms)`` over ``repeats`` calls after one warm-up."""
     out = fn()
     times = []
     for _ in range(repeats):
-        out, ms = _timed(fn, device)
+        out, ms = bench_topk.timed(fn, device)
         times.append(ms)
     return out, statistics.median(times)
 
@@ -125,8 +112,6 @@ def _title(text: str) -> None:
 
 # ------------------------------------------------------------------ a. top-k
 def part_topk(device: str, sizes, repeats: int) -> bool:
-    import bench_topk
-
     _title(f"a. top-k on {device}: TopK against torch.topk(x.abs(), k), median of {repeats} synchronized runs")
     header = (f"{'d':>11} {'density':>7} {'k':>7} {'torch.topk ms':>13} {'x.abs() ms':>10} "
               f"{'TopK ms':>8} {'speedup':>8} {'vs pass':>8} {'same set':>8}")

@@ -76,16 +76,19 @@ class BusyLoad:
             proc.wait()
 
 
-def _ms(fn, device: str = "cpu") -> float:
-    if device == "cpu":
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    torch.cuda.synchronize()  # nothing queued before the call is counted, everything it queued is
+def timed(fn, device: str = "cpu"):
+    """``(fn(), ms)``; on an accelerator, synchronized so that the call's queued work is counted and nothing before it."""
+    if device != "cpu":
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
+    out = fn()
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return out, (time.perf_counter() - start) * 1e3
+
+
+def _ms(fn, device: str = "cpu") -> float:
+    return timed(fn, device)[1]
 
 
 def bench(d: int, ratio: float, repeats: int, device: str = "cpu") -> dict:
