@@ -207,6 +207,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from fl_sparse.records import wire_array
 from fl_sparse.quantize import FractionalQuantizer, ScaledSign, _as_finite_float32
 from fl_sparse.sparse import SparseTensor
 
@@ -1029,7 +1030,7 @@ def _wire_array(a: np.ndarray) -> Array:
     """A 1-D numpy array as an :class:`Array` holding its raw little-endian bytes."""
     le, name = _little_endian(a.dtype)
     a = np.ascontiguousarray(a.ravel(), dtype=le)
-    return Array(dtype=name, shape=(int(a.size),), stype=STYPE, data=a.tobytes())
+    return wire_array(name, (int(a.size),), STYPE, a.tobytes())
 
 
 def _read_array(record: Mapping, key: str, dtype_name: str, count: int) -> np.ndarray:

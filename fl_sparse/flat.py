@@ -26,6 +26,8 @@ import torch
 import xxhash
 from flwr.app import Array, ArrayRecord
 
+from fl_sparse.records import wire_array
+
 __all__ = ["FlatLayout", "all_finite", "array_to_numpy", "numpy_to_array", "vector_hash"]
 
 # ------------------------------------------------------------ Array <-> numpy
@@ -77,7 +79,7 @@ def numpy_to_array(nd: np.ndarray) -> Array:
         return Array(np.require(nd, requirements="C"))
     header, dtype, shape = _npy_meta(nd.dtype, nd.shape)
     data = b"".join((header, memoryview(nd.reshape(-1)).cast("B")))  # one copy (header + tobytes() made two)
-    return Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=data)
+    return wire_array(dtype, shape, "numpy.ndarray", data)
 
 
 

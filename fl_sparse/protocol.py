@@ -45,6 +45,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fl_sparse.codec import PayloadError
+from fl_sparse.records import config_record, metric_record, record_dict
 
 __all__ = [
     "ProtocolError",
@@ -112,7 +113,7 @@ def is_protocol_key(key: str) -> bool:
 
 def user_records(content: RecordDict) -> RecordDict:
     """A new RecordDict with every record of ``content`` except the protocol's."""
-    return RecordDict({k: v for k, v in content.items() if not is_protocol_key(k)})
+    return record_dict({k: v for k, v in content.items() if not is_protocol_key(k)})
 
 
 def find_array_record(content: RecordDict, key: str) -> ArrayRecord | None:
@@ -275,7 +276,7 @@ class Instruction:
     def to_record(self) -> ConfigRecord:
         # Fields at their default are left out (a train message of a plain top-K round carries
         # about 12 of the 25): Flower type-checks every record item, at about 3 us each, on both sides.
-        return ConfigRecord(_to_items(self, skip_defaults=True))
+        return config_record(_to_items(self, skip_defaults=True))
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> "Instruction":
@@ -312,7 +313,7 @@ class Report:
     vote_base_round: int = -1
 
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord(_to_items(self))
+        return config_record(_to_items(self))
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> "Report":
@@ -347,7 +348,7 @@ class UplinkMetrics:
                 raise ProtocolError(f"metric {f.name.replace('_', '-')!r} must be >= 0, got {value!r}")
 
     def to_record(self) -> MetricRecord:
-        return MetricRecord(_to_items(self))
+        return metric_record(_to_items(self))
 
     @classmethod
     def read(cls, content: RecordDict) -> "UplinkMetrics":
