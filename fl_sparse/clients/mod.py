@@ -72,6 +72,7 @@ from fl_sparse.clients.state import ClientState, ClientStateStore, error_dtype_n
 from fl_sparse.compressors import build_compressor, magnitude_topk_indices
 from fl_sparse.flat import FlatLayout, all_finite, vector_hash
 from fl_sparse.memory import ErrorFeedback
+from fl_sparse.records import record_dict
 from fl_sparse.protocol import Instruction, Report, UplinkMetrics
 from fl_sparse.sparse import SparseTensor
 
@@ -193,6 +194,7 @@ def _memory(state: ClientState, numel: int, error_feedback: bool) -> ErrorFeedba
 # once the layout is read (the state load before it runs on one); the user's train
 # function always runs on the thread count the mod found.
 _ONE_THREAD_MAX_NUMEL = 1 << 18
+_STORES_KEPT = 8
 
 
 @contextlib.contextmanager
@@ -282,6 +284,10 @@ class SparseMod:
         self.durable = durable
         self.share_models = share_models
         self.error_dtype = None if error_dtype is None else error_dtype_name(error_dtype)
+        # The stores this mod has opened, by (folder, durable, share_models, error_dtype): one per
+        # strategy run in practice. Kept, not rebuilt per message (pathlib and the store's own
+        # setup were ~30 us a message); a few runs' worth, the oldest dropped first.
+        self._stores: dict[tuple, ClientStateStore] = {}
 
     def __repr__(self) -> str:
         return f"SparseMod(state_dir={self.state_dir!r})"
@@ -292,12 +298,8 @@ class SparseMod:
         root = own or instr.state_dir or str(DEFAULT_STATE_DIR)
         durable = self.durable if self.durable is not None else (bool(own) or not instr.state_dir or instr.state_fsync)
         share = self.share_models if self.share_models is not None else (not own and bool(instr.state_dir))
-        store = ClientStateStore(
-            Path(str(root)) / state_folder_name(instr, context),
-            durable=durable,
-            share_models=share,
-            error_dtype=self.error_dtype or instr.error_memory_dtype,
-        )
+        store = self._store(str(root), state_folder_name(instr, context), durable, share,
+                            self.error_dtype or instr.error_memory_dtype)
         key = client_key(context)
         session = _Session(store, key, store.load(key))
         reset = session.state.reset_reason
@@ -309,6 +311,19 @@ class SparseMod:
             )
         session.join(instr.generation)
         return session
+
+    def _store(self, root: str, folder: str, durable: bool, share: bool, error_dtype: str) -> ClientStateStore:
+        key = (root, folder, durable, share, error_dtype)
+        store = self._stores.get(key)
+        if store is None:
+            if len(self._stores) >= _STORES_KEPT:
+                del self._stores[next(iter(self._stores))]
+            store = self._stores[key] = ClientStateStore(
+                Path(root) / folder, durable=durable, share_models=share, error_dtype=error_dtype
+            )
+        else:
+            store.sweep_if_due()
+        return store
 
     def _report(self, context: Context, instr: Instruction, state: ClientState | None, **extra) -> ConfigRecord:
         return Report(
@@ -329,8 +344,7 @@ class SparseMod:
         if instr is None:  # not from an fl-sparse strategy
             return call_next(msg, context)
         if instr.phase == protocol.PHASE_IDENTIFY:
-            content = RecordDict({protocol.RECORD: self._report(context, instr, None)})
-            return Message(content=content, reply_to=msg)
+            return Message(content=record_dict({protocol.RECORD: self._report(context, instr, None)}), reply_to=msg)
         user_threads = torch.get_num_threads()
         # The mod's own torch work on one thread for a small model (see _ONE_THREAD_MAX_NUMEL),
         # the user's train function on the user's thread count.
@@ -340,7 +354,7 @@ class SparseMod:
                 content = self._values_phase(session, instr, msg.content)
                 content[protocol.RECORD] = self._report(context, instr, session.state)
                 session.save()
-                return Message(content=content, reply_to=msg)
+                return Message(content=record_dict(content), reply_to=msg)
 
             state = session.state
             layout = session.layout(instr)
@@ -384,10 +398,8 @@ class SparseMod:
                         f"the train function returned non-finite values in array {layout.name_at(first)!r}"
                     )
 
-                content = RecordDict()
-                for key, record in user_reply.content.items():
-                    if key != instr.arrays_key:
-                        content[key] = record
+                # The reply's records, as a plain dict until the Message is built (records.record_dict).
+                content = {key: record for key, record in user_reply.content.items() if key != instr.arrays_key}
                 memory = _memory(state, numel, instr.error_feedback)
                 if instr.phase == protocol.PHASE_VOTE:
                     extra = self._vote_phase(state, memory, step, instr, content, segments)
@@ -399,11 +411,11 @@ class SparseMod:
                 content[protocol.RECORD] = self._report(context, instr, state, model_hash=model_hash, **extra)
                 state.steps_done += 1  # rounds this client has trained
                 session.save()
-        return Message(content=content, reply_to=msg)
+        return Message(content=record_dict(content), reply_to=msg)
 
     # ------------------------------------------------------------ phases
     def _train_phase(
-        self, state, memory, step, instr: Instruction, content: RecordDict, partition_id: int, segments: tuple[int, ...]
+        self, state, memory, step, instr: Instruction, content: dict, partition_id: int, segments: tuple[int, ...]
     ) -> None:
         """[ZDL] Algorithm 1/2, worker side: error-compensated compression of Δ."""
         compressor = build_compressor(**instr.uplink_spec())
@@ -427,7 +439,7 @@ class SparseMod:
             content[protocol.DIAGNOSTICS] = ArrayRecord({"a": result.compensated, "step": step})
 
     def _vote_phase(
-        self, state, memory, step, instr: Instruction, content: RecordDict, segments: tuple[int, ...]
+        self, state, memory, step, instr: Instruction, content: dict, segments: tuple[int, ...]
     ) -> dict:
         """[OOG] Alg. 1 l. 9-10 / Alg. 2 l. 11-15: vote with supp Top_K(a), or its changes; keep a."""
         numel = step.numel()
@@ -457,7 +469,7 @@ class SparseMod:
         state.extra[_A_ROUND] = torch.tensor(instr.server_round)
         return report
 
-    def _values_phase(self, session: _Session, instr: Instruction, content_in: RecordDict) -> RecordDict:
+    def _values_phase(self, session: _Session, instr: Instruction, content_in: RecordDict) -> dict:
         """[OOG] Alg. 1: send a on the common mask M_t; e ← a − Q(a[M_t])."""
         state = session.state
         if _A not in state.extra or int(state.extra[_A_ROUND]) != instr.server_round:
@@ -476,17 +488,15 @@ class SparseMod:
         state.error = memory.error
         _remember_sent(state, sent, instr.server_round)
         state.extra[_MASK], state.extra[_MASK_ROUND] = mask, torch.tensor(instr.server_round)
-        return RecordDict(
-            {
-                protocol.UPDATE: record,
-                protocol.METRICS: UplinkMetrics(
-                    uplink_bytes=codec.wire_size(record).total_bytes,
-                    density=mask.numel() / numel if numel else 0.0,
-                    error_norm=memory.norm(),
-                    compression_error=memory.norm() ** 2,
-                ).to_record(),
-            }
-        )
+        return {
+            protocol.UPDATE: record,
+            protocol.METRICS: UplinkMetrics(
+                uplink_bytes=codec.wire_size(record).total_bytes,
+                density=mask.numel() / numel if numel else 0.0,
+                error_norm=memory.norm(),
+                compression_error=memory.norm() ** 2,
+            ).to_record(),
+        }
 
 
 def _stored_vote(state: ClientState, vote_round: int) -> torch.Tensor | None:

@@ -446,13 +446,113 @@ def test_a_save_killed_before_its_rename_leaves_the_old_state_and_no_temp_file(t
         assert proc.stdout.readline().strip() == "written"  # the temporary file is complete, the rename hangs
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        # Each killed saver's store removed its dead predecessor's file when it opened the folder.
+        # Each killed saver's store removed its dead predecessor's files when it opened the folder
+        # (the new state, and the name it gave the file it was replacing, the next spare).
         left = list(tmp_path.glob("*.tmp"))
-        assert [p.name.split(".")[-3] for p in left] == [str(proc.pid)], left
+        assert left and {p.name.split(".")[-3] for p in left} == {str(proc.pid)}, left
     reopened = _reopen(tmp_path)  # the next process on this folder
     assert list(tmp_path.glob("*.tmp")) == []
     state_module._CACHE.drop(reopened.path("client-1"))
     assert _same(reopened.load("client-1"), state)
+
+
+# ====================================================================== the spare: in-place rewrites
+def _state(version: int, numel: int = 1000, seed: int = 0) -> ClientState:
+    gen = torch.Generator().manual_seed(seed)
+    return ClientState(model=torch.randn(numel, generator=gen), model_version=version,
+                       error=torch.randn(numel, generator=gen), steps_done=version)
+
+
+def test_the_third_save_rewrites_the_first_saves_file_in_place(tmp_path):
+    store = ClientStateStore(tmp_path, durable=False)
+    path = store.path("client-1")
+    spare = tmp_path / f"client-1.state{state_module.SPARE_SUFFIX}"
+    store.save("client-1", _state(1))
+    first = os.stat(path).st_ino
+    assert not spare.exists()  # nothing replaced yet
+    store.save("client-1", _state(2, seed=2))
+    assert os.stat(spare).st_ino == first and os.stat(path).st_ino != first
+    store.save("client-1", _state(3, seed=3))
+    assert os.stat(path).st_ino == first  # the spare, rewritten, is the state file again
+    state_module._CACHE.drop(path)
+    assert _same(store.load("client-1"), _state(3, seed=3))
+    assert list(tmp_path.glob("*.tmp")) == []
+
+
+def test_a_spare_from_a_larger_state_keeps_no_stale_tail(tmp_path):
+    store = ClientStateStore(tmp_path, durable=False)
+    for version, numel in enumerate([5000, 5000, 10, 7, 3000, 1], start=1):
+        store.save("client-1", _state(version, numel, seed=version))
+        path = store.path("client-1")
+        assert os.stat(path).st_size == sum(len(bytes(c)) for c in encode_state(_state(version, numel, seed=version)))
+        state_module._CACHE.drop(path)
+        assert _same(store.load("client-1", reset_corrupt=False), _state(version, numel, seed=version))
+
+
+def test_states_above_the_spare_limit_get_no_spare(tmp_path, monkeypatch):
+    monkeypatch.setattr(state_module, "SPARE_MAX_BYTES", 1000)
+    store = ClientStateStore(tmp_path, durable=False)
+    for version in range(1, 4):
+        store.save("client-1", _state(version, 1000))  # about 8 kB
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["client-1.state"]
+    state_module._CACHE.drop(store.path("client-1"))
+    assert _same(store.load("client-1"), _state(3, 1000))
+
+
+def test_a_spare_swept_away_during_the_save_is_written_anew(tmp_path, monkeypatch):
+    store = ClientStateStore(tmp_path, durable=False)
+    for version in (1, 2):
+        store.save("client-1", _state(version, seed=version))
+    real_claim, taken = state_module._claim_spare, []
+
+    def claim_then_lose_it(spare, path):
+        fd, tmp = real_claim(spare, path)
+        if fd is not None:
+            os.unlink(tmp)  # what another process's sweep does to a temporary file it judges stale
+            taken.append(tmp)
+        return fd, tmp
+
+    monkeypatch.setattr(state_module, "_claim_spare", claim_then_lose_it)
+    store.save("client-1", _state(3, seed=3))
+    assert taken  # the spare was claimed, and lost
+    state_module._CACHE.drop(store.path("client-1"))
+    assert _same(store.load("client-1", reset_corrupt=False), _state(3, seed=3))
+    assert list(tmp_path.glob("*.tmp")) == []
+
+
+def test_delete_removes_the_spare_too(tmp_path):
+    store = ClientStateStore(tmp_path, durable=False)
+    for version in (1, 2):
+        store.save("client-1", _state(version))
+    store.delete("client-1")
+    assert list(tmp_path.iterdir()) == []
+
+
+_TWO_SAVES = """
+import sys, torch
+from fl_sparse.clients import state as s
+store = s.ClientStateStore(sys.argv[1], durable=False)
+for version in (2, 3):
+    gen = torch.Generator().manual_seed(version)
+    store.save("client-1", s.ClientState(model=torch.randn(1000, generator=gen), model_version=version,
+                                         error=torch.randn(1000, generator=gen), steps_done=version))
+"""
+
+
+def test_a_cached_state_is_not_taken_for_another_processs_rewrite_of_its_inode(tmp_path):
+    """Inode, size and (on a coarse clock) mtime can all repeat when a spare is rewritten: the digest tells."""
+    store = ClientStateStore(tmp_path, durable=False)
+    store.save("client-1", _state(1, seed=1))  # this process caches it
+    path = store.path("client-1")
+    before = os.stat(path)
+    subprocess.run([sys.executable, "-c", _TWO_SAVES, str(tmp_path)], check=True)
+    after = os.stat(path)
+    assert after.st_ino == before.st_ino and after.st_size == before.st_size  # the spare came back
+    os.utime(path, ns=(after.st_atime_ns, before.st_mtime_ns))  # a clock too coarse to tell the two writes apart
+    assert state_module._signature(os.stat(path)) == state_module._signature(before)
+    loaded = store.load("client-1", reset_corrupt=False)
+    gen = torch.Generator().manual_seed(3)
+    assert loaded.model_version == 3 and torch.equal(loaded.model, torch.randn(1000, generator=gen))
 
 
 # ====================================================================== durability

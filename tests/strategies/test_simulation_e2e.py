@@ -120,7 +120,8 @@ def test_clients_keep_state_in_the_servers_temporary_folder_which_is_removed(tmp
     rows = simulate(cfg)
     assert len(rows) == 2
     assert len(made) == 1 and Path(made[0]).parent == tmp_path
-    assert seen == ["client-0.state", "client-1.state", "models"]  # models/: the shared model copies
+    # models/: the shared model copies; .spare: each client's state file before last, rewritten in place next time
+    assert seen == ["client-0.state", "client-0.state.spare", "client-1.state", "client-1.state.spare", "models"]
     assert not Path(made[0]).exists()
 
 
