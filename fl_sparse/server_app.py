@@ -455,7 +455,8 @@ def simulation_state_dir(numel: int, clients: int, shm: str = "/dev/shm") -> str
     """A new temporary folder for the clients' state files; in RAM when there is room.
 
     Every client saves its state (model copy and error memory: about
-    ``8 * numel`` bytes) after every message. On ``/dev/shm`` (tmpfs) creating
+    ``8 * numel`` bytes, plus a spare copy of the error memory where it is at
+    most :data:`fl_sparse.clients.state.SPARE_MAX_BYTES`) after every message. On ``/dev/shm`` (tmpfs) creating
     and renaming those files costs a fraction of what it costs on a disk
     filesystem, which shows at MLP size where the save is a good part of a
     client's work. The folder goes there only if the states of all
@@ -463,7 +464,11 @@ def simulation_state_dir(numel: int, clients: int, shm: str = "/dev/shm") -> str
     object store, which lives there too. Otherwise (ResNet-18 x 100 clients
     needs ~9 GB) it goes to the system's temporary folder on disk.
     """
-    need = 8 * int(numel) * int(clients) + 2**20
+    from fl_sparse.clients.state import SPARE_MAX_BYTES
+
+    error_bytes = 4 * int(numel)
+    per_client = 2 * error_bytes + (error_bytes if error_bytes <= SPARE_MAX_BYTES else 0)
+    need = per_client * int(clients) + 2**20
     try:
         if os.path.isdir(shm) and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= 4 * need:
             return tempfile.mkdtemp(prefix="fl-sparse-state-", dir=shm)

@@ -22,6 +22,12 @@ def test_state_dir_goes_to_ram_only_when_all_states_fit_in_a_quarter(tmp_path, m
     too_big = simulation_state_dir(numel=11_173_962, clients=100, shm=str(shm))
     assert Path(too_big).parent == Path(tempfile.gettempdir())
     os.rmdir(too_big)
+    # 1,000 clients x 200,000 entries: 1.6 GB of model and error, 2.4 GB with the error's spare
+    # (states this small keep one): a quarter of 8 GiB holds the first, not the second.
+    free = 8 * 2**30
+    with_spares = simulation_state_dir(numel=200_000, clients=1000, shm=str(shm))
+    assert Path(with_spares).parent == Path(tempfile.gettempdir())
+    os.rmdir(with_spares)
     missing = simulation_state_dir(numel=10, clients=1, shm=str(tmp_path / "no-such-dir"))
     assert Path(missing).parent == Path(tempfile.gettempdir())
     os.rmdir(missing)

@@ -713,8 +713,12 @@ class ClientStateStore:
         """The model store's own name for version ``digest`` (what new clients link to)."""
         return self.models / f"{digest}.model"
 
-    def load(self, key: str, *, reset_corrupt: bool = True) -> ClientState:
+    def load(self, key: str, *, reset_corrupt: bool = True, shared: bool = False) -> ClientState:
         """The stored state, or a fresh one if there is none yet.
+
+        Its tensors are the caller's own copies, or with ``shared=True`` possibly
+        the cache's own (no copy): the caller must then replace them, never change
+        one in place, or the next load in this process would see the change.
 
         A file that cannot be used (torn, checksum mismatch, foreign, an I/O
         error; a shared model copy that is missing or whose bytes do not hash
@@ -765,7 +769,7 @@ class ClientStateStore:
             except ValueError as exc:
                 reason = str(exc)
         if reason is None:
-            return _materialize(stored, model, fresh)
+            return _materialize(stored, model, fresh=fresh or shared, shared_model=shared)
         _CACHE.drop(path)
         if not reset_corrupt:
             raise StateCorruptError(f"cannot read client state {path}: {reason}")
@@ -891,6 +895,20 @@ class ClientStateStore:
                 except OSError:
                     pass
         return written
+
+    def shared_model(self, digest: str, numel: int) -> torch.Tensor | None:
+        """Model version ``digest`` as a flat float32 vector of ``numel``, if this process holds it.
+
+        Only with ``share_models``: the per-process cache keeps each version this
+        process has saved or read, by its hash. The tensor is the cache's own:
+        read it, never change it (a save of a state holding it is fine).
+        """
+        if not self.share_models or not digest:
+            return None
+        cached = _CACHE.get((self._models_key, digest), None)
+        if cached is None or cached.numel() != 4 * numel:
+            return None
+        return cached.view(torch.float32)
 
     def _spare_path(self, key: str) -> str:
         return f"{self.path(key)}{SPARE_SUFFIX}"
@@ -1272,14 +1290,18 @@ class _Stored:
     trailer: bytes | None = None  # the file's last 8 bytes (its XXH3) when this process wrote it
 
 
-def _materialize(stored: _Stored, model: torch.Tensor | None, fresh: bool) -> ClientState:
-    """The state a load returns: the caller's own tensors (``fresh``: ``stored`` is nobody else's)."""
+def _materialize(stored: _Stored, model: torch.Tensor | None, *, fresh: bool, shared_model: bool = False) -> ClientState:
+    """The state a load returns: copies of the cached tensors, or (``fresh``) the tensors themselves.
+
+    ``model``: the model store's version bytes (the cache's, shared by every client
+    holding that version), copied unless ``shared_model``.
+    """
     def own(t):
         return t if fresh or not isinstance(t, torch.Tensor) else t.clone()
 
     st = stored.state
     if stored.ref is not None:
-        out_model = model.clone().view(stored.ref.dtype).reshape(stored.ref.shape)
+        out_model = (model if shared_model else model.clone()).view(stored.ref.dtype).reshape(stored.ref.shape)
     else:
         out_model = own(st.model)
     if stored.error_from is not None and st.error is not None:

@@ -302,6 +302,31 @@ def test_delta_and_set_syncs_reproduce_the_servers_model_bit_for_bit(server, tmp
     assert client.stored().model_version == 3
 
 
+def test_a_client_takes_the_version_another_client_in_its_process_synced_to(server, tmp_path, monkeypatch):
+    """Shared model store (the simulation's): the second client's sync is not decoded again, the result is the same."""
+    clients = [Client(tmp_path, pid=p, mod=SparseMod(share_models=True, durable=False)) for p in (1, 2, 3)]
+    for c in clients:
+        c.send(server.message(1, sync_mode="dense"))
+    delta = server.subtract(SparseTensor(torch.tensor([0, 7, 30]), torch.tensor([0.5, -0.25, 0.125]), D))
+    decoded, real_decode = [], codec.decode
+    monkeypatch.setattr(codec, "decode", lambda record, *a, **k: decoded.append(record) or real_decode(record, *a, **k))
+    for c in clients[:2]:
+        reply = c.send(server.message(2, sync_mode="delta", sync=delta, base_version=0, accepted_round=1))
+        assert_bitwise(flat(c.train.received[-1].content["arrays"]), server.w)
+        assert Report.read(reply.content).model_hash == vector_hash(server.w)
+    assert sum(record is delta for record in decoded) == 1  # the first client decoded it, the second took its copy
+    # A client that does not hold the sync's base version is refused as before, though the target is at hand.
+    w1 = server.w.clone()
+    delta2 = server.subtract(SparseTensor(torch.tensor([3]), torch.tensor([1.0]), D))
+    clients[0].send(server.message(3, sync_mode="delta", sync=delta2, base_version=1, accepted_round=2))
+    with pytest.raises(SyncError, match="version 1, client holds 0"):
+        clients[2].send(server.message(3, sync_mode="delta", sync=delta2, base_version=1, accepted_round=1))
+    # The shared copies were only read: each version still hashes to its name.
+    store = ClientStateStore(tmp_path / f"run-{RUN_ID}", share_models=True)
+    for w in (w1, server.w):
+        assert vector_hash(store.shared_model(vector_hash(w), D)) == vector_hash(w)
+
+
 def test_a_sync_from_the_wrong_base_version_raises_and_changes_nothing(server, client):
     client.send(server.message(1, sync_mode="dense"))  # the client holds version 0
     w0 = server.w.clone()
@@ -580,6 +605,27 @@ def test_a_failed_message_leaves_the_state_for_a_retry(server, tmp_path):
         client.mod(server.message(2, accepted_round=1), client.context, bad)
     reply = client.send(server.message(2, accepted_round=1, uplink=IDENTITY))
     assert_bitwise(sent_update(reply).to_dense(), good.last_step(server.w) + e1)
+
+
+@pytest.mark.parametrize("share_models", [False, True])
+def test_a_failed_message_changes_nothing_the_store_caches(server, tmp_path, share_models):
+    """The mod loads its state shared with the store's cache: a sync, a restored update or a failing
+    train function must leave the cached state exactly as the file is (it replaces tensors, never edits one)."""
+    bad = _bad_train(BAD_ARRAYS["wrong shape"][1])
+    client = Client(tmp_path, mod=SparseMod(share_models=share_models, durable=False))
+    client.send(server.message(1, sync_mode="dense"))  # leaves a pending update
+    delta = server.subtract(SparseTensor(torch.tensor([1, 9]), torch.tensor([0.5, -2.0]), D))
+    with pytest.raises(ValueError):  # after the delta sync and the put-back of round 1's unaccepted update
+        client.mod(server.message(2, sync_mode="delta", sync=delta, base_version=0, accepted_round=-1), client.context, bad)
+    store = ClientStateStore(tmp_path / f"run-{RUN_ID}", share_models=share_models)
+    cached = store.load(client_key(client.context))
+    state_module._CACHE.clear()
+    from_file = store.load(client_key(client.context))
+    assert cached.model_version == from_file.model_version == 0
+    assert_bitwise(cached.model, from_file.model)
+    assert_bitwise(cached.error, from_file.error)
+    assert cached.extra.keys() == from_file.extra.keys()
+    assert all(torch.equal(cached.extra[k], from_file.extra[k]) for k in cached.extra)
 
 
 def test_an_error_reply_from_the_user_passes_through_and_saves_nothing(server, tmp_path):

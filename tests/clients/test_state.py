@@ -528,6 +528,19 @@ def test_delete_removes_the_spare_too(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("share_models", [False, True])
+def test_a_shared_load_hands_out_the_cached_tensors_and_a_plain_load_copies(tmp_path, share_models):
+    store = ClientStateStore(tmp_path, durable=False, share_models=share_models)
+    store.save("client-1", _state(1))
+    one, two = store.load("client-1", shared=True), store.load("client-1", shared=True)
+    assert one.model.data_ptr() == two.model.data_ptr() and one.error.data_ptr() == two.error.data_ptr()
+    mine = store.load("client-1")
+    assert mine.model.data_ptr() != one.model.data_ptr() and mine.error.data_ptr() != one.error.data_ptr()
+    mine.model.add_(1.0)
+    mine.error.zero_()
+    assert _same(store.load("client-1"), _state(1))  # a plain load's tensors are the caller's to change
+
+
 _TWO_SAVES = """
 import sys, torch
 from fl_sparse.clients import state as s
