@@ -72,8 +72,8 @@ from fl_sparse.clients.state import ClientState, ClientStateStore, error_dtype_n
 from fl_sparse.compressors import build_compressor, magnitude_topk_indices
 from fl_sparse.flat import FlatLayout, all_finite, vector_hash
 from fl_sparse.memory import ErrorFeedback
-from fl_sparse.records import record_dict
 from fl_sparse.protocol import Instruction, Report, UplinkMetrics
+from fl_sparse.records import record_dict
 from fl_sparse.sparse import SparseTensor
 
 __all__ = ["SparseMod", "SyncError", "client_key", "state_folder_name", "client_generator_seed", "DEFAULT_STATE_DIR"]

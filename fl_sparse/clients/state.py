@@ -24,7 +24,7 @@ torn file. A store for a throw-away folder (the simulation's temporary state
 dir) may skip the fsyncs (``durable=False``): still atomic, just not flushed
 to the disk.
 
-**The spare** (``<name>.state.spare``, states up to :data:`SPARE_MAX_BYTES`):
+**The spare** (``<name>.state.spare``; POSIX, states up to :data:`SPARE_MAX_BYTES`):
 the state file a save replaces is kept under that name, and the next save
 writes into it in place instead of into a new file, then renames it over the
 state file as usual. On tmpfs a new 200 kB file costs about 150 us to
@@ -573,8 +573,6 @@ class _SpareLost(OSError):
 
 def _claim_spare(spare: str, path: Path) -> tuple[int | None, str | None]:
     """Take the spare for this save: renamed to a temporary name first, so one save gets it."""
-    if os.name != "posix":
-        return None, None
     tmp = _temp_name(path)
     try:
         os.rename(spare, tmp)
@@ -814,7 +812,7 @@ class ClientStateStore:
         body = ClientState(None if ref else model, state.model_version, error, state.steps_done, dict(state.extra))
         chunks = encode_state(body, model_ref=ref, casts=casts)
         size = sum(len(c) if isinstance(c, bytes) else c.nbytes for c in chunks)
-        spare = self._spare_path(key) if size <= SPARE_MAX_BYTES else None
+        spare = self._spare_path(key) if size <= SPARE_MAX_BYTES and os.name == "posix" else None
         try:
             try:
                 written = self._write_file(path, spare, chunks, size)
