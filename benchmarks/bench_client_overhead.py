@@ -72,8 +72,10 @@ def measure(clients: int, rounds: int, variant: str, folder_kind: str = "simulat
     ``"own"``: a folder given in each node's config, as on a SuperNode (the mod then keeps
     every client's model copy in its own state file; fsync off here as well).
     ``"memory"``: a diagnostic, not a mode of the package: as ``"simulation"``, but the state
-    store's load and save are replaced by a dict in this process (a load still returns copies,
-    as the real one does), so the overhead shows what is left without any file I/O.
+    store's load and save are replaced by a dict in this process (a load returns copies unless
+    the caller asks for shared tensors, as the real one does; no model versions are cached, so
+    the mod's shortcut to a version another client synced to does not apply), so the overhead
+    shows what is left without any file I/O.
     """
     model = build_model("mlp-784-64-10", num_classes=10, seed=0)
     init = ArrayRecord(model.state_dict())
@@ -139,13 +141,13 @@ def measure(clients: int, rounds: int, variant: str, folder_kind: str = "simulat
     if folder_kind == "memory":
         held: dict = {}
 
-        def load_from_memory(self, key, *, reset_corrupt=True):
+        def load_from_memory(self, key, *, reset_corrupt=True, shared=False):
             st = held.get((str(self.root), key))
             if st is None:
                 return ClientState()
-            own = lambda t: None if t is None else t.clone()  # noqa: E731
+            own = lambda t: t if shared or t is None else t.clone()  # noqa: E731  (as the real store)
             return ClientState(own(st.model), st.model_version, own(st.error), st.steps_done,
-                               {k: v.clone() for k, v in st.extra.items()})
+                               {k: own(v) for k, v in st.extra.items()})
 
         def save_to_memory(self, key, state):
             held[(str(self.root), key)] = state
