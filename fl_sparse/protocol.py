@@ -116,10 +116,19 @@ def user_records(content: RecordDict) -> RecordDict:
     return record_dict({k: v for k, v in content.items() if not is_protocol_key(k)})
 
 
-def find_array_record(content: RecordDict, key: str) -> ArrayRecord | None:
-    """``content[key]`` if it is an ArrayRecord, else None (not ``content.array_records``: it rebuilds a dict per call)."""
+def _find_record(content: RecordDict, key: str, kind: type):
+    """``content[key]`` if it is a ``kind`` record, else None.
+
+    Not ``content.array_records`` / ``config_records`` / ``metric_records``: each rebuilds a
+    dict of the message's records per call (~8 us).
+    """
     record = content[key] if key in content else None
-    return record if isinstance(record, ArrayRecord) else None
+    return record if isinstance(record, kind) else None
+
+
+def find_array_record(content: RecordDict, key: str) -> ArrayRecord | None:
+    """``content[key]`` if it is an ArrayRecord, else None."""
+    return _find_record(content, key, ArrayRecord)
 
 
 def array_record(content: RecordDict, key: str, *, what: str = "message") -> ArrayRecord:
@@ -285,10 +294,8 @@ class Instruction:
     @classmethod
     def read(cls, content: RecordDict) -> "Instruction | None":
         """The instruction in ``content``, or None if it is not an fl-sparse message."""
-        record = content[RECORD] if RECORD in content else None  # content.config_records costs ~8 us a call
-        if not isinstance(record, ConfigRecord):
-            return None
-        return cls.from_record(record)
+        record = _find_record(content, RECORD, ConfigRecord)
+        return None if record is None else cls.from_record(record)
 
 
 # ------------------------------------------------------------------ client -> server
@@ -321,8 +328,8 @@ class Report:
 
     @classmethod
     def read(cls, content: RecordDict) -> "Report":
-        record = content[RECORD] if RECORD in content else None  # content.config_records costs ~8 us a call
-        if not isinstance(record, ConfigRecord):
+        record = _find_record(content, RECORD, ConfigRecord)
+        if record is None:
             raise ProtocolError(f"reply has no {RECORD!r} ConfigRecord (is SparseMod in the ClientApp's mods?)")
         return cls.from_record(record)
 
@@ -352,8 +359,8 @@ class UplinkMetrics:
 
     @classmethod
     def read(cls, content: RecordDict) -> "UplinkMetrics":
-        record = content[METRICS] if METRICS in content else None  # content.metric_records rebuilds a dict
-        if not isinstance(record, MetricRecord):
+        record = _find_record(content, METRICS, MetricRecord)
+        if record is None:
             raise ProtocolError(f"reply has no {METRICS!r} MetricRecord")
         # MetricRecord keeps ints as ints and floats as floats; accept an int where a float is due.
         items = {k: (float(v) if isinstance(v, int) and k != "uplink-bytes" and not isinstance(v, bool) else v) for k, v in record.items()}
