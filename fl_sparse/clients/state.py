@@ -543,14 +543,15 @@ class _BadModel(ValueError):
 
 
 def _create_temp(path: Path) -> tuple[int, str]:
-    """A new temporary file beside ``path`` (named for the stale-file sweep): ``(fd, name)``.
+    """A new temporary file beside ``path`` (named by :func:`_temp_name`): ``(fd, name)``.
 
     What ``tempfile.mkstemp`` does (``O_EXCL``, mode 0600), without its name
     generator and path juggling (36 us a save at MLP size, most of it Python).
+    A name taken already (a dead process's, with this pid) is skipped.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     for _ in range(100):
-        tmp = f"{path}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        tmp = _temp_name(path)
         try:
             return os.open(tmp, flags, 0o600), tmp
         except FileExistsError:
@@ -561,8 +562,8 @@ def _create_temp(path: Path) -> tuple[int, str]:
 def _temp_name(path: Path) -> str:
     """A temporary name beside ``path`` that no other live process uses (host, pid, a counter).
 
-    The pattern :func:`_create_temp` uses, which the stale-file sweep knows; a counter
-    instead of its random part (``secrets`` costs ~4 us a call).
+    The pattern the stale-file sweep knows (``_TMP``); a counter, not random bytes
+    (``secrets`` costs ~4 us a call).
     """
     return f"{path}.{_HOST}.{os.getpid()}.{next(_TEMP_COUNTER):x}.tmp"
 
