@@ -59,6 +59,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_sparse import checkpoint
 from fl_sparse.checkpoint import CheckpointError
+from fl_sparse.clients.state import SPARE_MAX_BYTES
 from fl_sparse.flat import FlatLayout
 from fl_sparse.strategies import STRATEGY_NAMES, build_strategy
 
@@ -464,8 +465,6 @@ def simulation_state_dir(numel: int, clients: int, shm: str = "/dev/shm") -> str
     object store, which lives there too. Otherwise (ResNet-18 x 100 clients
     needs ~9 GB) it goes to the system's temporary folder on disk.
     """
-    from fl_sparse.clients.state import SPARE_MAX_BYTES
-
     error_bytes = 4 * int(numel)
     per_client = 2 * error_bytes + (error_bytes if error_bytes <= SPARE_MAX_BYTES else 0)
     need = per_client * int(clients) + 2**20
