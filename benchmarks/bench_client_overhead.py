@@ -149,7 +149,7 @@ def measure(clients: int, rounds: int, variant: str, folder_kind: str = "simulat
             return ClientState(own(st.model), st.model_version, own(st.error), st.steps_done,
                                {k: own(v) for k, v in st.extra.items()})
 
-        def save_to_memory(self, key, state):
+        def save_to_memory(self, key, state, *, model_hash=None):
             held[(str(self.root), key)] = state
 
         ClientStateStore.load, ClientStateStore.save = load_from_memory, save_to_memory

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from fl_sparse.compressors import adaptive_k_schedule, adaptive_k_t_hat, hard_threshold_for_topk
-from fl_sparse.memory import ErrorFeedback
+from fl_sparse.memory import ErrorFeedback, shares_memory
 from fl_sparse.sparse import SparseTensor
 
 __all__ = [
@@ -69,7 +69,7 @@ def _exact(sparse: SparseTensor) -> SparseTensor:
 class ClientStep:
     """One client round: ``a = e + Δ``, ``s = C(a)``, ``sent = Q(s)``, ``e ← a − sent``."""
 
-    compensated: torch.Tensor  # a
+    compensated: torch.Tensor | None  # a (None after an in-place round: its memory holds e now)
     compressed: SparseTensor  # C(a): what to encode (the value code applies Q)
     sent: SparseTensor  # Q(C(a)): exactly what the server will decode
     compression_error: float  # ‖a − sent‖², the round's error (hard-threshold paper's "total error" term)
@@ -81,6 +81,8 @@ def client_compress(
     memory: ErrorFeedback,
     compress: Callable[[torch.Tensor], SparseTensor],
     quantize: Quantize = _exact,
+    *,
+    in_place: bool = False,
 ) -> ClientStep:
     """Worker side of [ZDL] Algorithm 1 (and 2): error-compensated compression.
 
@@ -92,13 +94,19 @@ def client_compress(
 
     ``memory`` holds ``e`` and is updated in place (a zero memory turns this
     into plain compression: no error feedback).
+
+    ``in_place=True``: the caller gives ``step`` up, and ``a`` and then the new
+    ``e`` are computed in its memory, so the round allocates no dense vector
+    (``ClientStep.compensated`` is then None).
     """
-    a = memory.compensate(step)
+    a = memory.compensate(step, out=step if in_place and step.dtype == memory.dtype else None)
     compressed = compress(a)
+    if in_place and shares_memory(compressed.values, a):  # a compressor whose values view its input
+        compressed = SparseTensor(compressed.indices, compressed.values.clone(), compressed.numel)
     sent = quantize(compressed)
-    memory.update(a, sent)
+    memory.update(a, sent, in_place=in_place)
     norm = memory.norm()
-    return ClientStep(a, compressed, sent, norm**2, norm)
+    return ClientStep(None if in_place else a, compressed, sent, norm**2, norm)
 
 
 def weighted_sum(updates: list[SparseTensor], weights: list[float]) -> SparseTensor:

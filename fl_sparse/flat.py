@@ -225,6 +225,30 @@ class FlatLayout:
             offset += nd.size
         return torch.from_numpy(out)
 
+    def step(self, model: torch.Tensor, record: ArrayRecord) -> torch.Tensor:
+        """``model - flatten(record)`` as a new float32 flat vector, in one pass (validated as :meth:`flatten`).
+
+        What a train function moved the model by, without the intermediate flat copy of
+        ``record``: one 200 kB buffer fewer per message at MLP size, on a path where every
+        buffer is a cache miss.
+        """
+        if model.dim() != 1 or model.numel() != self.numel:
+            raise ValueError(f"model has shape {tuple(model.shape)}, expected ({self.numel},)")
+        base = model.detach().to("cpu", torch.float32).contiguous().numpy()
+        out = np.empty(self.numel, dtype=np.float32)
+        offset = 0
+        for name, shape in zip(self.names, self.shapes):
+            if name not in record:
+                raise ValueError(f"array {name!r} missing from the record")
+            nd = array_to_numpy(record[name])
+            if tuple(nd.shape) != shape:
+                raise ValueError(f"array {name!r} has shape {nd.shape}, expected {shape}")
+            end = offset + nd.size
+            # dtype=float32: each array is cast to float32 first, as flatten does (float16 exactly)
+            np.subtract(base[offset:end], nd.reshape(-1), out=out[offset:end], dtype=np.float32)
+            offset = end
+        return torch.from_numpy(out)
+
     def flatten_state_dict(self, state_dict) -> torch.Tensor:
         """The float32 flat vector of a torch ``state_dict`` (same device)."""
         parts = []
@@ -237,20 +261,36 @@ class FlatLayout:
 
     def unflatten(self, vector: torch.Tensor) -> ArrayRecord:
         """An ArrayRecord with this layout's arrays filled from ``vector``."""
+        return self.record(self.flat_arrays(vector))
+
+    def flat_arrays(self, vector: torch.Tensor) -> dict[str, Array]:
+        """The flat part of :meth:`unflatten`: each float array of this layout, filled from ``vector``."""
         if vector.dim() != 1 or vector.numel() != self.numel:
             raise ValueError(f"vector has shape {tuple(vector.shape)}, expected ({self.numel},)")
         vec = vector.detach().to("cpu", torch.float32).contiguous().numpy()
-        arrays: dict[str, np.ndarray] = {}
+        arrays: dict[str, Array] = {}
         offset = 0
         for name, shape, dtype in zip(self.names, self.shapes, self.dtypes):
             n = math.prod(shape)
             part = vec[offset : offset + n].reshape(shape)  # a view: numpy_to_array copies it once
-            arrays[name] = part if dtype == "float32" else part.astype(dtype)
+            arrays[name] = numpy_to_array(part if dtype == "float32" else part.astype(dtype))
             offset += n
-        arrays.update(self.passthrough)
+        return arrays
+
+    def record(self, flat_arrays: dict[str, Array]) -> ArrayRecord:
+        """An ArrayRecord of ``flat_arrays`` (from :meth:`flat_arrays`) and the exact arrays, in record order.
+
+        The flat arrays go in as new :class:`Array` objects that share the given ones'
+        bytes (immutable), so one :meth:`flat_arrays` result can fill many records.
+        """
         record = ArrayRecord()
-        for name in self.order or arrays:
-            record[name] = numpy_to_array(arrays[name])
+        exact = dict(self.passthrough)
+        for name in self.order or (*self.names, *exact):
+            if name in exact:
+                record[name] = numpy_to_array(exact[name])
+            else:
+                a = flat_arrays[name]
+                record[name] = wire_array(a.dtype, a.shape, a.stype, a.data)
         return record
 
     def to_state_dict(self, vector: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":

@@ -22,7 +22,15 @@ import torch
 
 from fl_sparse.sparse import SparseTensor
 
-__all__ = ["ErrorFeedback"]
+__all__ = ["ErrorFeedback", "shares_memory"]
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True if the storages of ``a`` and ``b`` overlap (conservative: whole storages, not the views)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    return sa.data_ptr() < sb.data_ptr() + sb.nbytes() and sb.data_ptr() < sa.data_ptr() + sa.nbytes()
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -112,20 +120,34 @@ class ErrorFeedback:
             raise ValueError(f"{what} is on {x.device}, the memory is on {self._device}")
 
     # ---------------------------------------------------------- operations
-    def compensate(self, x: torch.Tensor) -> torch.Tensor:
-        """Return ``x + e`` as a new tensor (``x`` is not modified)."""
+    def compensate(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Return ``x + e``: a new tensor (``x`` is not modified), or written into ``out``.
+
+        ``out`` may be ``x`` itself (a caller that gives ``x`` up saves a dense copy); it must
+        have ``x``'s shape and the dtype of ``x + e``, and must not be ``e``'s own tensor.
+        """
         self._adopt(x, "x")
         x = x.detach()
+        dtype = torch.promote_types(x.dtype, self._dtype)
+        if out is None:
+            return x.to(dtype, copy=True) if self._error is None else x + self._error
+        if out.shape != x.shape or out.dtype != dtype or out.device != x.device:
+            raise ValueError(f"out must be a {dtype} tensor of shape {tuple(x.shape)} on {x.device}")
+        if self._error is not None and shares_memory(out, self._error):
+            raise ValueError("out must not be the memory's own tensor")
         if self._error is None:
-            return x.to(torch.promote_types(x.dtype, self._dtype), copy=True)
-        return x + self._error
+            return out if out is x else out.copy_(x)
+        return torch.add(x, self._error, out=out)
 
-    def update(self, compensated: torch.Tensor, sent: SparseTensor | torch.Tensor) -> None:
+    def update(self, compensated: torch.Tensor, sent: SparseTensor | torch.Tensor, *, in_place: bool = False) -> None:
         """Store ``e = compensated - sent``.
 
         ``sent`` is what actually went on the wire (after any quantization),
         either a :class:`SparseTensor` or a dense tensor. The sparse case costs
-        one copy of ``compensated`` plus ``O(nnz)``.
+        one copy of ``compensated`` plus ``O(nnz)``; with ``in_place=True`` (sparse
+        ``sent`` only) no copy: the caller gives ``compensated`` up, and the memory
+        subtracts ``sent`` in it and keeps it (when it has the memory's dtype and is
+        not the memory's own tensor; otherwise it is copied as without the flag).
         """
         self._adopt(compensated, "compensated")
         compensated = compensated.detach()
@@ -134,9 +156,20 @@ class ErrorFeedback:
                 raise ValueError(f"sent has numel {sent.numel}, the memory holds {self._numel}")
             if not _same_device(sent.device, self._device):
                 raise ValueError(f"sent is on {sent.device}, the memory is on {self._device}")
-            error = compensated.to(self._dtype, copy=True)
+            values = sent.values.to(self._dtype)
+            take = (
+                in_place
+                and compensated.dtype == self._dtype
+                and not (self._error is not None and shares_memory(compensated, self._error))
+            )
+            if take:
+                error = compensated
+                if shares_memory(values, error):  # a compressor whose values view its input
+                    values = values.clone()
+            else:
+                error = compensated.to(self._dtype, copy=True)
             # index_add_ (not index_put) is also right if indices repeat
-            error.index_add_(0, sent.indices, sent.values.to(self._dtype), alpha=-1)
+            error.index_add_(0, sent.indices, values, alpha=-1)
         elif isinstance(sent, torch.Tensor):
             if sent.shape != compensated.shape:
                 raise ValueError(

@@ -117,6 +117,31 @@ def test_client_compress_with_a_zero_memory_is_plain_compression(numel, data, qu
         assert torch.equal(out.sent.indices, plain.indices) and torch.equal(out.sent.values, plain.values)
 
 
+@settings(max_examples=40, deadline=None)
+@given(numel=st.integers(1, 200), data=st.data(), quant=st.sampled_from(sorted(QUANTIZERS)), seed=st.integers(0, 2**31 - 1))
+def test_client_compress_in_place_is_the_same_round_in_the_step_s_memory(numel, data, quant, seed):
+    """in_place=True: what is sent and the new e are the copying round's, bit for bit; e lives in the step's buffer."""
+    k = data.draw(st.integers(1, numel))
+    q = QUANTIZERS[quant]
+    kwargs = {} if q is None else {"quantize": q}
+    # a compressor whose values view its input, as a user's might: the sent values must be a's, not e's
+    viewing = lambda a: SparseTensor(torch.arange(k), a[:k], numel)  # noqa: E731
+    compress = data.draw(st.sampled_from([lambda a: _topk_oracle(a, k), viewing]))
+    copying, in_place = ErrorFeedback(numel), ErrorFeedback(numel)
+    for t in range(3):
+        step = _heavy(numel, seed + t) * 1e-2
+        mine = step.clone()
+        want = client_compress(step, copying, compress, **kwargs)
+        got = client_compress(mine, in_place, compress, **kwargs, in_place=True)
+        assert got.compensated is None
+        assert in_place.error.data_ptr() == mine.data_ptr()
+        for name in ("compressed", "sent"):
+            assert torch.equal(getattr(got, name).indices, getattr(want, name).indices)
+            assert torch.equal(getattr(got, name).values, getattr(want, name).values)
+        assert torch.equal(in_place.error, copying.error)
+        assert got.error_norm == want.error_norm and got.compression_error == want.compression_error
+
+
 def test_client_compress_carries_the_error_into_the_next_round():
     # a position too small to be sent in round 1 is sent in round 2 once its error has grown
     step = torch.tensor([1.0, 0.625, 0.0, 0.0])  # dyadic values: the sums below are exact

@@ -599,3 +599,28 @@ def test_ssgd_mv_votes_and_masks_use_the_segmented_code(tmp_path):
              for r in replies if protocol.VOTE in r.content.array_records]
     assert votes and set(votes) == {PCODE_SEGMENTED}
     assert set(sent_position_codes(grid, protocol.MASK)) == {PCODE_SEGMENTED}
+
+
+def test_segments_are_checked_on_every_call_though_valid_ones_are_kept():
+    """A tuple of ints that tiles [0, numel) is checked once and kept; nothing that equals it passes unchecked."""
+    sparse = SparseTensor(torch.tensor([0, 5]), torch.ones(2), 10)
+    def same(got: SparseTensor) -> bool:
+        return torch.equal(got.indices, sparse.indices) and torch.equal(got.values, sparse.values)
+
+    for good in ((4, 6), (1, 9)):
+        assert same(decode(encode(sparse, positions="rice", segments=good), 10, segments=good))
+    bad_ones = [
+        ((True, 9), TypeError, "bool"),  # == (1, 9), which is kept
+        ((1.0, 9), TypeError, ""),  # == (1, 9) as well
+        ((4, 5), ValueError, "sum to numel=10"),
+        ((-1, 11), ValueError, "non-negative"),
+        ((), ValueError, "1 to"),
+        ("46", TypeError, "sequence"),
+    ]
+    for segments, error, match in bad_ones:
+        with pytest.raises(error, match=match):
+            encode(sparse, positions="rice", segments=segments)
+    assert same(decode(encode(sparse, positions="rice", segments=(np.int64(4), np.int64(6))), 10, segments=[4, 6]))
+    kept = codec._segment_lengths((4, 6), 10)
+    with pytest.raises(ValueError, match="read-only"):
+        kept[0] = 5

@@ -344,3 +344,53 @@ def test_array_to_numpy_falls_back_on_anything_unusual():
     torn = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-4])
     with pytest.raises(ValueError):
         array_to_numpy(torn)  # Flower's own np.load refuses it too
+
+
+# ====================================================================== step, shared arrays
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_step_is_the_model_minus_the_trained_arrays_in_float32(seed):
+    rng = np.random.default_rng(seed)
+    arrays = _bn_like()
+    layout = FlatLayout.from_arrayrecord(_record(arrays))
+    model = torch.from_numpy(rng.standard_normal(layout.numel).astype(np.float32))
+    trained = {k: (v + rng.standard_normal(v.shape)).astype(v.dtype) for k, v in arrays.items()}
+    step = layout.step(model, _record(trained))
+    oracle = model.numpy() - _oracle_flat(trained)  # float16 entries widened exactly, then one float32 subtraction
+    assert step.dtype == torch.float32
+    np.testing.assert_array_equal(step.numpy(), oracle)
+    step[0] += 1  # the step is the caller's own buffer: the model is untouched
+    np.testing.assert_array_equal(model.numpy() - _oracle_flat(trained), oracle)
+
+
+def test_step_refuses_what_flatten_refuses_and_a_model_of_another_length():
+    arrays = _bn_like()
+    layout = FlatLayout.from_arrayrecord(_record(arrays))
+    model = torch.zeros(layout.numel)
+    bad = dict(arrays)
+    bad["bn.bias"] = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="'bn.bias'"):
+        layout.step(model, _record(bad))
+    with pytest.raises(ValueError, match="'fc.weight'"):
+        layout.step(model, _record({k: v for k, v in arrays.items() if k != "fc.weight"}))
+    with pytest.raises(ValueError, match="model has shape"):
+        layout.step(torch.zeros(layout.numel + 1), _record(arrays))
+
+
+def test_records_from_one_set_of_flat_arrays_share_bytes_not_arrays():
+    arrays = _bn_like()
+    layout = FlatLayout.from_arrayrecord(_record(arrays))
+    vec = torch.arange(layout.numel, dtype=torch.float32)
+    flat = layout.flat_arrays(vec)
+    one, two = layout.record(flat), layout.record(flat)
+    expected = layout.unflatten(vec)
+    for record in (one, two):
+        assert list(record.keys()) == list(expected.keys())  # record order, exact arrays included
+        for name in expected.keys():
+            assert record[name].numpy().tobytes() == expected[name].numpy().tobytes()
+            assert record[name].dtype == expected[name].dtype and list(record[name].shape) == list(expected[name].shape)
+    # A train function that changes its record (or an Array in it) changes nobody else's.
+    one["conv.weight"].data = b""
+    del one["bn.weight"]
+    assert two["conv.weight"].numpy().tobytes() == expected["conv.weight"].numpy().tobytes()
+    assert "bn.weight" in two and layout.record(flat)["bn.weight"].numpy().tobytes() == expected["bn.weight"].numpy().tobytes()

@@ -205,3 +205,51 @@ def test_a_handed_over_error_is_shared_and_never_changed(numel, rounds, data):
     copied = ErrorFeedback(numel)
     copied.load_state_dict({"numel": numel, "error": given_error})  # the default copies
     assert copied.error.data_ptr() != given_error.data_ptr() and torch.equal(copied.error, before)
+
+
+@given(st.integers(1, 200), st.integers(1, 4), st.booleans(), st.data())
+@settings(max_examples=60, deadline=None)
+def test_in_place_rounds_equal_copying_rounds_and_leave_a_handed_over_error_alone(numel, rounds, handed_over, data):
+    """compensate(out=x) and update(in_place=True) give the copying path's e, bit for bit, in x's memory."""
+    floats = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+    start = torch.tensor(data.draw(st.lists(floats, min_size=numel, max_size=numel)))
+    kept = start.clone()
+    copying, in_place = ErrorFeedback(numel), ErrorFeedback(numel)
+    if handed_over:  # as the client mod does: the store's tensor, which nothing may change
+        copying.load_state_dict({"numel": numel, "error": start.clone()})
+        in_place.load_state_dict({"numel": numel, "error": start}, copy=False)
+    for r in range(rounds):
+        step = torch.tensor(data.draw(st.lists(floats, min_size=numel, max_size=numel)))
+        mine = step.clone()  # given up to the in-place memory
+        a = copying.compensate(step)
+        a2 = in_place.compensate(mine, out=mine)
+        assert a2.data_ptr() == mine.data_ptr() and torch.equal(a2, a)
+        k = data.draw(st.integers(0, numel))
+        idx = torch.randperm(numel, generator=torch.Generator().manual_seed(k + r))[:k].sort().values
+        copying.update(a, SparseTensor(idx, a[idx] * 0.5, numel))
+        in_place.update(a2, SparseTensor(idx, a2[idx] * 0.5, numel), in_place=True)
+        assert in_place.error.data_ptr() == mine.data_ptr()  # no copy
+        assert torch.equal(in_place.error, copying.error)
+    assert torch.equal(start, kept)
+
+
+def test_in_place_update_copies_when_it_must():
+    memory = ErrorFeedback(4)
+    memory.load_state_dict({"numel": 4, "error": torch.tensor([1.0, 2.0, 3.0, 4.0])})
+    own = memory.error
+    with pytest.raises(ValueError, match="memory's own tensor"):
+        memory.compensate(torch.ones(4), out=own)
+    with pytest.raises(ValueError, match="out must be"):
+        memory.compensate(torch.ones(4), out=torch.ones(4, dtype=torch.float64))
+    # the memory's own tensor handed back: copied, the old e unchanged
+    memory.update(own, SparseTensor(torch.tensor([0]), torch.tensor([1.0]), 4), in_place=True)
+    assert own.tolist() == [1.0, 2.0, 3.0, 4.0] and memory.error.tolist() == [0.0, 2.0, 3.0, 4.0]
+    # float64 compensated, float32 memory: copied into the memory's dtype
+    a = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    memory.update(a, SparseTensor(torch.tensor([3]), torch.tensor([1.0], dtype=torch.float64), 4), in_place=True)
+    assert memory.error.dtype == torch.float32 and memory.error.tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert a.tolist() == [1.0] * 4
+    # values that view the compensated vector itself (a compressor returning a view): read before written
+    a = torch.tensor([5.0, 6.0, 7.0, 8.0])
+    memory.update(a, SparseTensor(torch.tensor([1, 2]), a[:2], 4), in_place=True)
+    assert memory.error.tolist() == [5.0, 1.0, 1.0, 8.0]  # 7 - 6, not 7 - (6 - 5)

@@ -60,6 +60,7 @@ drops that reply and sends this client the dense model next time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from fl_sparse import algorithms, codec, protocol
 from fl_sparse.clients.state import ClientState, ClientStateStore, error_dtype_name
-from fl_sparse.compressors import build_compressor, magnitude_topk_indices
+from fl_sparse.compressors import (
+    HardThreshold,
+    Identity,
+    RandomK,
+    RTopK,
+    TopK,
+    build_compressor,
+    magnitude_topk_indices,
+)
 from fl_sparse.flat import FlatLayout, all_finite, vector_hash
 from fl_sparse.memory import ErrorFeedback
 from fl_sparse.protocol import Instruction, Report, UplinkMetrics
@@ -195,9 +204,20 @@ def restore_unaccepted(state: ClientState, instr: Instruction) -> None:
 
 
 def _remember_sent(state: ClientState, sent: SparseTensor, server_round: int) -> None:
-    state.extra[_PENDING_INDICES] = sent.indices.to("cpu")
-    state.extra[_PENDING_VALUES] = sent.values.to("cpu", torch.float32)
-    state.extra[_PENDING_ROUND] = torch.tensor(server_round)
+    indices, values = sent.indices, sent.values
+    # Each torch call skipped saves ~15 us: on a message's path every library call runs cold.
+    state.extra[_PENDING_INDICES] = indices if indices.device.type == "cpu" else indices.to("cpu")
+    state.extra[_PENDING_VALUES] = (
+        values if values.device.type == "cpu" and values.dtype == torch.float32 else values.to("cpu", torch.float32)
+    )
+    state.extra[_PENDING_ROUND] = _round_tensor(server_round)
+
+
+@functools.lru_cache(maxsize=16)
+def _round_tensor(server_round: int) -> torch.Tensor:
+    """``torch.tensor(server_round)``, one per round for all of a process's clients (~35 us each on a
+    client's cold message path). Shared: state tensors are replaced, never changed in place."""
+    return torch.tensor(server_round)
 
 
 def _memory(state: ClientState, numel: int, error_feedback: bool) -> ErrorFeedback:
@@ -220,6 +240,9 @@ def _memory(state: ClientState, numel: int, error_feedback: bool) -> ErrorFeedba
 # function always runs on the thread count the mod found.
 _ONE_THREAD_MAX_NUMEL = 1 << 18
 _STORES_KEPT = 8
+_COMPRESSORS_KEPT = 16  # AdapTop-K's k changes per round, and with it the spec
+_STATELESS_COMPRESSORS = (TopK, RandomK, RTopK, HardThreshold, Identity)
+_SHARED_ARRAYS_MAX_BYTES = 64 << 20
 
 
 @contextlib.contextmanager
@@ -260,7 +283,7 @@ class _Session:
     def join(self, generation: str) -> None:
         """A new run of the strategy (a new ``start``): forget the last run's error, votes and pending update."""
         stored = self.state.extra.get(_GENERATION)
-        if stored is not None and bytes(stored.numpy()).decode() == generation:
+        if stored is not None and stored.numpy().tobytes() == generation.encode():
             return
         if stored is not None or self.state.error is not None:
             self.state.error = None
@@ -268,8 +291,8 @@ class _Session:
                 del self.state.extra[key]
         self.state.extra[_GENERATION] = torch.tensor(list(generation.encode()), dtype=torch.uint8)
 
-    def save(self) -> None:
-        self.store.save(self.key, self.state)
+    def save(self, model_hash: str | None = None) -> None:
+        self.store.save(self.key, self.state, model_hash=model_hash)
 
 
 class SparseMod:
@@ -313,6 +336,8 @@ class SparseMod:
         # strategy run in practice. Kept, not rebuilt per message (pathlib and the store's own
         # setup were ~30 us a message); a few runs' worth, the oldest dropped first.
         self._stores: dict[tuple, ClientStateStore] = {}
+        self._compressors: dict[str, object] = {}  # by uplink spec (JSON text): see _compressor
+        self._model_arrays: dict[tuple, dict] = {}  # the latest model version's Arrays: see _flat_arrays
 
     def __repr__(self) -> str:
         return f"SparseMod(state_dir={self.state_dir!r})"
@@ -352,6 +377,41 @@ class SparseMod:
         else:
             store.sweep_if_due()
         return store
+
+    def _flat_arrays(self, session: _Session, layout: FlatLayout, model_hash: str) -> dict:
+        """The model (hash ``model_hash``, checked) as the train function's float Arrays.
+
+        In a folder shared by many clients (a simulation's), every client of a round in
+        this process trains from the same version: its Arrays' bytes are made once and
+        shared (bytes are immutable; each record gets Array objects of its own), which
+        saves a 200 kB copy per message at MLP size. Only the latest version is kept, and
+        only up to :data:`_SHARED_ARRAYS_MAX_BYTES` (a large model's copy is not worth
+        keeping between messages: its training costs far more).
+        """
+        if not session.store.share_models or 4 * layout.numel > _SHARED_ARRAYS_MAX_BYTES:
+            return layout.flat_arrays(session.state.model)
+        key = (model_hash, layout.names, layout.shapes, layout.dtypes)
+        arrays = self._model_arrays.get(key)
+        if arrays is None:
+            arrays = layout.flat_arrays(session.state.model)
+            self._model_arrays = {key: arrays}
+        return arrays
+
+    def _compressor(self, instr: Instruction):
+        """The round's uplink compressor: the package's own are kept per spec (~15 us a build).
+
+        They hold no state between calls (random ones draw from the generator the mod
+        passes), so one instance serves every message. A user's registered class is built
+        per message, as it always was: it may keep state.
+        """
+        compressor = self._compressors.get(instr.uplink)
+        if compressor is None:
+            compressor = build_compressor(**instr.uplink_spec())
+            if type(compressor) in _STATELESS_COMPRESSORS:
+                if len(self._compressors) >= _COMPRESSORS_KEPT:
+                    self._compressors.clear()
+                self._compressors[instr.uplink] = compressor
+        return compressor
 
     def _report(self, context: Context, instr: Instruction, state: ClientState | None, **extra) -> ConfigRecord:
         return Report(
@@ -410,7 +470,7 @@ class SparseMod:
                 exact = protocol.array_record(msg.content, protocol.EXACT) if layout.exact_names else None
                 if exact is not None:
                     layout = layout.with_exact(exact)
-                user_in[instr.arrays_key] = layout.unflatten(state.model)
+                user_in[instr.arrays_key] = layout.record(self._flat_arrays(session, layout, model_hash))
                 with _torch_threads(user_threads):
                     user_reply = call_next(Message(content=user_in, metadata=msg.metadata), context)
                 if user_reply.has_error():
@@ -418,13 +478,12 @@ class SparseMod:
 
                 trained = _trained_arrays(user_reply.content, instr.arrays_key)
                 try:
-                    w_after = layout.flatten(trained)
+                    step = layout.step(state.model, trained)  # w - w'
                     exact_after = layout.exact_record(trained)
                 except ValueError as exc:
                     raise ValueError(f"the train function's arrays do not match the global model: {exc}") from None
-                step = state.model - w_after
                 if not all_finite(step):  # the same test as torch.isfinite(step).all(), in numpy: 15x cheaper
-                    bad = ~torch.isfinite(w_after)
+                    bad = ~torch.isfinite(step)  # w is the server's model: finite
                     first = int(torch.nonzero(bad)[0]) if bool(bad.any()) else 0
                     raise ValueError(
                         f"the train function returned non-finite values in array {layout.name_at(first)!r}"
@@ -442,7 +501,7 @@ class SparseMod:
                     content[protocol.EXACT] = exact_after
                 content[protocol.RECORD] = self._report(context, instr, state, model_hash=model_hash, **extra)
                 state.steps_done += 1  # rounds this client has trained
-                session.save()
+                session.save(model_hash)  # state.model is the tensor hashed above: not hashed again
         return Message(content=record_dict(content), reply_to=msg)
 
     # ------------------------------------------------------------ phases
@@ -450,12 +509,15 @@ class SparseMod:
         self, state, memory, step, instr: Instruction, content: dict, partition_id: int, segments: tuple[int, ...]
     ) -> None:
         """[ZDL] Algorithm 1/2, worker side: error-compensated compression of Δ."""
-        compressor = build_compressor(**instr.uplink_spec())
+        compressor = self._compressor(instr)
         # Random compressors (rTop-k, random-k) draw from (seed, round, client): reproducible.
         generator = torch.Generator().manual_seed(client_generator_seed(instr.seed, instr.server_round, partition_id))
         values, positions = instr.uplink_values, instr.uplink_positions
+        # in_place: step is this message's own buffer (FlatLayout.step), so a and then the new e
+        # are computed in it, no dense copies; diagnostics send step and a, so they keep them.
         result = algorithms.client_compress(
-            step, memory, lambda a: compressor(a, generator=generator), quantize=lambda s: codec.lossy_roundtrip(s, values=values)
+            step, memory, lambda a: compressor(a, generator=generator),
+            quantize=lambda s: codec.lossy_roundtrip(s, values=values), in_place=not instr.diagnostics,
         )
         record = codec.encode(result.compressed, values=values, positions=positions, segments=segments)
         state.error = memory.error.detach()
@@ -488,17 +550,17 @@ class SparseMod:
                 content[protocol.VOTE_ADD] = codec.encode_positions(adds, numel, **wire)
                 content[protocol.VOTE_DROP] = codec.encode_positions(drops, numel, **wire)
                 report = {"vote_kind": "add-drop", "vote_base_round": instr.vote_round}
-                state.extra[_VOTE], state.extra[_VOTE_ROUND] = base, torch.tensor(instr.vote_round)
+                state.extra[_VOTE], state.extra[_VOTE_ROUND] = base, _round_tensor(instr.vote_round)
             else:
                 vote = top
                 content[protocol.VOTE] = codec.encode_positions(top, numel, positions=positions, segments=segments)
                 state.extra.pop(_VOTE, None)
                 state.extra.pop(_VOTE_ROUND, None)
-            state.extra[_SENT_VOTE], state.extra[_SENT_VOTE_ROUND] = vote, torch.tensor(instr.server_round)
+            state.extra[_SENT_VOTE], state.extra[_SENT_VOTE_ROUND] = vote, _round_tensor(instr.server_round)
         else:
             content[protocol.VOTE] = codec.encode_positions(top, numel, positions=positions, segments=segments)
         state.extra[_A] = a.detach().to(torch.float32)
-        state.extra[_A_ROUND] = torch.tensor(instr.server_round)
+        state.extra[_A_ROUND] = _round_tensor(instr.server_round)
         return report
 
     def _values_phase(self, session: _Session, instr: Instruction, content_in: RecordDict) -> dict:
@@ -519,7 +581,7 @@ class SparseMod:
         memory.update(a, sent)
         state.error = memory.error
         _remember_sent(state, sent, instr.server_round)
-        state.extra[_MASK], state.extra[_MASK_ROUND] = mask, torch.tensor(instr.server_round)
+        state.extra[_MASK], state.extra[_MASK_ROUND] = mask, _round_tensor(instr.server_round)
         return {
             protocol.UPDATE: record,
             protocol.METRICS: UplinkMetrics(

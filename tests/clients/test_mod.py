@@ -327,6 +327,41 @@ def test_a_client_takes_the_version_another_client_in_its_process_synced_to(serv
         assert vector_hash(store.shared_model(vector_hash(w), D)) == vector_hash(w)
 
 
+def test_clients_in_one_process_share_the_models_bytes_not_their_records(server, tmp_path):
+    """Shared folder: a round's clients get Arrays whose bytes are made once; what one train function changes, no other sees."""
+
+    class Meddling(QuickstartTrain):
+        def __init__(self) -> None:
+            super().__init__()
+            self.models, self.buffers = [], []
+
+        def __call__(self, msg, context):
+            arrays = msg.content["arrays"]
+            self.models.append(flat(arrays))
+            floats = [name for name in arrays.keys() if np.issubdtype(np.dtype(arrays[name].dtype), np.floating)]
+            self.buffers.append([id(arrays[name].data) for name in floats])
+            reply = super().__call__(msg, context)
+            for name in list(arrays.keys()):
+                arrays[name].data = b"meddled"  # an Array changed in place
+            del arrays[next(iter(arrays.keys()))]  # and the record itself
+            return reply
+
+    mod = SparseMod(share_models=True, durable=False)  # one mod: the clients of one process
+    clients = [Client(tmp_path, Meddling(), pid=p, mod=mod) for p in (1, 2, 3)]
+    for c in clients:
+        c.send(server.message(1, sync_mode="dense"))
+    w0 = server.w.clone()
+    delta = server.subtract(SparseTensor(torch.tensor([0, 7, 30]), torch.tensor([0.5, -0.25, 0.125]), D))
+    for c in clients:
+        reply = c.send(server.message(2, sync_mode="delta", sync=delta, base_version=0, accepted_round=1))
+        assert not reply.has_error()
+    for t, w in enumerate((w0, server.w)):
+        for c in clients:
+            assert_bitwise(c.train.models[t], w)
+        buffers = [c.train.buffers[t] for c in clients]
+        assert buffers[0] == buffers[1] == buffers[2]  # the float arrays' bytes: made once per version
+
+
 def test_a_sync_from_the_wrong_base_version_raises_and_changes_nothing(server, client):
     client.send(server.message(1, sync_mode="dense"))  # the client holds version 0
     w0 = server.w.clone()
@@ -686,6 +721,22 @@ def test_round_two_adds_the_memory(server, client):
     assert_bitwise(client.stored().error, e2)
 
 
+def test_diagnostics_carry_the_step_and_a_while_the_error_memory_is_the_same(server, tmp_path):
+    """With diagnostics on, the mod keeps Δ and a = e + Δ to send them (it computes them in place otherwise)."""
+    plain, diag = Client(tmp_path / "plain"), Client(tmp_path / "diag")
+    for c in (plain, diag):
+        c.send(server.message(1, sync_mode="dense"))
+    e1 = diag.stored().error
+    replies = [c.send(server.message(2, accepted_round=1, diagnostics=c is diag)) for c in (plain, diag)]
+    step = diag.train.last_step(server.w)
+    record = replies[1].content[protocol.DIAGNOSTICS]
+    assert_bitwise(torch.from_numpy(record["step"].numpy().copy()), step)
+    assert_bitwise(torch.from_numpy(record["a"].numpy().copy()), e1 + step)
+    assert protocol.DIAGNOSTICS not in replies[0].content
+    assert_bitwise(sent_update(replies[0]).to_dense(), sent_update(replies[1]).to_dense())
+    assert_bitwise(plain.stored().error, diag.stored().error)
+
+
 def test_error_feedback_off_sends_the_top_k_of_the_step_alone(server, client):
     client.send(server.message(1, sync_mode="dense"))
     e1 = client.stored().error.clone()
@@ -981,6 +1032,40 @@ def test_random_compressors_are_reproducible_per_seed_round_and_partition(server
     assert positions("c", 2)[0] != first  # another round
     assert positions("d", 1, pid=PID + 1)[0] != first  # another client
     assert positions("e", 1, seed=6)[0] != first  # another seed
+
+
+def test_one_mod_keeps_builtin_compressors_and_builds_a_users_per_message(server, tmp_path):
+    """The package's compressors are kept per spec (their draws still depend on seed, round and
+    partition alone); a user's registered class may keep state, so it is built for each message."""
+    from fl_sparse.compressors import COMPRESSORS, register_compressor
+
+    @register_compressor("test-alternating")
+    class Alternating:  # a stateful compressor: even positions on its first call, odd on its second
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def k_for(self, numel: int) -> int:
+            return (numel + 1 - self.calls % 2) // 2
+
+        def __call__(self, x, *, generator=None):
+            idx = torch.arange(self.calls % 2, x.numel(), 2)
+            self.calls += 1
+            return SparseTensor(idx, x[idx], x.numel())
+
+    try:
+        mod = SparseMod()
+        c = Client(tmp_path / "user", pid=PID, mod=mod)
+        for t in (1, 2):
+            reply = c.send(server.message(t, sync_mode="dense", uplink={"name": "test-alternating"}))
+            assert sent_update(reply).indices.tolist() == list(range(0, D, 2))  # a fresh instance each time
+    finally:
+        COMPRESSORS.pop("test-alternating", None)
+    uplink = {"name": "rtopk", "k": 4, "r": 40}
+    drawn = []
+    for name, m in (("a", mod), ("b", mod), ("fresh", SparseMod())):  # the kept instance twice, then a new one
+        client = Client(tmp_path / name, QuickstartTrain(fixed_data=True), pid=PID, mod=m)
+        drawn.append(sent_update(client.send(server.message(1, sync_mode="dense", uplink=uplink, seed=5))).indices.tolist())
+    assert drawn[0] == drawn[1] == drawn[2]
 
 
 # ====================================================================== the ClientApp on a grid

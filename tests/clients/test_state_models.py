@@ -496,3 +496,20 @@ def test_temporary_files_of_the_model_store_are_swept(tmp_path):
     name = f"{model_hash(_model(2))}.model.{state_module._HOST}.{dead.pid}.abcd1234.tmp"
     store.models.joinpath(name).write_bytes(b"x")
     assert [p.name for p in store.remove_stale_temp_files()] == [name]
+
+
+def test_a_save_given_the_model_hash_does_not_hash_the_model_again(tmp_path, monkeypatch):
+    """The mod checks the model's hash on every message and hands it to the save (one hash per message)."""
+    store = _store(tmp_path)
+    state = _state(1)
+    digest = vector_hash(state.model)
+    hashed = []
+    real = state_module.vector_hash
+    monkeypatch.setattr(state_module, "vector_hash", lambda v: hashed.append(v) or real(v))
+    store.save("client-0", state, model_hash=digest)
+    assert hashed == []
+    assert store.model_path("client-0", digest).exists() and _links(store) == {f"client-0.{digest}.model"}
+    store.save("client-1", _state(1))  # no hash given: hashed here
+    assert len(hashed) == 1
+    _as_file_reader(store)
+    assert _equal(store.load("client-0"), state)  # read from the file, its bytes checked against the name
