@@ -163,20 +163,29 @@ def _wire_fields(cls) -> tuple[tuple[str, str, type, bool], ...]:
     return tuple((f.name.replace("_", "-"), f.name, _KINDS[f.type], f.default is not MISSING) for f in fields(cls))
 
 
+@functools.lru_cache(maxsize=None)
+def _wire_index(cls) -> tuple[dict[str, tuple[str, type]], tuple[str, ...]]:
+    """``({record key: (attribute, kind)}, required record keys)`` of ``cls``: built once per class."""
+    wire = _wire_fields(cls)
+    return {key: (name, kind) for key, name, kind, _ in wire}, tuple(key for key, _, _, has in wire if not has)
+
+
 def _from_record(cls, record: ConfigRecord | MetricRecord, what: str):
     """Build dataclass ``cls`` from a record: every field typed, unknown keys refused."""
-    wire = _wire_fields(cls)
+    index, required = _wire_index(cls)
     data = dict(record.items())  # one pass over Flower's TypedDict, then plain dict lookups
-    unknown = sorted(data.keys() - {key for key, *_ in wire})
+    unknown = sorted(key for key in data if key not in index)
     if unknown:
         raise ProtocolError(f"{what} has unknown field(s) {unknown}")
-    values = {}
-    for key, name, kind, has_default in wire:
+    for key in required:
         if key not in data:
-            if has_default:
-                continue
             raise ProtocolError(f"{what} lacks the field {key!r}")
-        values[name] = _check(key, data[key], kind)
+    # The fields present only (a train message carries about 12 of the instruction's 26):
+    # the others keep their defaults.
+    values = {}
+    for key, value in data.items():
+        name, kind = index[key]
+        values[name] = _check(key, value, kind)
     return cls(**values)
 
 
