@@ -806,7 +806,7 @@ class ClientStateStore:
         copy under another version's name.
         """
         path = self.path(key)
-        held = self._held_hash(path)  # the model version this client holds through a link now
+        held = self._held_hash(path, trust_cache=True)  # the model version this client holds through a link now
         _CACHE.drop(path)
         ref, linked = None, False
         model = state.model
@@ -1057,15 +1057,23 @@ class ClientStateStore:
             _fsync_dir(self.root.parent)  # the new folder's own entry
 
     # ---- the model store
-    def _held_hash(self, path: Path) -> str | None:
-        """The model version the state file at ``path`` names (held through a link), or None."""
+    def _held_hash(self, path: Path, *, trust_cache: bool = False) -> str | None:
+        """The model version the state file at ``path`` names (held through a link), or None.
+
+        ``trust_cache`` (a save): the cached entry as it is, without a ``stat`` of the file.
+        The load just before the save confirmed it; an entry gone stale since (another
+        process saving this client meanwhile, which the server never asks for) costs at
+        most a link that the sweep removes later.
+        """
+        if trust_cache:
+            stored = _CACHE.peek(path)
+            if stored is not None:
+                return stored.ref.hash if stored.ref is not None else None
         try:
             stat = os.stat(path)
         except OSError:
             return None
-        # The signature alone, without _cached_state's read of the file's digest: the load
-        # just before this save confirmed the entry, and an entry gone stale since (another
-        # process saving this client meanwhile) costs at most a link the sweep removes later.
+        # The signature alone, without _cached_state's read of the file's digest (see above).
         stored = _CACHE.get(path, _signature(stat))
         if stored is not None:
             return stored.ref.hash if stored.ref is not None else None
@@ -1356,6 +1364,12 @@ class _StateCache:
                 return None
             self._entries.move_to_end(key)
             return entry[1]
+
+    def peek(self, key):
+        """The entry's value whatever its signature (None if there is none); its place in the LRU stays."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry[1]
 
     def put(self, key, signature: tuple | None, value, size: int) -> None:
         limit = self.limit()

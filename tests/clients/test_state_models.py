@@ -513,3 +513,33 @@ def test_a_save_given_the_model_hash_does_not_hash_the_model_again(tmp_path, mon
     assert len(hashed) == 1
     _as_file_reader(store)
     assert _equal(store.load("client-0"), state)  # read from the file, its bytes checked against the name
+
+
+_SAVE_ONE = """
+import sys, torch
+from fl_sparse.clients.state import ClientState, ClientStateStore
+store = ClientStateStore(sys.argv[1], durable=False, share_models=True)
+gen = torch.Generator().manual_seed(int(sys.argv[2]))
+model = torch.randn(int(sys.argv[3]), generator=torch.Generator().manual_seed(1000 + int(sys.argv[2])))
+store.save("client-0", ClientState(model=model, model_version=int(sys.argv[2]), error=torch.randn(int(sys.argv[3]), generator=gen)))
+"""
+
+
+def test_a_save_after_another_process_saved_the_client_meanwhile_loses_nothing(tmp_path):
+    """A save trusts the entry its load cached (no stat): if another process saved the client in between
+    (the server never asks for that), the new state is still whole and the stale link is swept later."""
+    store = _store(tmp_path)
+    store.save("client-0", _state(1))
+    assert _equal(store.load("client-0"), _state(1))  # cached: version 1
+    done = subprocess.run([sys.executable, "-c", _SAVE_ONE, str(tmp_path), "2", str(D)], timeout=120)
+    assert done.returncode == 0
+    store.save("client-0", _state(3))  # released version 1 (the other process had), not version 2
+    v2, v3 = model_hash(_model(2)), model_hash(_model(3))
+    assert _links(store) == {f"client-0.{v2}.model", f"client-0.{v3}.model"}
+    _as_file_reader(store)
+    assert _equal(store.load("client-0"), _state(3))
+    later = time.time() + 2 * state_module.STALE_TMP_SECONDS
+    assert {p.name for p in store.remove_stale_temp_files(now=later)} == {f"client-0.{v2}.model", f"{v2}.model"}
+    assert set(_canonical(store)) == {v3} and _links(store) == {f"client-0.{v3}.model"}
+    _as_file_reader(store)
+    assert _equal(store.load("client-0"), _state(3))
