@@ -214,15 +214,8 @@ class FlatLayout:
     def flatten(self, record: ArrayRecord) -> torch.Tensor:
         """The float32 flat vector of ``record`` (validated against this layout)."""
         out = np.empty(self.numel, dtype=np.float32)
-        offset = 0
-        for name, shape in zip(self.names, self.shapes):
-            if name not in record:
-                raise ValueError(f"array {name!r} missing from the record")
-            nd = array_to_numpy(record[name])
-            if tuple(nd.shape) != shape:
-                raise ValueError(f"array {name!r} has shape {nd.shape}, expected {shape}")
-            out[offset : offset + nd.size] = nd.reshape(-1)  # one copy, widening float16 exactly
-            offset += nd.size
+        for start, end, nd in self._flat_parts(record):
+            out[start:end] = nd.reshape(-1)  # one copy, widening float16 exactly
         return torch.from_numpy(out)
 
     def step(self, model: torch.Tensor, record: ArrayRecord) -> torch.Tensor:
@@ -236,6 +229,13 @@ class FlatLayout:
             raise ValueError(f"model has shape {tuple(model.shape)}, expected ({self.numel},)")
         base = model.detach().to("cpu", torch.float32).contiguous().numpy()
         out = np.empty(self.numel, dtype=np.float32)
+        for start, end, nd in self._flat_parts(record):
+            # dtype=float32: each array is cast to float32 first, as flatten does (float16 exactly)
+            np.subtract(base[start:end], nd.reshape(-1), out=out[start:end], dtype=np.float32)
+        return torch.from_numpy(out)
+
+    def _flat_parts(self, record: ArrayRecord):
+        """``(start, end, array)`` per flat array of ``record``, in flat order; ValueError names a missing or misshapen one."""
         offset = 0
         for name, shape in zip(self.names, self.shapes):
             if name not in record:
@@ -243,11 +243,8 @@ class FlatLayout:
             nd = array_to_numpy(record[name])
             if tuple(nd.shape) != shape:
                 raise ValueError(f"array {name!r} has shape {nd.shape}, expected {shape}")
-            end = offset + nd.size
-            # dtype=float32: each array is cast to float32 first, as flatten does (float16 exactly)
-            np.subtract(base[offset:end], nd.reshape(-1), out=out[offset:end], dtype=np.float32)
-            offset = end
-        return torch.from_numpy(out)
+            yield offset, offset + nd.size, nd
+            offset += nd.size
 
     def flatten_state_dict(self, state_dict) -> torch.Tensor:
         """The float32 flat vector of a torch ``state_dict`` (same device)."""

@@ -37,6 +37,12 @@ QUANTIZERS = {
 }
 
 
+def _quantizer(name: str):
+    """The value code ``name`` of QUANTIZERS and client_compress's keyword arguments for it."""
+    q = QUANTIZERS[name]
+    return q, ({} if q is None else {"quantize": q})
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -64,8 +70,7 @@ def _heavy(numel: int, seed: int) -> torch.Tensor:
 def test_client_compress_keeps_everything_it_did_not_send(numel, data, quant, seed):
     k = data.draw(st.integers(1, numel))
     rounds = data.draw(st.integers(1, 4))
-    q = QUANTIZERS[quant]
-    kwargs = {} if q is None else {"quantize": q}
+    q, kwargs = _quantizer(quant)
     memory = ErrorFeedback(numel)
     e = torch.zeros(numel, dtype=torch.float64)  # the oracle's e, in float64
     for t in range(rounds):
@@ -106,8 +111,7 @@ def test_client_compress_keeps_everything_it_did_not_send(numel, data, quant, se
 @given(numel=st.integers(1, 200), data=st.data(), quant=st.sampled_from(sorted(QUANTIZERS)), seed=st.integers(0, 2**31 - 1))
 def test_client_compress_with_a_zero_memory_is_plain_compression(numel, data, quant, seed):
     k = data.draw(st.integers(1, numel))
-    q = QUANTIZERS[quant]
-    kwargs = {} if q is None else {"quantize": q}
+    q, kwargs = _quantizer(quant)
     for t in range(3):  # a fresh (zero) memory every round: nothing carried over
         step = _heavy(numel, seed + t)
         out = client_compress(step, ErrorFeedback(numel), lambda a: _topk_oracle(a, k), **kwargs)
@@ -122,8 +126,7 @@ def test_client_compress_with_a_zero_memory_is_plain_compression(numel, data, qu
 def test_client_compress_in_place_is_the_same_round_in_the_step_s_memory(numel, data, quant, seed):
     """in_place=True: what is sent and the new e are the copying round's, bit for bit; e lives in the step's buffer."""
     k = data.draw(st.integers(1, numel))
-    q = QUANTIZERS[quant]
-    kwargs = {} if q is None else {"quantize": q}
+    q, kwargs = _quantizer(quant)
     # a compressor whose values view its input, as a user's might: the sent values must be a's, not e's
     viewing = lambda a: SparseTensor(torch.arange(k), a[:k], numel)  # noqa: E731
     compress = data.draw(st.sampled_from([lambda a: _topk_oracle(a, k), viewing]))
@@ -193,8 +196,7 @@ def _random_aggregate(numel: int, seed: int, density: float = 0.3) -> SparseTens
 @pytest.mark.parametrize("quant", sorted(QUANTIZERS))
 def test_server_compress_algorithm_1_sends_the_aggregate(quant):
     """Algorithm 1: the aggregate goes down as it is (the value code, Q, is applied when it is encoded)."""
-    q = QUANTIZERS[quant]
-    kwargs = {} if q is None else {"quantize": q}
+    q, kwargs = _quantizer(quant)
     memory = ErrorFeedback(50)
     for t in range(3):
         g = _random_aggregate(50, t)
@@ -208,8 +210,7 @@ def test_server_compress_algorithm_1_sends_the_aggregate(quant):
 def test_server_compress_algorithm_2_matches_a_hand_written_loop(quant, keep_error):
     """g = g_t + δ_{t-1};  Top_K(g) goes down (encoded: ĝ_t = Q(Top_K(g)));  δ_t = g − ĝ_t."""
     numel, k = 120, 7
-    q = QUANTIZERS[quant]
-    kwargs = {} if q is None else {"quantize": q}
+    q, kwargs = _quantizer(quant)
     memory = ErrorFeedback(numel) if keep_error else None
     delta = torch.zeros(numel)
     for t in range(6):
