@@ -242,6 +242,7 @@ _ONE_THREAD_MAX_NUMEL = 1 << 18
 _STORES_KEPT = 8
 _COMPRESSORS_KEPT = 16  # AdapTop-K's k changes per round, and with it the spec
 _STATELESS_COMPRESSORS = (TopK, RandomK, RTopK, HardThreshold, Identity)
+_DETERMINISTIC_COMPRESSORS = (TopK, HardThreshold, Identity)
 _SHARED_ARRAYS_MAX_BYTES = 64 << 20
 
 
@@ -510,8 +511,12 @@ class SparseMod:
     ) -> None:
         """[ZDL] Algorithm 1/2, worker side: error-compensated compression of Δ."""
         compressor = self._compressor(instr)
-        # Random compressors (rTop-k, random-k) draw from (seed, round, client): reproducible.
-        generator = torch.Generator().manual_seed(client_generator_seed(instr.seed, instr.server_round, partition_id))
+        # Random compressors (rTop-k, random-k, a user's) draw from (seed, round, client): reproducible.
+        # The package's deterministic ones ignore the generator: none is made for them.
+        generator = (
+            None if type(compressor) in _DETERMINISTIC_COMPRESSORS
+            else torch.Generator().manual_seed(client_generator_seed(instr.seed, instr.server_round, partition_id))
+        )
         values, positions = instr.uplink_values, instr.uplink_positions
         # in_place: step is this message's own buffer (FlatLayout.step), so a and then the new e
         # are computed in it, no dense copies; diagnostics send step and a, so they keep them.
