@@ -207,7 +207,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fl_sparse.records import wire_array
+from fl_sparse.records import array_record, wire_array
 from fl_sparse.quantize import FractionalQuantizer, ScaledSign, _as_finite_float32
 from fl_sparse.sparse import SparseTensor
 
@@ -1279,11 +1279,7 @@ def _lossy(x: torch.Tensor, code: _ValueCode) -> torch.Tensor:
 
 
 def _record(header: np.ndarray, arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    record = ArrayRecord()
-    record["header"] = _wire_array(header)
-    for key, value in arrays.items():
-        record[key] = _wire_array(value)
-    return record
+    return array_record({"header": _wire_array(header), **{key: _wire_array(value) for key, value in arrays.items()}})
 
 
 def encode(

@@ -26,7 +26,7 @@ import torch
 import xxhash
 from flwr.app import Array, ArrayRecord
 
-from fl_sparse.records import wire_array
+from fl_sparse.records import array_record, wire_array
 
 __all__ = ["FlatLayout", "all_finite", "array_to_numpy", "numpy_to_array", "vector_hash"]
 
@@ -280,15 +280,15 @@ class FlatLayout:
         The flat arrays go in as new :class:`Array` objects that share the given ones'
         bytes (immutable), so one :meth:`flat_arrays` result can fill many records.
         """
-        record = ArrayRecord()
         exact = dict(self.passthrough)
+        arrays = {}
         for name in self.order or (*self.names, *exact):
             if name in exact:
-                record[name] = numpy_to_array(exact[name])
+                arrays[name] = numpy_to_array(exact[name])
             else:
                 a = flat_arrays[name]
-                record[name] = wire_array(a.dtype, a.shape, a.stype, a.data)
-        return record
+                arrays[name] = wire_array(a.dtype, a.shape, a.stype, a.data)
+        return array_record(arrays)
 
     def to_state_dict(self, vector: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """A torch state_dict view of ``vector`` (plus the pass-through arrays)."""

@@ -26,12 +26,13 @@ from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-__all__ = ["config_record", "metric_record", "record_dict", "wire_array", "FAST"]
+__all__ = ["array_record", "config_record", "metric_record", "record_dict", "wire_array", "FAST"]
 
 # What Flower's checks accept as a scalar (bool is not a metric; lists take the slow path).
 _CONFIG_SCALARS = frozenset({int, float, str, bool, bytes})
 _METRIC_SCALARS = frozenset({int, float})
 _RECORDS = frozenset({ArrayRecord, ConfigRecord, MetricRecord})
+_ARRAYS = frozenset({Array})
 
 
 def _typed_record(cls, items: dict[str, Any], allowed: frozenset):
@@ -55,6 +56,14 @@ def config_record(items: dict[str, Any]) -> ConfigRecord:
 def metric_record(items: dict[str, Any]) -> MetricRecord:
     """``MetricRecord(items)``."""
     return _typed_record(MetricRecord, items, _METRIC_SCALARS)
+
+
+def array_record(arrays: dict[str, Array]) -> ArrayRecord:
+    """``ArrayRecord(arrays)`` from ``Array`` values (about 5 us an item through Flower's ``__setitem__``)."""
+    record = _typed_record(ArrayRecord, arrays, _ARRAYS)
+    if arrays and "_is_dirty" not in record.__dict__:
+        record.__dict__["_is_dirty"] = True  # what Flower's __setitem__ leaves: not yet serialized
+    return record
 
 
 def record_dict(records: dict[str, Any]) -> RecordDict:
@@ -87,6 +96,8 @@ def _same_as_flowers() -> bool:
             (config_record(config), ConfigRecord(config)),
             (metric_record(metric), MetricRecord(metric)),
             (record_dict({"c": ConfigRecord(config)}), RecordDict({"c": ConfigRecord(config)})),
+            (array_record({"a": Array(dtype="int32", shape=(2,), stype="raw", data=b"\x00" * 8)}),
+             ArrayRecord({"a": Array(dtype="int32", shape=(2,), stype="raw", data=b"\x00" * 8)})),
             (wire_array("int32", (2,), "raw", b"\x00" * 8), Array(dtype="int32", shape=(2,), stype="raw", data=b"\x00" * 8)),
         ]
         return all(type(a) is type(b) and vars(a) == vars(b) and a == b for a, b in pairs)

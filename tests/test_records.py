@@ -87,3 +87,17 @@ def test_a_flower_with_another_layout_gets_the_public_constructors(monkeypatch):
     monkeypatch.setattr(records, "FAST", False)
     built = records.wire_array("uint8", (1,), "raw", b"\x01")
     assert vars(built)["_new_field"] == 0  # built by Flower's constructor
+
+
+@given(st.dictionaries(keys, st.sampled_from(["float32", "int64"]), max_size=5))
+def test_array_record_equals_flowers(dtypes):
+    arrays = {k: Array(np.zeros(3, dtype=d)) for k, d in dtypes.items()}
+    assert _same(records.array_record(dict(arrays)), ArrayRecord(dict(arrays)))
+
+
+def test_array_record_refuses_what_flower_refuses():
+    with pytest.raises(TypeError) as theirs:
+        ArrayRecord({"a": Array(np.ones(2)), "b": np.ones(2)})
+    with pytest.raises(TypeError) as ours:
+        records.array_record({"a": Array(np.ones(2)), "b": np.ones(2)})
+    assert str(ours.value) == str(theirs.value)
