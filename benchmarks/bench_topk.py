@@ -22,9 +22,11 @@ browser open, or Ray actors sharing cores, look like to TopK.
 
 Timings need a quiet machine. With more runnable threads than cores (load
 average above the core count) every multi-threaded op can stall at its
-OpenMP barrier for a scheduler time slice; TopK runs a dozen such ops against
-torch.topk's two, so it suffers more. ``--threads 1`` is the robust setting
-then (and what Ray gives each simulated client by default).
+OpenMP barrier for a scheduler time slice. TopK's CPU path is numpy, one
+thread, unless the vector is large (>= 2 M entries) and at least 4 torch
+threads have free cores (then multi-threaded torch passes; see
+``fl_sparse.compressors._threaded_cpu``), so on this 2-core machine every row
+times the numpy path.
 
 ``--device cuda`` times the same three calls on the GPU (x is the same
 vector, moved there; each timed call is bracketed by

@@ -41,7 +41,6 @@ preserving); float32 and float64 are used as they are.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import inspect
@@ -49,6 +48,7 @@ import math
 import numbers
 from typing import Any, Callable, ClassVar, Protocol, TypeVar, runtime_checkable
 
+import numpy as np
 import torch
 
 from fl_sparse.sparse import SparseTensor
@@ -176,7 +176,145 @@ def _raise_non_finite(who: str) -> None:
 
 
 # ---------------------------------------------------------------- CPU passes
-# Two exact ways to list {i : |x_i| >= t} on CPU, both ~one read of x:
+# Two implementations of the same selections on CPU:
+#
+# * numpy (the default): single-threaded, a handful of calls. At MLP and
+#   ResNet sizes each torch op costs ~10 us of dispatch and an OpenMP barrier
+#   on top of its work, and the torch selection is a dozen ops; numpy's calls
+#   cost ~1 us. Measured (median, one thread, 2026-11-26), d = 50,890 at
+#   1 %: 0.06 ms against 0.36 ms for the torch path and 0.21 ms for
+#   torch.topk; d = 1.2 M at 0.1 %: 0.9 against 2.0 ms; d = 11.2 M at 0.1 %:
+#   8 against 16 ms. Being single-threaded it also cannot stall at a barrier
+#   on a busy machine.
+# * torch (:func:`_threaded_cpu` says when): multi-threaded passes, which win
+#   only on large vectors with several free cores (the 16-core H100 host,
+#   d = 11.2 M at 0.1 %: 4.8 ms on 4 threads, 3.4 ms on 16, against 7.4-11 ms
+#   for numpy; d = 1.2 M: a tie at 4 threads or more).
+_THREADED_MIN_NUMEL = 1 << 21
+_THREADED_MIN_THREADS = 4
+# numpy scans: entries per chunk (the chunk's keys and mask stay in cache; a
+# whole-vector temporary of a large model would page-fault its way in).
+_SCAN_CHUNK = 1 << 16
+
+
+def _threaded_cpu(numel: int) -> bool:
+    """Whether a CPU selection over ``numel`` entries should take the multi-threaded torch path.
+
+    Only for large vectors with at least :data:`_THREADED_MIN_THREADS` torch threads
+    and cores to run them: when more threads are runnable than there are cores (other
+    processes, simulated clients, a browser), one of torch's pool threads is
+    descheduled at nearly every OpenMP barrier and each pass waits a time slice for
+    it (measured at d = 11.2 M, 0.1 %, two busy processes on two cores: the threaded
+    path fell from 17.6x to 0.8-2.3x faster than ``torch.topk``). The check reads the
+    instantaneous count of runnable threads (not the load average, which lags a
+    minute), only when the other two conditions hold.
+    """
+    if numel < _THREADED_MIN_NUMEL or torch.get_num_threads() < _THREADED_MIN_THREADS:
+        return False
+    busy = _runnable_elsewhere()
+    return busy is None or busy < (os.cpu_count() or 1)
+
+
+def _np_positions_at_least(raw: np.ndarray, abs_mask: int, threshold_key: int, limit: int | None = None) -> np.ndarray:
+    """Ascending int64 positions ``i`` with ``raw[i] & abs_mask >= threshold_key`` (numpy, CPU).
+
+    ``limit``: stop once that many are found and return the first ``limit`` (the
+    lowest positions), so a scan for a few entries of a large tie group stays short.
+    """
+    numel = raw.size
+    if numel <= _SCAN_CHUNK:
+        found = np.flatnonzero((raw & abs_mask) >= threshold_key)
+        return found if limit is None else found[:limit]
+    keys = np.empty(_SCAN_CHUNK, dtype=raw.dtype)
+    hits = np.empty(_SCAN_CHUNK, dtype=bool)
+    pieces, count = [], 0
+    for start in range(0, numel, _SCAN_CHUNK):
+        n = min(_SCAN_CHUNK, numel - start)
+        np.bitwise_and(raw[start : start + n], abs_mask, out=keys[:n])
+        np.greater_equal(keys[:n], threshold_key, out=hits[:n])
+        pos = np.flatnonzero(hits[:n])
+        if pos.size:
+            pos += start
+            pieces.append(pos)
+            count += pos.size
+            if limit is not None and count >= limit:
+                break
+    found = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
+    return found if limit is None else found[:limit]
+
+
+def _np_largest_lowest_index(keys: np.ndarray, k: int) -> np.ndarray:
+    """Ascending positions (into ``keys``) of the ``k`` largest keys, ties at the k-th to lower positions."""
+    n = keys.size
+    if k >= n:
+        return np.arange(n, dtype=np.int64)
+    kth = np.partition(keys, n - k)[n - k]
+    chosen = keys > kth
+    need = k - int(np.count_nonzero(chosen))
+    if need:
+        chosen[np.flatnonzero(keys == kth)[:need]] = True
+    return np.flatnonzero(chosen)
+
+
+def _np_magnitude_topk(raw: np.ndarray, abs_mask: int, inf_key: int, k: int, check_finite: bool) -> np.ndarray:
+    """The numpy CPU path of :func:`magnitude_topk_indices`: ascending int64 positions (``1 <= k <= d``).
+
+    The algorithm of :func:`magnitude_topk_indices`: a sampled threshold ``t``,
+    the candidates ``{key >= t}``, their exact top-k; for a large tie group at
+    ``t`` (the zeros of a mostly-zero ``x`` included) the entries strictly above
+    ``t``, then the lowest-index entries equal to ``t``.
+    """
+    numel = raw.size
+    if numel >= _NP_SAMPLE_MIN_NUMEL and k < numel:
+        sample = raw[_sample_positions_np(numel)] & abs_mask
+        m = sample.size
+        expected = m * k / numel
+        j = math.ceil(expected + _SAMPLE_Z * math.sqrt(expected) + 1)
+        while j < m:
+            # j-th largest sampled key, kept within the magnitudes: non-finite entries
+            # (keys >= inf_key) are then always candidates, hence checked below
+            t_key = min(int(np.partition(sample, m - j)[m - j]), inf_key)
+            if t_key < inf_key and int(np.count_nonzero(sample >= t_key)) > 4 * j + 16:
+                # {key >= t} would be far larger than planned (a tie group at t, e.g. the
+                # zeros of a mostly-zero x): above t, then the lowest positions equal to t
+                above = _np_positions_at_least(raw, abs_mask, t_key + 1)
+                above_keys = raw[above] & abs_mask
+                if check_finite and above.size and int(above_keys.max()) >= inf_key:
+                    _raise_non_finite("TopK")
+                if above.size >= k:
+                    return above[_np_largest_lowest_index(above_keys, k)]
+                tied = _np_tied_positions(raw, abs_mask, t_key, k - above.size)
+                if above.size + tied.size == k:
+                    return np.sort(np.concatenate([above, tied]))
+            else:
+                candidates = _np_positions_at_least(raw, abs_mask, t_key)
+                if candidates.size >= k:
+                    cand_keys = raw[candidates] & abs_mask
+                    if check_finite and int(cand_keys.max()) >= inf_key:
+                        _raise_non_finite("TopK")
+                    return candidates[_np_largest_lowest_index(cand_keys, k)]
+            j *= 4  # the estimate was too high (rare, or adversarial input): widen and redo the pass
+    keys = raw & abs_mask
+    if check_finite and int(keys.max()) >= inf_key:
+        _raise_non_finite("TopK")
+    return _np_largest_lowest_index(keys, k)
+
+
+def _np_tied_positions(raw: np.ndarray, abs_mask: int, key: int, need: int) -> np.ndarray:
+    """The (up to) ``need`` lowest positions whose key is exactly ``key``, ascending (numpy)."""
+    pieces, found = [], 0
+    for start in range(0, raw.size, _SCAN_CHUNK):
+        pos = np.flatnonzero((raw[start : start + _SCAN_CHUNK] & abs_mask) == key)
+        if pos.size:
+            pos = pos[: need - found] + start
+            pieces.append(pos)
+            found += pos.size
+            if found >= need:
+                break
+    return np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
+
+
+# The torch passes (the threaded path). Two exact ways to list {i : |x_i| >= t}, both ~one read of x:
 #
 # * blocked (sparse hits): view x as rows of _BLOCK entries, take each row's
 #   max |x| as max(amax, -amin) -- two vectorised reductions that run at
@@ -206,6 +344,15 @@ def _positions_at_least(xw: torch.Tensor, threshold_key: int, density_hint: floa
     if xw.device.type != "cpu":
         # one pass on accelerators; nonzero's output size needs a sync anyway
         return torch.nonzero(torch.bitwise_and(raw, abs_mask) >= threshold_key).flatten()
+    if not _threaded_cpu(numel):
+        return torch.from_numpy(_np_positions_at_least(raw.numpy(), abs_mask, threshold_key))
+    return _torch_positions_at_least(xw, threshold_key, density_hint)
+
+
+def _torch_positions_at_least(xw: torch.Tensor, threshold_key: int, density_hint: float = 1.0) -> torch.Tensor:
+    """The torch CPU passes of :func:`_positions_at_least` (blocked or chunked, by ``density_hint``)."""
+    raw, abs_mask, _ = _key_view(xw)
+    numel = xw.numel()
     if numel >= 4 * _BLOCK and density_hint * _BLOCK <= _BLOCKED_MAX_HITS_PER_ROW:
         return _positions_at_least_blocked(xw, _key_to_float(threshold_key, xw.dtype))
     chunk = max(1, _CHUNK_BYTES // raw.element_size())
@@ -300,8 +447,10 @@ def _first_positions_with_key(raw: torch.Tensor, abs_mask: int, key: int, need: 
 # it the running time, never the result) is deterministic.
 _SAMPLE_SIZE = 1 << 16
 _SAMPLE_SEED = 0x5EED_70B4
-# Below this many entries a direct exact selection is as fast.
+# Below this many entries a direct exact selection is as fast (torch path; numpy's calls
+# are cheaper, so sampling pays off sooner there).
 _FAST_MIN_NUMEL = 1 << 15
+_NP_SAMPLE_MIN_NUMEL = 1 << 12
 # Safety margin of the threshold estimate, in binomial standard deviations.
 _SAMPLE_Z = 4.0
 _sample_positions_cache: dict[tuple[int, str], torch.Tensor] = {}
@@ -322,6 +471,13 @@ def _sample_positions(numel: int, device: torch.device) -> torch.Tensor:
     return pos
 
 
+def _sample_positions_np(numel: int) -> np.ndarray:
+    """:func:`_sample_positions` on CPU, as a read-only numpy array (shares its memory)."""
+    pos = _sample_positions(numel, torch.device("cpu")).numpy()
+    pos.flags.writeable = False
+    return pos
+
+
 def magnitude_topk_indices(x: torch.Tensor, k: int, *, check_finite: bool = True) -> torch.Tensor:
     """Sorted int64 indices of the ``k`` entries of largest ``|x_i|`` (``k`` clipped to ``[0, d]``).
 
@@ -329,7 +485,9 @@ def magnitude_topk_indices(x: torch.Tensor, k: int, *, check_finite: bool = True
     magnitude is tied, CPU breaks ties toward lower indices (deterministic),
     accelerators leave them to ``torch.topk``.
 
-    CPU algorithm (exact, about one read of ``x``): let ``p = k/d``. Take
+    CPU algorithm (exact, about one read of ``x``; numpy, or multi-threaded
+    torch passes for a large ``x`` with free cores, see :func:`_threaded_cpu`;
+    both select the same set): let ``p = k/d``. Take
     ``m`` sample positions (fixed generator) and the ``j``-th largest sampled
     magnitude ``t`` with ``j = ceil(m p + z sqrt(m p) + 1)``, ``z = 4``: a
     threshold ``z`` binomial standard deviations *below* the k-th magnitude,
@@ -371,12 +529,13 @@ def magnitude_topk_indices(x: torch.Tensor, k: int, *, check_finite: bool = True
             _raise_non_finite("TopK")
         return top.indices.sort().values
 
-    with _threads_for_load():
-        return _magnitude_topk_cpu(xw, raw, abs_mask, inf_key, k, check_finite)
+    if not _threaded_cpu(numel):
+        return torch.from_numpy(_np_magnitude_topk(raw.numpy(), abs_mask, inf_key, k, check_finite))
+    return _torch_magnitude_topk(xw, raw, abs_mask, inf_key, k, check_finite)
 
 
-def _magnitude_topk_cpu(xw, raw, abs_mask, inf_key, k, check_finite) -> torch.Tensor:
-    """The CPU path of :func:`magnitude_topk_indices` (see there)."""
+def _torch_magnitude_topk(xw, raw, abs_mask, inf_key, k, check_finite) -> torch.Tensor:
+    """The multi-threaded torch CPU path of :func:`magnitude_topk_indices` (see there)."""
     numel = xw.numel()
     device = xw.device
     if numel >= _FAST_MIN_NUMEL and k < numel:
@@ -398,7 +557,7 @@ def _magnitude_topk_cpu(xw, raw, abs_mask, inf_key, k, check_finite) -> torch.Te
                 # Split it: everything strictly above t, then the lowest-index
                 # entries equal to t, which is exactly the tie-break rule.
                 n_above = int((sample_keys > t_key).sum())
-                above = _positions_at_least(xw, t_key + 1, density_hint=(n_above + 1) / m)
+                above = _torch_positions_at_least(xw, t_key + 1, density_hint=(n_above + 1) / m)
                 above_keys = torch.bitwise_and(raw[above], abs_mask)
                 if check_finite and above.numel() and int(above_keys.max()) >= inf_key:
                     _raise_non_finite("TopK")
@@ -410,7 +569,7 @@ def _magnitude_topk_cpu(xw, raw, abs_mask, inf_key, k, check_finite) -> torch.Te
             elif t_key == 0:
                 break  # every entry would be a candidate: select directly
             else:
-                candidates = _positions_at_least(xw, t_key, density_hint=j / m)
+                candidates = _torch_positions_at_least(xw, t_key, density_hint=j / m)
                 cand_keys = torch.bitwise_and(raw[candidates], abs_mask)
                 if check_finite and candidates.numel() and int(cand_keys.max()) >= inf_key:
                     _raise_non_finite("TopK")
@@ -432,32 +591,6 @@ def _runnable_elsewhere() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return max(0, running - 1)
-
-
-@contextlib.contextmanager
-def _threads_for_load():
-    """Run the enclosed torch ops on one thread while other work already fills the cores.
-
-    TopK's CPU path is a dozen short element-wise passes, each ending at an
-    OpenMP barrier. When more threads are runnable than there are cores (other
-    processes, simulated clients, a browser), one of torch's pool threads is
-    descheduled at nearly every barrier and each pass waits a time slice for
-    it: measured at d = 11.2 M, 0.1 %, the multi-threaded path fell from
-    17.6x to 0.8-2.3x faster than ``torch.topk`` with two busy processes on
-    two cores, while the same code on one thread stayed at 8-12x. The check
-    reads the instantaneous count of runnable threads (not the load average,
-    which lags a minute), so a quiet machine keeps every thread.
-    """
-    threads = torch.get_num_threads()
-    busy = _runnable_elsewhere()
-    if threads <= 1 or busy is None or busy < (os.cpu_count() or 1):
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ============================================================ budgets (k)
@@ -875,13 +1008,14 @@ class HardThreshold(_FromConfig):
         xw = _widen(x)
         raw, abs_mask, inf_key = _key_view(xw)
         t_key = _key_of_threshold(self.lam, xw.dtype)
-        density = 1.0
-        if xw.device.type == "cpu" and xw.numel() >= _FAST_MIN_NUMEL:
+        if xw.device.type == "cpu" and _threaded_cpu(xw.numel()):
             # the hit density picks the faster exact pass; sample it (cheap)
             sample_keys = torch.bitwise_and(raw[_sample_positions(xw.numel(), xw.device)], abs_mask)
             hits = int((sample_keys >= t_key).sum())
             density = (hits + _SAMPLE_Z * math.sqrt(hits) + 1) / sample_keys.numel()
-        idx = _positions_at_least(xw, t_key, density_hint=density)
+            idx = _torch_positions_at_least(xw, t_key, density_hint=density)
+        else:
+            idx = _positions_at_least(xw, t_key)
         if self.check_finite and idx.numel():
             if bool(torch.bitwise_and(raw[idx], abs_mask).max() >= inf_key):
                 _raise_non_finite("HardThreshold")

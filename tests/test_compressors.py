@@ -31,7 +31,18 @@ from fl_sparse.sparse import SparseTensor
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-HYP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+HYP = settings(
+    max_examples=60, deadline=None,
+    # cpu_path below is function-scoped and constant across a test's examples: nothing to reset
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def cpu_path(request, monkeypatch):
+    """Run a test on each CPU implementation of the selections (see ``C._threaded_cpu``)."""
+    monkeypatch.setattr(C, "_threaded_cpu", lambda numel: request.param == "torch")
+    return request.param
 
 
 # ----------------------------------------------------------------- helpers
@@ -68,6 +79,7 @@ vectors = st.lists(
 
 
 # --------------------------------------------------------------- TopK exact
+@pytest.mark.usefixtures("cpu_path")
 @HYP
 @given(values=vectors, data=st.data())
 def test_topk_matches_torch_topk_small(values, data):
@@ -80,6 +92,7 @@ def test_topk_matches_torch_topk_small(values, data):
     assert torch.equal(s.indices, reference_topk(x, k))  # ties -> lowest indices
 
 
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize(
     "kind",
     [
@@ -142,7 +155,7 @@ def test_topk_large_adversarial_inputs(kind, ratio):
 @pytest.mark.parametrize("lam_quantile", [0.0, 0.5, 0.99, 0.999, 1.0])
 @pytest.mark.parametrize("chunk_bytes", [4 * 1000, 4 * 4096 + 4])
 def test_candidate_pass_chunked_and_blocked_agree(monkeypatch, lam_quantile, chunk_bytes):
-    """Both exact passes (several chunks; blocked rows with a tail) list {i : |x_i| >= t}."""
+    """Every exact pass (torch: several chunks, blocked rows with a tail; numpy: chunked) lists {i : |x_i| >= t}."""
     monkeypatch.setattr(C, "_CHUNK_BYTES", chunk_bytes)
     d = 50_001
     x = torch.randn(d, generator=torch.Generator().manual_seed(11))
@@ -150,15 +163,23 @@ def test_candidate_pass_chunked_and_blocked_agree(monkeypatch, lam_quantile, chu
     t = float(torch.quantile(x.abs()[:10_000].double(), lam_quantile))
     t_key = C._key_of_threshold(t, torch.float32)
     expected = torch.nonzero(x.double().abs() >= C._key_to_float(t_key, torch.float32)).flatten()
-    chunked = C._positions_at_least(x, t_key, density_hint=1.0)
-    blocked = C._positions_at_least(x, t_key, density_hint=0.0)
+    chunked = C._torch_positions_at_least(x, t_key, density_hint=1.0)
+    blocked = C._torch_positions_at_least(x, t_key, density_hint=0.0)
     assert torch.equal(chunked, expected)
     assert torch.equal(blocked, expected)
+    raw = x.view(torch.int32).numpy()
+    for scan_chunk in (1000, 4096, 1 << 16):  # several chunks, a short tail, one chunk
+        monkeypatch.setattr(C, "_SCAN_CHUNK", scan_chunk)
+        assert torch.equal(torch.from_numpy(C._np_positions_at_least(raw, 0x7FFF_FFFF, t_key)), expected)
+        for limit in (1, 7, expected.numel() + 1):  # the lowest `limit` of them
+            assert torch.equal(torch.from_numpy(C._np_positions_at_least(raw, 0x7FFF_FFFF, t_key, limit)),
+                               expected[:limit])
     # and TopK through the multi-chunk pass (dense candidate sets)
     s = TopK(ratio=0.05)(x)
     assert torch.equal(s.indices, reference_topk(x, s.nnz))
 
 
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("d", [32_768, 65_536 + 17, 300_000])
 @pytest.mark.parametrize("k", [1, 7, 300, 5_000])
 def test_topk_fast_path_equals_torch_topk_set(d, k):
@@ -168,6 +189,98 @@ def test_topk_fast_path_equals_torch_topk_set(d, k):
     assert torch.equal(idx, expected)  # continuous data: no ties, identical sets
 
 
+tie_heavy = st.lists(
+    st.one_of(
+        st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, -2.5, 1e-30, float("nan"), float("inf")]),
+        st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32),
+    ),
+    min_size=1,
+    max_size=600,
+)
+
+
+@HYP
+@given(values=tie_heavy, data=st.data())
+def test_numpy_and_torch_paths_select_the_same_set(monkeypatch, values, data):
+    """The numpy CPU path (sampled threshold, tie groups, widening retries, chunked scans) equals the
+    torch path and the reference, NaN/Inf included, on inputs small enough to hit every branch."""
+    monkeypatch.setattr(C, "_NP_SAMPLE_MIN_NUMEL", 8)
+    monkeypatch.setattr(C, "_FAST_MIN_NUMEL", 8)
+    monkeypatch.setattr(C, "_SCAN_CHUNK", data.draw(st.sampled_from([16, 100, 1 << 16])))
+    x = torch.tensor(values, dtype=torch.float32)
+    k = data.draw(st.integers(1, x.numel()))
+    xw = C._widen(x)
+    raw, abs_mask, inf_key = C._key_view(xw)
+    finite = bool(torch.isfinite(x).all())
+    if not finite:
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            C._np_magnitude_topk(raw.numpy(), abs_mask, inf_key, k, True)
+    by_numpy = torch.from_numpy(C._np_magnitude_topk(raw.numpy(), abs_mask, inf_key, k, False))
+    by_torch = C._torch_magnitude_topk(xw, raw, abs_mask, inf_key, k, False)
+    assert torch.equal(by_numpy, by_torch)
+    if finite:
+        assert torch.equal(by_numpy, reference_topk(x, k))
+    else:  # NaN ranks above inf, inf above every finite value: the reference on the keys
+        keys = torch.bitwise_and(raw, abs_mask).double()
+        assert torch.equal(by_numpy, reference_topk(keys, k))
+
+
+@pytest.mark.parametrize("kind", ["normal", "all_equal", "discrete_ties", "sample_trap", "mostly_zero"])
+def test_numpy_path_selects_from_a_small_candidate_set(monkeypatch, kind):
+    """Tie groups at the sampled threshold, a sample that overshoots (retried with a lower
+    threshold) and a zero threshold never make the exact selection run over the whole vector."""
+    d, k = 100_003, 101
+    g = torch.Generator().manual_seed(3)
+    x = {
+        "normal": lambda: torch.randn(d, generator=g),
+        "all_equal": lambda: torch.full((d,), 0.5),
+        "discrete_ties": lambda: torch.randint(-3, 4, (d,), generator=g).float(),
+        "sample_trap": lambda: torch.randn(d, generator=g) * 1e-3,
+        "mostly_zero": lambda: torch.randn(d, generator=g) * (torch.rand(d, generator=g) < 0.001),
+    }[kind]()
+    if kind == "sample_trap":  # large values exactly at the sample positions: the estimate overshoots
+        pos = C._sample_positions(d, torch.device("cpu"))
+        x[pos] = 1000.0 + torch.arange(pos.numel(), dtype=torch.float32)
+    sizes = []
+    select = C._np_largest_lowest_index
+    monkeypatch.setattr(C, "_np_largest_lowest_index", lambda keys, k: sizes.append(keys.size) or select(keys, k))
+    monkeypatch.setattr(C, "_threaded_cpu", lambda numel: False)
+    assert torch.equal(TopK(k)(x).indices, reference_topk(x, k))
+    assert max(sizes, default=0) < d // 20
+
+
+def test_threaded_cpu_path_only_for_large_vectors_on_free_cores(monkeypatch, torch_threads):
+    big = C._THREADED_MIN_NUMEL
+    monkeypatch.setattr(C.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 2)
+    with torch_threads(8):
+        assert C._threaded_cpu(big)
+        assert not C._threaded_cpu(big - 1)  # small: numpy wins on any core count
+        monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 8)  # every core taken by others
+        assert not C._threaded_cpu(big)
+        monkeypatch.setattr(C, "_runnable_elsewhere", lambda: None)  # cannot tell: trust the cores
+        assert C._threaded_cpu(big)
+    with torch_threads(C._THREADED_MIN_THREADS - 1):
+        assert not C._threaded_cpu(big)
+
+
+@pytest.fixture
+def torch_threads():
+    import contextlib
+
+    @contextlib.contextmanager
+    def use(n):
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    return use
+
+
+@pytest.mark.usefixtures("cpu_path")
 def test_topk_k_equals_numel_and_tiny_inputs():
     x = torch.tensor([3.0, -1.0, 0.0, 2.0])
     s = TopK(k=4)(x)
@@ -179,6 +292,7 @@ def test_topk_k_equals_numel_and_tiny_inputs():
     assert empty.nnz == 0 and empty.numel == 0
 
 
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [1_000, 100_000])
 def test_topk_other_dtypes(dtype, d):
@@ -189,6 +303,7 @@ def test_topk_other_dtypes(dtype, d):
     assert torch.equal(s.indices, reference_topk(x, k))
 
 
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("d", [50, 200_000])
 def test_topk_rejects_non_finite(bad, d):
@@ -201,6 +316,7 @@ def test_topk_rejects_non_finite(bad, d):
     TopK(ratio=0.001, check_finite=False)(x)  # opt-out: no error
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_topk_non_finite_even_when_sample_holds_nan():
     d = 200_000
     x = torch.randn(d, generator=torch.Generator().manual_seed(1))
@@ -209,6 +325,7 @@ def test_topk_non_finite_even_when_sample_holds_nan():
         TopK(ratio=0.01)(x)
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_topk_half_of_a_mostly_zero_vector():
     # k above the non-zero count with a sampled threshold of exactly 0 (direct selection)
     d = 100_000
@@ -218,6 +335,7 @@ def test_topk_half_of_a_mostly_zero_vector():
     assert torch.equal(s.indices, reference_topk(x, d // 2))
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_topk_without_finite_check_ranks_nan_first():
     d = 100_000
     x = torch.randn(d, generator=torch.Generator().manual_seed(4))
@@ -238,6 +356,7 @@ def test_topk_rejects_bad_input():
         TopK(k=1)(torch.arange(5))
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_topk_is_deterministic_and_ignores_autograd():
     x = torch.randn(200_000, generator=torch.Generator().manual_seed(5), requires_grad=True)
     a, b = TopK(ratio=0.001)(x), TopK(ratio=0.001)(x)
@@ -381,6 +500,7 @@ def test_rtopk_r_capped_and_validation():
 
 
 # ---------------------------------------------------------- HardThreshold
+@pytest.mark.usefixtures("cpu_path")
 @HYP
 @given(values=vectors, lam=st.floats(0.0, 10.0, allow_nan=False))
 def test_hard_threshold_exact_set(values, lam):
@@ -391,6 +511,7 @@ def test_hard_threshold_exact_set(values, lam):
     assert torch.equal(s.indices, expected)
 
 
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("lam", [0.0, 1.5, 2.9, 3.3, 5.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_hard_threshold_large(lam, dtype):
@@ -401,6 +522,7 @@ def test_hard_threshold_large(lam, dtype):
     assert torch.equal(s.indices, torch.nonzero(x.double().abs() >= lam).flatten())
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_hard_threshold_boundary_is_exact_in_real_arithmetic():
     lam = 0.7
     below = torch.tensor(lam, dtype=torch.float32)  # float32(0.7) = 0.69999998... < 0.7
@@ -411,6 +533,7 @@ def test_hard_threshold_boundary_is_exact_in_real_arithmetic():
     assert HardThreshold(0.0)(torch.tensor([0.0, -0.0, 1.0])).nnz == 3  # |x| >= 0: everything
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_hard_threshold_validation_and_non_finite():
     for bad in (-1.0, float("nan"), float("inf"), "0.1", True):
         with pytest.raises(ValueError):
