@@ -201,18 +201,20 @@ def _threaded_cpu(numel: int) -> bool:
     """Whether a CPU selection over ``numel`` entries should take the multi-threaded torch path.
 
     Only for large vectors with at least :data:`_THREADED_MIN_THREADS` torch threads
-    and cores to run them: when more threads are runnable than there are cores (other
-    processes, simulated clients, a browser), one of torch's pool threads is
-    descheduled at nearly every OpenMP barrier and each pass waits a time slice for
-    it (measured at d = 11.2 M, 0.1 %, two busy processes on two cores: the threaded
-    path fell from 17.6x to 0.8-2.3x faster than ``torch.topk``). The check reads the
-    instantaneous count of runnable threads (not the load average, which lags a
-    minute), only when the other two conditions hold.
+    and a free core for each of them besides what other processes run: when more
+    threads are runnable than there are cores (other processes, simulated clients, a
+    browser), one of torch's pool threads is descheduled at nearly every OpenMP
+    barrier and each pass waits a time slice for it (measured at d = 11.2 M, 0.1 %,
+    two busy processes on two cores: the threaded path fell from 17.6x to 0.8-2.3x
+    faster than ``torch.topk``). The check reads the instantaneous count of runnable
+    threads (not the load average, which lags a minute), only when the other two
+    conditions hold; where it cannot be read, the cores are trusted.
     """
-    if numel < _THREADED_MIN_NUMEL or torch.get_num_threads() < _THREADED_MIN_THREADS:
+    threads = torch.get_num_threads()
+    if numel < _THREADED_MIN_NUMEL or threads < _THREADED_MIN_THREADS:
         return False
-    busy = _runnable_elsewhere()
-    return busy is None or busy < (os.cpu_count() or 1)
+    others = _runnable_elsewhere()
+    return others is None or others + threads <= (os.cpu_count() or 1)
 
 
 def _np_positions_at_least(raw: np.ndarray, abs_mask: int, threshold_key: int, limit: int | None = None) -> np.ndarray:
@@ -583,14 +585,29 @@ def _torch_magnitude_topk(xw, raw, abs_mask, inf_key, k, check_finite) -> torch.
     return _largest_keys_lowest_index(keys, k)
 
 
-def _runnable_elsewhere() -> int | None:
-    """Runnable threads on the machine besides the calling one, now (Linux ``/proc/loadavg``), or None."""
+def _runnable_elsewhere(loadavg: str = "/proc/loadavg", tasks: str = "/proc/self/task") -> int | None:
+    """Runnable threads of *other* processes on the machine, now (Linux ``/proc``), or None.
+
+    ``/proc/loadavg`` counts every runnable thread, this process's own included, and
+    right after a multi-threaded torch op our OpenMP pool threads still spin (runnable)
+    for a while: counted as load, they would make an idle machine look busy (seen on a
+    16-core host: 15 of our own spinning threads). So this process's runnable threads
+    (``/proc/self/task/*/stat``, state ``R``) are subtracted.
+    """
     try:
-        with open("/proc/loadavg", "rb") as fh:
+        with open(loadavg, "rb") as fh:
             running = int(fh.read().split()[3].split(b"/")[0])
+        own = 0
+        for task in os.scandir(tasks):
+            try:
+                with open(f"{task.path}/stat", "rb") as fh:
+                    stat = fh.read()
+            except OSError:  # the thread ended meanwhile
+                continue
+            own += stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] == b"R"
     except (OSError, ValueError, IndexError):
         return None
-    return max(0, running - 1)
+    return max(0, running - max(own, 1))
 
 
 # ============================================================ budgets (k)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import time
 from fractions import Fraction
 
 import pytest
@@ -252,16 +256,51 @@ def test_numpy_path_selects_from_a_small_candidate_set(monkeypatch, kind):
 def test_threaded_cpu_path_only_for_large_vectors_on_free_cores(monkeypatch, torch_threads):
     big = C._THREADED_MIN_NUMEL
     monkeypatch.setattr(C.os, "cpu_count", lambda: 8)
-    monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 2)
+    monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 0)
     with torch_threads(8):
         assert C._threaded_cpu(big)
         assert not C._threaded_cpu(big - 1)  # small: numpy wins on any core count
-        monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 8)  # every core taken by others
+        monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 1)  # one of our 8 threads would wait
         assert not C._threaded_cpu(big)
         monkeypatch.setattr(C, "_runnable_elsewhere", lambda: None)  # cannot tell: trust the cores
         assert C._threaded_cpu(big)
-    with torch_threads(C._THREADED_MIN_THREADS - 1):
+    with torch_threads(4):
+        monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 4)  # 4 others + our 4 = 8 cores
+        assert C._threaded_cpu(big)
+        monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 5)
         assert not C._threaded_cpu(big)
+    with torch_threads(C._THREADED_MIN_THREADS - 1):
+        monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 0)
+        assert not C._threaded_cpu(big)
+
+
+def test_runnable_elsewhere_does_not_count_this_process(tmp_path):
+    """Our own runnable threads (an OpenMP pool still spinning) are not load from others."""
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("0.50 0.40 0.30 19/812 4242\n")
+    tasks = tmp_path / "task"
+    states = {101: "R", 102: "R", 103: "S", 104: "R", 105: "D"}
+    for tid, state in states.items():
+        (tasks / str(tid)).mkdir(parents=True)
+        # a thread name may hold spaces and parentheses: the state follows the last ")"
+        (tasks / str(tid) / "stat").write_text(f"{tid} (pt_main (x) y) {state} 1 2 3\n")
+    assert C._runnable_elsewhere(str(loadavg), str(tasks)) == 19 - 3
+    loadavg.write_text("0.50 0.40 0.30 2/812 4242\n")
+    assert C._runnable_elsewhere(str(loadavg), str(tasks)) == 0  # never below zero
+    assert C._runnable_elsewhere(str(tmp_path / "missing"), str(tasks)) is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="Linux /proc")
+def test_runnable_elsewhere_sees_a_busy_process():
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while C._runnable_elsewhere() < 1:  # the spinner runs (or waits for a core): runnable
+            assert time.monotonic() < deadline, "a spinning process never counted as runnable"
+            time.sleep(0.05)
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 @pytest.fixture
