@@ -178,14 +178,14 @@ def _raise_non_finite(who: str) -> None:
 # ---------------------------------------------------------------- CPU passes
 # Two implementations of the same selections on CPU:
 #
-# * numpy (the default): single-threaded, a handful of calls. At MLP and
-#   ResNet sizes each torch op costs ~10 us of dispatch and an OpenMP barrier
-#   on top of its work, and the torch selection is a dozen ops; numpy's calls
-#   cost ~1 us. Measured (median, one thread, 2026-11-26), d = 50,890 at
-#   1 %: 0.06 ms against 0.36 ms for the torch path and 0.21 ms for
-#   torch.topk; d = 1.2 M at 0.1 %: 0.9 against 2.0 ms; d = 11.2 M at 0.1 %:
-#   8 against 16 ms. Being single-threaded it also cannot stall at a barrier
-#   on a busy machine.
+# * numpy (the default): single-threaded, a handful of calls. torch's CPU
+#   kernels for this kind of work are slow on one thread at model sizes (d =
+#   50,890: ``torch.nonzero`` 118 us against ``np.flatnonzero``'s 18, a float
+#   compare 61 us against 11), and the torch selection is a dozen ops.
+#   Measured (median, one thread, 2026-11-26), d = 50,890 at 1 %: 0.06 ms
+#   against 0.36 ms for the torch path and 0.21 ms for torch.topk; d = 1.2 M
+#   at 0.1 %: 0.9 against 2.0 ms; d = 11.2 M at 0.1 %: 8 against 16 ms. Being
+#   single-threaded it also cannot stall at a barrier on a busy machine.
 # * torch (:func:`_threaded_cpu` says when): multi-threaded passes, which win
 #   only on large vectors with several free cores (the 16-core H100 host,
 #   d = 11.2 M at 0.1 %: 4.8 ms on 4 threads, 3.4 ms on 16, against 7.4-11 ms
@@ -217,19 +217,14 @@ def _threaded_cpu(numel: int) -> bool:
     return others is None or others + threads <= (os.cpu_count() or 1)
 
 
-def _np_positions_at_least(raw: np.ndarray, abs_mask: int, threshold_key: int, limit: int | None = None) -> np.ndarray:
-    """Ascending int64 positions ``i`` with ``raw[i] & abs_mask >= threshold_key`` (numpy, CPU).
-
-    ``limit``: stop once that many are found and return the first ``limit`` (the
-    lowest positions), so a scan for a few entries of a large tie group stays short.
-    """
+def _np_positions_at_least(raw: np.ndarray, abs_mask: int, threshold_key: int) -> np.ndarray:
+    """Ascending int64 positions ``i`` with ``raw[i] & abs_mask >= threshold_key`` (numpy, CPU)."""
     numel = raw.size
     if numel <= _SCAN_CHUNK:
-        found = np.flatnonzero((raw & abs_mask) >= threshold_key)
-        return found if limit is None else found[:limit]
+        return np.flatnonzero((raw & abs_mask) >= threshold_key)
     keys = np.empty(_SCAN_CHUNK, dtype=raw.dtype)
     hits = np.empty(_SCAN_CHUNK, dtype=bool)
-    pieces, count = [], 0
+    pieces = []
     for start in range(0, numel, _SCAN_CHUNK):
         n = min(_SCAN_CHUNK, numel - start)
         np.bitwise_and(raw[start : start + n], abs_mask, out=keys[:n])
@@ -238,11 +233,7 @@ def _np_positions_at_least(raw: np.ndarray, abs_mask: int, threshold_key: int, l
         if pos.size:
             pos += start
             pieces.append(pos)
-            count += pos.size
-            if limit is not None and count >= limit:
-                break
-    found = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
-    return found if limit is None else found[:limit]
+    return np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
 
 
 def _np_largest_lowest_index(keys: np.ndarray, k: int) -> np.ndarray:

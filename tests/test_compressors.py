@@ -175,9 +175,10 @@ def test_candidate_pass_chunked_and_blocked_agree(monkeypatch, lam_quantile, chu
     for scan_chunk in (1000, 4096, 1 << 16):  # several chunks, a short tail, one chunk
         monkeypatch.setattr(C, "_SCAN_CHUNK", scan_chunk)
         assert torch.equal(torch.from_numpy(C._np_positions_at_least(raw, 0x7FFF_FFFF, t_key)), expected)
-        for limit in (1, 7, expected.numel() + 1):  # the lowest `limit` of them
-            assert torch.equal(torch.from_numpy(C._np_positions_at_least(raw, 0x7FFF_FFFF, t_key, limit)),
-                               expected[:limit])
+        tie_key = int(torch.bitwise_and(x.view(torch.int32), 0x7FFF_FFFF)[0])  # x[0] = 0: a tie group of zeros
+        zeros = torch.nonzero(x == 0).flatten()
+        for need in (1, 7, 20, zeros.numel() // 2, zeros.numel() + 1):  # the lowest `need` (some span chunks)
+            assert torch.equal(torch.from_numpy(C._np_tied_positions(raw, 0x7FFF_FFFF, tie_key, need)), zeros[:need])
     # and TopK through the multi-chunk pass (dense candidate sets)
     s = TopK(ratio=0.05)(x)
     assert torch.equal(s.indices, reference_topk(x, s.nnz))
