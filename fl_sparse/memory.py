@@ -16,8 +16,10 @@ Top-k, rTop-k and hard threshold).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from fl_sparse.sparse import SparseTensor
@@ -96,10 +98,22 @@ class ErrorFeedback:
         return self._error
 
     def norm(self) -> float:
-        """``||e||_2`` as a Python float (0.0 while empty)."""
-        if self._error is None:
+        """``||e||_2`` as a Python float (0.0 while empty; inf if ``e·e`` overflows, NaN if ``e`` holds one).
+
+        A float32/float64 memory on CPU goes through numpy (``sqrt(e·e)``, accumulated in
+        ``e``'s dtype like ``torch.linalg.vector_norm``, equal to it up to rounding): in a
+        client's message, between the train function and the rest of the mod, torch's
+        reduction cost about 50 us more than numpy's dot (d = 50,890, measured in the
+        running benchmark; 12 against 5 us when timed alone).
+        """
+        error = self._error
+        if error is None:
             return 0.0
-        return float(torch.linalg.vector_norm(self._error))
+        if error.device.type == "cpu" and error.dtype in (torch.float32, torch.float64):
+            v = error.numpy()
+            with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are the answer, not a warning
+                return math.sqrt(float(np.dot(v, v)))
+        return float(torch.linalg.vector_norm(error))
 
     # -------------------------------------------------------------- checks
     def _adopt(self, x: torch.Tensor, what: str) -> None:

@@ -113,6 +113,30 @@ def test_norm_reset_and_error_property():
     assert mem.numel == 3
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.floats(-(2.0**50), 2.0**50, allow_nan=False, width=32), min_size=1, max_size=300),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+)
+def test_norm_is_the_euclidean_norm_of_the_error(values, dtype):
+    mem = ErrorFeedback(len(values), dtype=dtype)
+    e = torch.tensor(values, dtype=dtype)
+    mem.load_state_dict({"numel": len(values), "error": e})
+    exact = float(torch.linalg.vector_norm(e.double()))
+    # e's own dtype accumulates the squares: a few ulp of it per entry, relatively
+    rel = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 5e-2}[dtype]
+    assert mem.norm() == pytest.approx(exact, rel=rel)
+
+
+def test_norm_overflow_and_nan_are_values_not_warnings(recwarn):
+    mem = ErrorFeedback(3)
+    mem.load_state_dict({"numel": 3, "error": torch.tensor([1e20, 1.0, 0.0])})  # e·e overflows float32
+    assert mem.norm() == float(torch.linalg.vector_norm(mem.error)) == float("inf")  # as torch says
+    mem.load_state_dict({"numel": 3, "error": torch.tensor([float("nan"), 1.0, 0.0])})
+    assert mem.norm() != mem.norm()
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_state_dict_roundtrip_through_torch_save():
     mem = ErrorFeedback(6)
     c = torch.arange(6, dtype=torch.float32)
