@@ -1237,23 +1237,9 @@ def _to_fp16(v32: torch.Tensor) -> torch.Tensor:
     return half
 
 
-def _finite_float32(x: torch.Tensor) -> torch.Tensor:
-    """:func:`fl_sparse.quantize._as_finite_float32` (same checks, same errors), numpy's isfinite on CPU.
-
-    ``torch.isfinite(v).all()`` is two kernels and a host sync; on a CPU tensor
-    numpy's is one pass: it matters twice per message (lossy round trip, encode).
-    """
-    if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dim() != 1 or not x.is_floating_point():
-        return _as_finite_float32(x)
-    v = x if x.dtype == torch.float32 and not x.requires_grad else x.detach().to(torch.float32)
-    if v.numel() and not np.isfinite(v.numpy()).all():
-        raise ValueError("values contain NaN or Inf (after casting to float32)")
-    return v
-
-
 def _value_arrays(x: torch.Tensor, code: _ValueCode) -> dict[str, np.ndarray]:
     """Encode values to the 'values' array (+ side array); quantization runs on x's device."""
-    v32 = _finite_float32(x)
+    v32 = _as_finite_float32(x)
     if code.code_id == VCODE_FP32:
         return {"values": (v32 if v32.device.type == "cpu" else v32.cpu()).numpy()}  # _wire_array copies it
     if code.code_id == VCODE_FP16:
@@ -1268,7 +1254,7 @@ def _value_arrays(x: torch.Tensor, code: _ValueCode) -> dict[str, np.ndarray]:
 
 
 def _lossy(x: torch.Tensor, code: _ValueCode) -> torch.Tensor:
-    v32 = _finite_float32(x)
+    v32 = _as_finite_float32(x)
     if code.code_id == VCODE_FP32:
         return v32
     if code.code_id == VCODE_FP16:

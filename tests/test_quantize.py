@@ -12,13 +12,23 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import fl_sparse.quantize as Q
 from fl_sparse.quantize import FractionalQuantizer, ScaledSign, _interval_sums_by_sorting
 
-SETTINGS = settings(max_examples=150, deadline=None)
+# quantizer_path below is function-scoped and constant across a test's examples: nothing to reset
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(params=["numpy", "torch"])
+def quantizer_path(request, monkeypatch):
+    """Run a test on each implementation: numpy (CPU tensors) and torch (accelerators, here on CPU)."""
+    if request.param == "torch":
+        monkeypatch.setattr(Q, "_numpy_path", lambda device: False)
+    return request.param
 
 finite_float32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 float32_vectors = hnp.arrays(np.float32, st.integers(0, 300), elements=finite_float32)
@@ -112,6 +122,7 @@ def test_rejects_bad_bit_budgets(bits):
         FractionalQuantizer(bits)
 
 
+@pytest.mark.usefixtures("quantizer_path")
 @SETTINGS
 @given(v=float32_vectors | few_distinct_vectors, bits=bit_budgets)
 def test_fractional_properties(v, bits):
@@ -124,6 +135,7 @@ def test_fractional_properties(v, bits):
     check_fractional(v, bits, codes, means, recon)
 
 
+@pytest.mark.usefixtures("quantizer_path")
 @SETTINGS
 @given(v=float32_vectors, bits=bit_budgets)
 def test_fractional_is_permutation_equivariant(v, bits):
@@ -137,7 +149,8 @@ def test_fractional_is_permutation_equivariant(v, bits):
     assert torch.equal(means_p, means)
 
 
-@settings(max_examples=40, deadline=None)
+@pytest.mark.usefixtures("quantizer_path")
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 3000), spread=st.floats(0.0, 6.0))
 def test_error_non_increasing_in_bits(seed, n, spread):
     """q -> q+1 halves every interval (on a zero-free input), so the squared error cannot grow."""
@@ -156,6 +169,7 @@ def test_error_non_increasing_in_bits(seed, n, spread):
         assert sse[-1] < sse[0]
 
 
+@pytest.mark.usefixtures("quantizer_path")
 def test_error_decreases_on_average():
     rng = np.random.default_rng(1234)
     mean_sse = np.zeros(15)
@@ -169,6 +183,7 @@ def test_error_decreases_on_average():
     assert mean_sse[-1] < 1e-6 * mean_sse[0]
 
 
+@pytest.mark.usefixtures("quantizer_path")
 @pytest.mark.parametrize("bits", [2, 4, 9, 16])
 def test_fractional_edge_cases(bits):
     q = FractionalQuantizer(bits)
@@ -190,6 +205,7 @@ def test_fractional_edge_cases(bits):
     assert q(torch.tensor([1.0, -2.0], dtype=torch.float64)).dtype == torch.float32
 
 
+@pytest.mark.usefixtures("quantizer_path")
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_fractional_rejects_non_finite(bad):
     v = torch.tensor([1.0, bad, 2.0])
@@ -199,6 +215,7 @@ def test_fractional_rejects_non_finite(bad):
         FractionalQuantizer(4)(v)
 
 
+@pytest.mark.usefixtures("quantizer_path")
 def test_fractional_rejects_bad_inputs():
     q = FractionalQuantizer(4)
     with pytest.raises(ValueError, match="1-D"):
@@ -214,6 +231,26 @@ def test_fractional_rejects_bad_inputs():
         q.decode(codes, torch.full_like(means, float("nan")))
     with pytest.raises(ValueError, match="codes"):
         q.decode(torch.tensor([16]), means)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 9, 16])
+def test_numpy_and_torch_paths_agree(monkeypatch, bits):
+    """The numpy CPU path codes, averages and reconstructs as the torch path does (continuous
+    data: no value sits on an interval boundary, where the two logs could round apart)."""
+    rng = np.random.default_rng(bits)
+    q = FractionalQuantizer(bits)
+    for n, zeros in [(509, 0), (5_000, 40), (3, 1)]:
+        v = (rng.standard_normal(n) * np.exp(2 * rng.standard_normal(n))).astype(np.float32)
+        v[rng.choice(n, zeros, replace=False)] = 0.0
+        x = torch.from_numpy(v)
+        by_numpy = q.encode(x), q(x)
+        with monkeypatch.context() as m:
+            m.setattr(Q, "_numpy_path", lambda device: False)
+            by_torch = q.encode(x), q(x)
+        assert torch.equal(by_numpy[0][0], by_torch[0][0])  # codes
+        assert torch.equal(by_numpy[0][1], by_torch[0][1])  # means
+        assert torch.equal(by_numpy[1], by_torch[1])  # reconstruction
+        assert by_numpy[0][0].dtype == by_torch[0][0].dtype
 
 
 def test_sorting_sums_match_index_add():
