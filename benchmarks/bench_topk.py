@@ -24,9 +24,9 @@ Timings need a quiet machine. With more runnable threads than cores (load
 average above the core count) every multi-threaded op can stall at its
 OpenMP barrier for a scheduler time slice. TopK's CPU path is numpy, one
 thread, unless the vector is large (>= 2 M entries) and at least 4 torch
-threads have free cores (then multi-threaded torch passes; see
-``fl_sparse.compressors._threaded_cpu``), so on this 2-core machine every row
-times the numpy path.
+threads get a core of their own (then multi-threaded torch passes on that
+many threads; see ``fl_sparse.compressors._cpu_threads_for``), so on a
+2-core machine every row times the numpy path.
 
 ``--device cuda`` times the same three calls on the GPU (x is the same
 vector, moved there; each timed call is bracketed by

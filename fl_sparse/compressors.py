@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import os
 
+import contextlib
 import inspect
 import math
 import numbers
@@ -186,7 +187,7 @@ def _raise_non_finite(who: str) -> None:
 #   against 0.36 ms for the torch path and 0.21 ms for torch.topk; d = 1.2 M
 #   at 0.1 %: 0.9 against 2.0 ms; d = 11.2 M at 0.1 %: 8 against 16 ms. Being
 #   single-threaded it also cannot stall at a barrier on a busy machine.
-# * torch (:func:`_threaded_cpu` says when): multi-threaded passes, which win
+# * torch (:func:`_cpu_threads_for` says when, and on how many threads): multi-threaded passes, which win
 #   only on large vectors with several free cores (the 16-core H100 host,
 #   d = 11.2 M at 0.1 %: 4.8 ms on 4 threads, 3.4 ms on 16, against 7.4-11 ms
 #   for numpy; d = 1.2 M: a tie at 4 threads or more).
@@ -197,24 +198,42 @@ _THREADED_MIN_THREADS = 4
 _SCAN_CHUNK = 1 << 16
 
 
-def _threaded_cpu(numel: int) -> bool:
-    """Whether a CPU selection over ``numel`` entries should take the multi-threaded torch path.
+def _cpu_threads_for(numel: int) -> int:
+    """Threads for the multi-threaded torch path of a CPU selection over ``numel`` entries; 0: numpy.
 
-    Only for large vectors with at least :data:`_THREADED_MIN_THREADS` torch threads
-    and a free core for each of them besides what other processes run: when more
-    threads are runnable than there are cores (other processes, simulated clients, a
+    The torch path only for large vectors, with at least :data:`_THREADED_MIN_THREADS`
+    torch threads that each get a core other processes leave free: when more threads
+    are runnable than there are cores (other processes, simulated clients, a
     browser), one of torch's pool threads is descheduled at nearly every OpenMP
     barrier and each pass waits a time slice for it (measured at d = 11.2 M, 0.1 %,
     two busy processes on two cores: the threaded path fell from 17.6x to 0.8-2.3x
-    faster than ``torch.topk``). The check reads the instantaneous count of runnable
-    threads (not the load average, which lags a minute), only when the other two
-    conditions hold; where it cannot be read, the cores are trusted.
+    faster than ``torch.topk``). So it runs on ``min(torch threads, cores - others)``
+    threads, where ``others`` is the instantaneous count of other processes'
+    runnable threads (not the load average, which lags a minute), read only when the
+    other conditions hold; where it cannot be read, the cores are trusted. The count
+    errs high right after our own multi-threaded work (see :func:`_runnable_elsewhere`),
+    which costs a few threads, never a stall.
     """
     threads = torch.get_num_threads()
     if numel < _THREADED_MIN_NUMEL or threads < _THREADED_MIN_THREADS:
-        return False
-    others = _runnable_elsewhere()
-    return others is None or others + threads <= (os.cpu_count() or 1)
+        return 0
+    free = (os.cpu_count() or 1) - (_runnable_elsewhere() or 0)
+    use = min(threads, free)
+    return use if use >= _THREADED_MIN_THREADS else 0
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Run the enclosed torch ops on ``n`` threads (the caller's count restored after)."""
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _np_positions_at_least(raw: np.ndarray, abs_mask: int, threshold_key: int) -> np.ndarray:
@@ -337,9 +356,11 @@ def _positions_at_least(xw: torch.Tensor, threshold_key: int, density_hint: floa
     if xw.device.type != "cpu":
         # one pass on accelerators; nonzero's output size needs a sync anyway
         return torch.nonzero(torch.bitwise_and(raw, abs_mask) >= threshold_key).flatten()
-    if not _threaded_cpu(numel):
+    threads = _cpu_threads_for(numel)
+    if not threads:
         return torch.from_numpy(_np_positions_at_least(raw.numpy(), abs_mask, threshold_key))
-    return _torch_positions_at_least(xw, threshold_key, density_hint)
+    with _torch_threads(threads):
+        return _torch_positions_at_least(xw, threshold_key, density_hint)
 
 
 def _torch_positions_at_least(xw: torch.Tensor, threshold_key: int, density_hint: float = 1.0) -> torch.Tensor:
@@ -479,7 +500,7 @@ def magnitude_topk_indices(x: torch.Tensor, k: int, *, check_finite: bool = True
     accelerators leave them to ``torch.topk``.
 
     CPU algorithm (exact, about one read of ``x``; numpy, or multi-threaded
-    torch passes for a large ``x`` with free cores, see :func:`_threaded_cpu`;
+    torch passes for a large ``x`` with free cores, see :func:`_cpu_threads_for`;
     both select the same set): let ``p = k/d``. Take
     ``m`` sample positions (fixed generator) and the ``j``-th largest sampled
     magnitude ``t`` with ``j = ceil(m p + z sqrt(m p) + 1)``, ``z = 4``: a
@@ -522,9 +543,11 @@ def magnitude_topk_indices(x: torch.Tensor, k: int, *, check_finite: bool = True
             _raise_non_finite("TopK")
         return top.indices.sort().values
 
-    if not _threaded_cpu(numel):
+    threads = _cpu_threads_for(numel)
+    if not threads:
         return torch.from_numpy(_np_magnitude_topk(raw.numpy(), abs_mask, inf_key, k, check_finite))
-    return _torch_magnitude_topk(xw, raw, abs_mask, inf_key, k, check_finite)
+    with _torch_threads(threads):
+        return _torch_magnitude_topk(xw, raw, abs_mask, inf_key, k, check_finite)
 
 
 def _torch_magnitude_topk(xw, raw, abs_mask, inf_key, k, check_finite) -> torch.Tensor:
@@ -583,7 +606,9 @@ def _runnable_elsewhere(loadavg: str = "/proc/loadavg", tasks: str = "/proc/self
     right after a multi-threaded torch op our OpenMP pool threads still spin (runnable)
     for a while: counted as load, they would make an idle machine look busy (seen on a
     16-core host: 15 of our own spinning threads). So this process's runnable threads
-    (``/proc/self/task/*/stat``, state ``R``) are subtracted.
+    (``/proc/self/task/*/stat``, state ``R``) are subtracted. They are read after the
+    count, and spinning threads only go to sleep meanwhile, so the result errs high
+    (seen: 0-6 on that idle host right after ``torch.topk``), never low: the safe side.
     """
     try:
         with open(loadavg, "rb") as fh:
@@ -1016,12 +1041,14 @@ class HardThreshold(_FromConfig):
         xw = _widen(x)
         raw, abs_mask, inf_key = _key_view(xw)
         t_key = _key_of_threshold(self.lam, xw.dtype)
-        if xw.device.type == "cpu" and _threaded_cpu(xw.numel()):
-            # the hit density picks the faster exact pass; sample it (cheap)
-            sample_keys = torch.bitwise_and(raw[_sample_positions(xw.numel(), xw.device)], abs_mask)
-            hits = int((sample_keys >= t_key).sum())
-            density = (hits + _SAMPLE_Z * math.sqrt(hits) + 1) / sample_keys.numel()
-            idx = _torch_positions_at_least(xw, t_key, density_hint=density)
+        threads = _cpu_threads_for(xw.numel()) if xw.device.type == "cpu" else 0
+        if threads:
+            with _torch_threads(threads):
+                # the hit density picks the faster exact pass; sample it (cheap)
+                sample_keys = torch.bitwise_and(raw[_sample_positions(xw.numel(), xw.device)], abs_mask)
+                hits = int((sample_keys >= t_key).sum())
+                density = (hits + _SAMPLE_Z * math.sqrt(hits) + 1) / sample_keys.numel()
+                idx = _torch_positions_at_least(xw, t_key, density_hint=density)
         else:
             idx = _positions_at_least(xw, t_key)
         if self.check_finite and idx.numel():

@@ -44,8 +44,9 @@ HYP = settings(
 
 @pytest.fixture(params=["numpy", "torch"])
 def cpu_path(request, monkeypatch):
-    """Run a test on each CPU implementation of the selections (see ``C._threaded_cpu``)."""
-    monkeypatch.setattr(C, "_threaded_cpu", lambda numel: request.param == "torch")
+    """Run a test on each CPU implementation of the selections (see ``C._cpu_threads_for``)."""
+    threads = torch.get_num_threads() if request.param == "torch" else 0
+    monkeypatch.setattr(C, "_cpu_threads_for", lambda numel: threads)
     return request.param
 
 
@@ -249,7 +250,7 @@ def test_numpy_path_selects_from_a_small_candidate_set(monkeypatch, kind):
     sizes = []
     select = C._np_largest_lowest_index
     monkeypatch.setattr(C, "_np_largest_lowest_index", lambda keys, k: sizes.append(keys.size) or select(keys, k))
-    monkeypatch.setattr(C, "_threaded_cpu", lambda numel: False)
+    monkeypatch.setattr(C, "_cpu_threads_for", lambda numel: 0)
     assert torch.equal(TopK(k)(x).indices, reference_topk(x, k))
     assert max(sizes, default=0) < d // 20
 
@@ -259,20 +260,35 @@ def test_threaded_cpu_path_only_for_large_vectors_on_free_cores(monkeypatch, tor
     monkeypatch.setattr(C.os, "cpu_count", lambda: 8)
     monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 0)
     with torch_threads(8):
-        assert C._threaded_cpu(big)
-        assert not C._threaded_cpu(big - 1)  # small: numpy wins on any core count
-        monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 1)  # one of our 8 threads would wait
-        assert not C._threaded_cpu(big)
+        assert C._cpu_threads_for(big) == 8
+        assert C._cpu_threads_for(big - 1) == 0  # small: numpy wins on any core count
+        monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 3)  # 5 cores left: 5 threads, none waits
+        assert C._cpu_threads_for(big) == 5
+        monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 8 - C._THREADED_MIN_THREADS + 1)
+        assert C._cpu_threads_for(big) == 0  # too few cores left: numpy
+        monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 30)  # oversubscribed
+        assert C._cpu_threads_for(big) == 0
         monkeypatch.setattr(C, "_runnable_elsewhere", lambda: None)  # cannot tell: trust the cores
-        assert C._threaded_cpu(big)
-    with torch_threads(4):
-        monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 4)  # 4 others + our 4 = 8 cores
-        assert C._threaded_cpu(big)
-        monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 5)
-        assert not C._threaded_cpu(big)
+        assert C._cpu_threads_for(big) == 8
     with torch_threads(C._THREADED_MIN_THREADS - 1):
         monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 0)
-        assert not C._threaded_cpu(big)
+        assert C._cpu_threads_for(big) == 0
+
+
+@pytest.mark.parametrize("cores_left", [0, 5])
+def test_threaded_path_runs_on_the_threads_it_was_given(monkeypatch, torch_threads, cores_left):
+    """TopK at a large size takes the torch path on the free cores only, and restores the thread count."""
+    monkeypatch.setattr(C, "_THREADED_MIN_NUMEL", 1000)
+    monkeypatch.setattr(C.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 8 - cores_left)
+    seen = []
+    torch_path = C._torch_magnitude_topk
+    monkeypatch.setattr(C, "_torch_magnitude_topk", lambda *a: seen.append(torch.get_num_threads()) or torch_path(*a))
+    x = torch.randn(50_000, generator=torch.Generator().manual_seed(2))
+    with torch_threads(8):
+        assert torch.equal(TopK(k=50)(x).indices, reference_topk(x, 50))
+        assert seen == ([5] if cores_left == 5 else [])  # no free cores: numpy, no torch path
+        assert torch.get_num_threads() == 8
 
 
 def test_runnable_elsewhere_does_not_count_this_process(tmp_path):
