@@ -223,8 +223,8 @@ def _cpu_threads_for(numel: int) -> int:
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int):
-    """Run the enclosed torch ops on ``n`` threads (the caller's count restored after)."""
+def torch_threads(n: int):
+    """Run the enclosed torch ops on ``n`` intra-op threads; the count before is back afterwards."""
     before = torch.get_num_threads()
     if n == before:
         yield
@@ -359,7 +359,7 @@ def _positions_at_least(xw: torch.Tensor, threshold_key: int, density_hint: floa
     threads = _cpu_threads_for(numel)
     if not threads:
         return torch.from_numpy(_np_positions_at_least(raw.numpy(), abs_mask, threshold_key))
-    with _torch_threads(threads):
+    with torch_threads(threads):
         return _torch_positions_at_least(xw, threshold_key, density_hint)
 
 
@@ -546,7 +546,7 @@ def magnitude_topk_indices(x: torch.Tensor, k: int, *, check_finite: bool = True
     threads = _cpu_threads_for(numel)
     if not threads:
         return torch.from_numpy(_np_magnitude_topk(raw.numpy(), abs_mask, inf_key, k, check_finite))
-    with _torch_threads(threads):
+    with torch_threads(threads):
         return _torch_magnitude_topk(xw, raw, abs_mask, inf_key, k, check_finite)
 
 
@@ -1043,7 +1043,7 @@ class HardThreshold(_FromConfig):
         t_key = _key_of_threshold(self.lam, xw.dtype)
         threads = _cpu_threads_for(xw.numel()) if xw.device.type == "cpu" else 0
         if threads:
-            with _torch_threads(threads):
+            with torch_threads(threads):
                 # the hit density picks the faster exact pass; sample it (cheap)
                 sample_keys = torch.bitwise_and(raw[_sample_positions(xw.numel(), xw.device)], abs_mask)
                 hits = int((sample_keys >= t_key).sum())

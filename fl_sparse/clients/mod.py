@@ -59,7 +59,6 @@ drops that reply and sends this client the dense model next time.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -78,6 +77,7 @@ from fl_sparse.compressors import (
     TopK,
     build_compressor,
     magnitude_topk_indices,
+    torch_threads as _torch_threads,
 )
 from fl_sparse.flat import FlatLayout, all_finite, vector_hash
 from fl_sparse.memory import ErrorFeedback
@@ -244,20 +244,6 @@ _COMPRESSORS_KEPT = 16  # AdapTop-K's k changes per round, and with it the spec
 _STATELESS_COMPRESSORS = (TopK, RandomK, RTopK, HardThreshold, Identity)
 _DETERMINISTIC_COMPRESSORS = (TopK, HardThreshold, Identity)
 _SHARED_ARRAYS_MAX_BYTES = 64 << 20
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int):
-    """Run the enclosed torch ops on ``threads`` intra-op threads; the count before is back afterwards."""
-    before = torch.get_num_threads()
-    if threads == before:
-        yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass
