@@ -187,10 +187,11 @@ def _raise_non_finite(who: str) -> None:
 #   against 0.36 ms for the torch path and 0.21 ms for torch.topk; d = 1.2 M
 #   at 0.1 %: 0.9 against 2.0 ms; d = 11.2 M at 0.1 %: 8 against 16 ms. Being
 #   single-threaded it also cannot stall at a barrier on a busy machine.
-# * torch (:func:`_cpu_threads_for` says when, and on how many threads): multi-threaded passes, which win
-#   only on large vectors with several free cores (the 16-core H100 host,
-#   d = 11.2 M at 0.1 %: 4.8 ms on 4 threads, 3.4 ms on 16, against 7.4-11 ms
-#   for numpy; d = 1.2 M: a tie at 4 threads or more).
+# * torch (:func:`_cpu_threads_for` says when, on how many threads):
+#   multi-threaded passes, which win only on large vectors with several free
+#   cores (the 16-core H100 host, d = 11.2 M at 0.1 %: 4.8 ms on 4 threads,
+#   2.8-3.4 ms on 16, against 6.6-11 ms for numpy; d = 1.2 M: a tie at 4
+#   threads or more).
 _THREADED_MIN_NUMEL = 1 << 21
 _THREADED_MIN_THREADS = 4
 # numpy scans: entries per chunk (the chunk's keys and mask stay in cache; a
