@@ -41,12 +41,11 @@ preserving); float32 and float64 are used as they are.
 
 from __future__ import annotations
 
-import os
-
 import contextlib
 import inspect
 import math
 import numbers
+import os
 from typing import Any, Callable, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
@@ -344,13 +343,13 @@ _BLOCKED_MAX_HITS_PER_ROW = 0.2
 _CHUNK_BYTES = 1 << 22
 
 
-def _positions_at_least(xw: torch.Tensor, threshold_key: int, density_hint: float = 1.0) -> torch.Tensor:
+def _positions_at_least(xw: torch.Tensor, threshold_key: int) -> torch.Tensor:
     """Sorted int64 positions ``i`` with ``key(xw_i) >= threshold_key``.
 
     NaN and +-Inf entries are always included when ``threshold_key <=
     key(inf)`` (their keys are at least ``key(inf)``; in the float
-    comparisons below ``~(|v| < t)`` is true for NaN). ``density_hint`` is the
-    expected fraction of hits, used only to pick the faster pass.
+    comparisons below ``~(|v| < t)`` is true for NaN). On CPU: the numpy
+    scan, or the torch passes on the threads :func:`_cpu_threads_for` gives.
     """
     raw, abs_mask, _ = _key_view(xw)
     numel = xw.numel()
@@ -361,7 +360,11 @@ def _positions_at_least(xw: torch.Tensor, threshold_key: int, density_hint: floa
     if not threads:
         return torch.from_numpy(_np_positions_at_least(raw.numpy(), abs_mask, threshold_key))
     with torch_threads(threads):
-        return _torch_positions_at_least(xw, threshold_key, density_hint)
+        # the hit density picks the faster torch pass; sample it (cheap)
+        sample_keys = torch.bitwise_and(raw[_sample_positions(numel, xw.device)], abs_mask)
+        hits = int((sample_keys >= threshold_key).sum())
+        density = (hits + _SAMPLE_Z * math.sqrt(hits) + 1) / sample_keys.numel()
+        return _torch_positions_at_least(xw, threshold_key, density_hint=density)
 
 
 def _torch_positions_at_least(xw: torch.Tensor, threshold_key: int, density_hint: float = 1.0) -> torch.Tensor:
@@ -621,7 +624,8 @@ def _runnable_elsewhere(loadavg: str = "/proc/loadavg", tasks: str = "/proc/self
                     stat = fh.read()
             except OSError:  # the thread ended meanwhile
                 continue
-            own += stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] == b"R"
+            state_at = stat.rindex(b")") + 2  # "pid (name) S ...": the name may hold ") "
+            own += stat[state_at : state_at + 1] == b"R"
     except (OSError, ValueError, IndexError):
         return None
     return max(0, running - max(own, 1))
@@ -1042,16 +1046,7 @@ class HardThreshold(_FromConfig):
         xw = _widen(x)
         raw, abs_mask, inf_key = _key_view(xw)
         t_key = _key_of_threshold(self.lam, xw.dtype)
-        threads = _cpu_threads_for(xw.numel()) if xw.device.type == "cpu" else 0
-        if threads:
-            with torch_threads(threads):
-                # the hit density picks the faster exact pass; sample it (cheap)
-                sample_keys = torch.bitwise_and(raw[_sample_positions(xw.numel(), xw.device)], abs_mask)
-                hits = int((sample_keys >= t_key).sum())
-                density = (hits + _SAMPLE_Z * math.sqrt(hits) + 1) / sample_keys.numel()
-                idx = _torch_positions_at_least(xw, t_key, density_hint=density)
-        else:
-            idx = _positions_at_least(xw, t_key)
+        idx = _positions_at_least(xw, t_key)
         if self.check_finite and idx.numel():
             if bool(torch.bitwise_and(raw[idx], abs_mask).max() >= inf_key):
                 _raise_non_finite("HardThreshold")

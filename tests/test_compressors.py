@@ -255,11 +255,11 @@ def test_numpy_path_selects_from_a_small_candidate_set(monkeypatch, kind):
     assert max(sizes, default=0) < d // 20
 
 
-def test_threaded_cpu_path_only_for_large_vectors_on_free_cores(monkeypatch, torch_threads):
+def test_threaded_cpu_path_only_for_large_vectors_on_free_cores(monkeypatch):
     big = C._THREADED_MIN_NUMEL
     monkeypatch.setattr(C.os, "cpu_count", lambda: 8)
     monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 0)
-    with torch_threads(8):
+    with C.torch_threads(8):
         assert C._cpu_threads_for(big) == 8
         assert C._cpu_threads_for(big - 1) == 0  # small: numpy wins on any core count
         monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 3)  # 5 cores left: 5 threads, none waits
@@ -270,13 +270,13 @@ def test_threaded_cpu_path_only_for_large_vectors_on_free_cores(monkeypatch, tor
         assert C._cpu_threads_for(big) == 0
         monkeypatch.setattr(C, "_runnable_elsewhere", lambda: None)  # cannot tell: trust the cores
         assert C._cpu_threads_for(big) == 8
-    with torch_threads(C._THREADED_MIN_THREADS - 1):
+    with C.torch_threads(C._THREADED_MIN_THREADS - 1):
         monkeypatch.setattr(C, "_runnable_elsewhere", lambda: 0)
         assert C._cpu_threads_for(big) == 0
 
 
 @pytest.mark.parametrize("cores_left", [0, 5])
-def test_threaded_path_runs_on_the_threads_it_was_given(monkeypatch, torch_threads, cores_left):
+def test_threaded_path_runs_on_the_threads_it_was_given(monkeypatch, cores_left):
     """TopK at a large size takes the torch path on the free cores only, and restores the thread count."""
     monkeypatch.setattr(C, "_THREADED_MIN_NUMEL", 1000)
     monkeypatch.setattr(C.os, "cpu_count", lambda: 8)
@@ -285,7 +285,7 @@ def test_threaded_path_runs_on_the_threads_it_was_given(monkeypatch, torch_threa
     torch_path = C._torch_magnitude_topk
     monkeypatch.setattr(C, "_torch_magnitude_topk", lambda *a: seen.append(torch.get_num_threads()) or torch_path(*a))
     x = torch.randn(50_000, generator=torch.Generator().manual_seed(2))
-    with torch_threads(8):
+    with C.torch_threads(8):
         assert torch.equal(TopK(k=50)(x).indices, reference_topk(x, 50))
         assert seen == ([5] if cores_left == 5 else [])  # no free cores: numpy, no torch path
         assert torch.get_num_threads() == 8
@@ -318,22 +318,6 @@ def test_runnable_elsewhere_sees_a_busy_process():
     finally:
         spinner.kill()
         spinner.wait()
-
-
-@pytest.fixture
-def torch_threads():
-    import contextlib
-
-    @contextlib.contextmanager
-    def use(n):
-        before = torch.get_num_threads()
-        torch.set_num_threads(n)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-
-    return use
 
 
 @pytest.mark.usefixtures("cpu_path")
