@@ -212,8 +212,8 @@ def client_overhead(clients: list[int], rounds: int, repeat: int, baseline: str 
         torch.set_num_threads(threads)
     print("client work per message, in-process (real Messages, ClientApp and SparseMod; no Ray), "
           "mlp-784-64-10, bidirectional top-K 1 %, 1 torch thread")
-    print("floor: no-op ClientApp; plain: the same ClientApp without the mod; ratios against them "
-          "(and against --overhead-baseline), measured in the same run")
+    print("floor: no-op ClientApp; plain: the same ClientApp without the mod; relay: a mod doing only Flower's "
+          "part; ratios against them (and against --overhead-baseline), measured in the same run")
     overhead.print_tables(results)
     return results
 

@@ -143,6 +143,7 @@ zero; bfloat16 keeps 8 significant bits.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import json
 import math
@@ -229,6 +230,7 @@ MAGIC_V1 = b"FLSPARSE-STATE-1\n"  # no checksum; still read (unverified)
 _XXH = struct.Struct("<Q")  # the trailer: XXH3-64 (seed 0) of every byte before it
 _CRC = struct.Struct("<I")  # a version 2 file's trailer: CRC-32 (zlib) of every byte before it
 _ALIGN = 64  # every tensor starts on a 64-byte boundary, as torch's own allocations do
+_ZEROS = memoryview(bytes(_ALIGN))  # padding before a tensor: a slice of this, not a new bytes object
 _DTYPES = {
     str(dt).removeprefix("torch."): dt
     for dt in (
@@ -324,7 +326,7 @@ def encode_state(
             raise TypeError(f"client state entry {name!r} has unsupported dtype {tensor.dtype}")
         pad = -offset % _ALIGN
         if pad:
-            chunks.append(bytes(pad))
+            chunks.append(_ZEROS[:pad])
             offset += pad
         entries.append([name, dtype, list(tensor.shape), offset])
         if tensor.numel():
@@ -490,7 +492,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=4096)
 def _safe(key: str) -> str:
+    """``key`` as a file name part (a save names a client's model link twice: cached, not rebuilt per message)."""
     return "".join(c if (c.isalnum() or c in "-_.") else "_" for c in key)
 
 
@@ -828,7 +832,7 @@ class ClientStateStore:
         casts = {"error": str(error_from).removeprefix("torch.")} if error_from is not None else None
         body = ClientState(None if ref else model, state.model_version, error, state.steps_done, dict(state.extra))
         chunks = encode_state(body, model_ref=ref, casts=casts)
-        size = sum(len(c) if isinstance(c, bytes) else c.nbytes for c in chunks)
+        size = sum(map(len, chunks))  # bytes and byte-format memoryviews: len is the byte count
         spare = self._spare_path(key) if size <= SPARE_MAX_BYTES and os.name == "posix" else None
         try:
             try:
