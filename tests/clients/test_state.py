@@ -572,7 +572,7 @@ def test_a_cached_state_is_not_taken_for_another_processs_rewrite_of_its_inode(t
 def _trace(monkeypatch) -> list[tuple]:
     """Record os.open of folders, fsync (of which path) and replace, in order."""
     events, fd_path = [], {}
-    real_open, real_fsync, real_replace, real_fdopen = os.open, os.fsync, os.replace, os.fdopen
+    real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
 
     def traced_open(path, flags, *args, **kwargs):
         fd = real_open(path, flags, *args, **kwargs)
