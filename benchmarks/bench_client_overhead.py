@@ -73,6 +73,7 @@ from fl_sparse.tasks.models import build_model  # noqa: E402
 
 
 VARIANTS = ("floor", "plain", "relay", "mod")
+PARTS = ("total", "user", "topk", "overhead")
 MODELS = ("logreg-784-10", "mlp-784-64-10", "mlp-784-256-128-64-10")
 DEFAULT_MODEL = "mlp-784-64-10"
 # A 12-field instruction, about what a top-K round's fl-sparse instruction carries.
@@ -104,7 +105,6 @@ def relay_mod(init: ArrayRecord):
         return Message(content=record_dict(content), reply_to=msg)
 
     return relay
-PARTS = ("total", "user", "topk", "overhead")
 
 
 def measure(
