@@ -69,7 +69,7 @@ from fl_sparse.clients.state import ClientState, ClientStateStore  # noqa: E402
 from fl_sparse.flat import array_to_numpy  # noqa: E402
 from fl_sparse.records import array_record, config_record, metric_record, record_dict, wire_array  # noqa: E402
 from fl_sparse.strategies import BidirectionalTopKSGD  # noqa: E402
-from fl_sparse.tasks.models import build_model  # noqa: E402
+from fl_sparse.tasks.models import build_model, count_parameters  # noqa: E402
 
 
 VARIANTS = ("floor", "plain", "relay", "mod")
@@ -110,7 +110,7 @@ def relay_mod(init: ArrayRecord):
 def measure(
     clients: int, rounds: int, variant: str, folder_kind: str = "simulation", model_name: str = DEFAULT_MODEL
 ) -> dict[str, list[float]]:
-    """Per-message samples (ms) of rounds 3..: ``{clock/part: [...]}``, clock ``wall`` or ``cpu``.
+    """Per-message samples (ms) of rounds 3..: ``{clock/part: [...]}``, clock ``wall`` or ``cpu``; model ``model_name``.
 
     ``folder_kind``: where the clients keep their state. ``"simulation"``: the folder the
     strategy names (``client_state_dir``, no fsync), as ``fl-sparse simulate`` runs it: all
@@ -320,7 +320,7 @@ def main(argv=None) -> int:
         print(json.dumps(collect(args.clients, args.rounds, args.repeat, None, args.threads, args.state_folder,
                                  args.model)))
         return 0
-    numel = sum(p.numel() for p in build_model(args.model, num_classes=10, seed=0).state_dict().values())
+    numel = count_parameters(build_model(args.model, num_classes=10, seed=0))
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {args.model} (d = {numel:,}), "
           f"bidirectional top-K 1 %, {torch.get_num_threads()} torch thread(s), {args.repeat} run(s) per row, "
           f"state folder: {args.state_folder}")

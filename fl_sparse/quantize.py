@@ -288,7 +288,7 @@ class FractionalQuantizer:
     def _decode_trusted(self, codes: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
         if _numpy_path(codes.device) and _numpy_path(means.device):  # see _encode_numpy
             c = codes.numpy().astype(np.int64)
-            magnitude = means.numpy().astype(np.float32)[c & (self.levels - 1)]
+            magnitude = means.numpy().astype(np.float32, copy=False)[c & (self.levels - 1)]
             return torch.from_numpy(np.where((c >> (self.bits - 1)) & 1 == 1, -magnitude, magnitude))
         c = codes.to(torch.int64)
         magnitude = means.to(torch.float32)[c & (self.levels - 1)]
