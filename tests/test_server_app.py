@@ -54,7 +54,7 @@ import csv
 import io
 import json
 import subprocess
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from datetime import datetime
 
 import pytest

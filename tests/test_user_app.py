@@ -11,7 +11,6 @@ a hand-written loop of the paper's Algorithm 2.
 from __future__ import annotations
 
 import math
-import tempfile
 
 import pytest
 import torch

@@ -12,7 +12,6 @@ from fl_sparse.cli import main
 from fl_sparse.server_app import RunConfig
 from fl_sparse.simulations.compare import (
     COLUMNS,
-    Run,
     group_labels,
     group_runs,
     load_run,

@@ -71,7 +71,7 @@ import tempfile
 import tracemalloc
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest

@@ -15,14 +15,13 @@ from unittest.mock import Mock
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from inprocess import InProcessGrid, step_app
 
-from fl_sparse.clients import SparseMod
 from fl_sparse.compressors import adaptive_k_budgeted, adaptive_k_rounds, adaptive_k_t_hat, build_compressor
 from fl_sparse.protocol import Instruction
 from fl_sparse.strategies import (

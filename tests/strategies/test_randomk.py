@@ -13,13 +13,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 from inprocess import InProcessGrid, step_app
 
 from fl_sparse import codec, protocol
-from fl_sparse.clients import SparseMod
 from fl_sparse.clients.mod import client_generator_seed
 from fl_sparse.compressors import RandomK
 from fl_sparse.strategies import STRATEGY_NAMES, RandomKSGD, RTopKSGD, build_strategy
