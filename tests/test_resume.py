@@ -483,11 +483,16 @@ def test_cli_resume_refuses_settings_that_would_change_the_run(runs, capsys):
 
 
 @pytest.mark.slow
-def test_cli_resume_through_ray_continues_the_run(tmp_path, capsys):
+def test_cli_resume_through_ray_continues_the_run(tmp_path, capsys, monkeypatch):
     """``fl-sparse simulate --out DIR`` then ``--resume DIR --rounds 4``: a new Ray run (new run and node ids)
-    whose clients find their state, ending on an uninterrupted in-process run's model."""
+    whose clients find their state, ending on an uninterrupted in-process run's model.
+
+    With ``FL_SPARSE_STATE_DIR`` left set in the shell: the clients still keep their state in
+    ``DIR/client-state``, as ``--out`` says, and the variable is back after the run."""
     from fl_sparse.cli import main
 
+    stray = tmp_path / "stray-state"
+    monkeypatch.setenv("FL_SPARSE_STATE_DIR", str(stray))
     out = tmp_path / "run"
     flags = ["--clients", "3", "--local-steps", "2", "--ratio", "0.02", "--seed", "5", "--quiet",
              "--partition", "dirichlet", "--fraction", "1.0", "--strategy", "bidirectional-topk"]
@@ -499,6 +504,11 @@ def test_cli_resume_through_ray_continues_the_run(tmp_path, capsys):
     # Every client took part in every round: after round 1 nobody needed the dense model, resumed rounds included.
     assert all(set(r["sync_modes"]) == {"delta"} for r in rows[1:]), [r["sync_modes"] for r in rows]
     assert all(r["accepted"] == 3 and r["failures"] == 0 for r in rows)
+    assert sorted(p.name for p in (out / "client-state").glob("gen-*/*.state")) == [
+        "client-0.state", "client-1.state", "client-2.state"]
+    assert not stray.exists()
+    assert "FL_SPARSE_STATE_DIR=" in capsys.readouterr().err
+    assert os.environ["FL_SPARSE_STATE_DIR"] == str(stray)
 
     cfg = RunConfig(strategy="bidirectional-topk", clients=3, local_steps=2, ratio=0.02, seed=5, quiet=True,
                     partition="dirichlet", fraction=1.0, rounds=4, out=str(tmp_path / "one-go"))

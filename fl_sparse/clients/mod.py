@@ -50,7 +50,10 @@ State between rounds (model copy, error memory, SSGD-MV votes) lives in a
 in ``context.state``: see that module for why. The folder is, in order: the
 ``state_dir`` given to the mod, the SuperNode's ``--node-config
 state-dir=...``, ``$FL_SPARSE_STATE_DIR``, the server's hint (the
-simulation's temporary folder), ``~/.cache/fl-sparse/state``. A corrupt state
+simulation's temporary folder), ``$XDG_CACHE_HOME/fl-sparse/state`` (else
+``~/.cache/fl-sparse/state``). Inside it each strategy run has its own
+sub-folder (:func:`state_folder_name`), kept after the run so that a resumed
+run finds its clients' memory: remove the ones of runs you will not resume. A corrupt state
 file is moved aside and the client starts empty: a message whose sync is dense
 trains as usual; any other fails with :class:`SyncError` ("client state was
 corrupt and has been reset; the server must send a dense sync"), the server
@@ -85,9 +88,13 @@ from fl_sparse.protocol import Instruction, Report, UplinkMetrics
 from fl_sparse.records import record_dict
 from fl_sparse.sparse import SparseTensor
 
-__all__ = ["SparseMod", "SyncError", "client_key", "state_folder_name", "client_generator_seed", "DEFAULT_STATE_DIR"]
+__all__ = [
+    "SparseMod", "SyncError", "client_key", "state_folder_name", "client_generator_seed", "DEFAULT_STATE_DIR",
+    "STATE_DIR_VARIABLE", "default_state_dir",
+]
 
-DEFAULT_STATE_DIR = Path.home() / ".cache" / "fl-sparse" / "state"
+DEFAULT_STATE_DIR = Path.home() / ".cache" / "fl-sparse" / "state"  # the last resort, without $XDG_CACHE_HOME
+STATE_DIR_VARIABLE = "FL_SPARSE_STATE_DIR"  # the environment variable naming a node's state folder
 
 # ClientState.extra keys
 _LAYOUT = "layout"  # the model's FlatLayout as JSON bytes (uint8), from the last dense sync
@@ -112,6 +119,13 @@ def state_folder_name(instr: Instruction, context: Context) -> str:
     Without a generation (a strategy that sets none) it is ``run-<run id>``.
     """
     return f"gen-{instr.generation}" if instr.generation else f"run-{context.run_id}"
+
+
+def default_state_dir() -> str:
+    """The folder of a client that nobody names one for: ``$XDG_CACHE_HOME/fl-sparse/state``, else
+    :data:`DEFAULT_STATE_DIR` (as the data cache follows ``$XDG_CACHE_HOME``)."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return str(Path(xdg).expanduser() / "fl-sparse" / "state") if xdg else str(DEFAULT_STATE_DIR)
 
 
 def client_key(context: Context) -> str:
@@ -331,8 +345,8 @@ class SparseMod:
 
     # -------------------------------------------------------------- plumbing
     def _open(self, context: Context, instr: Instruction) -> _Session:
-        own = self.state_dir or context.node_config.get("state-dir") or os.environ.get("FL_SPARSE_STATE_DIR")
-        root = own or instr.state_dir or str(DEFAULT_STATE_DIR)
+        own = self.state_dir or context.node_config.get("state-dir") or os.environ.get(STATE_DIR_VARIABLE)
+        root = own or instr.state_dir or default_state_dir()
         durable = self.durable if self.durable is not None else (bool(own) or not instr.state_dir or instr.state_fsync)
         share = self.share_models if self.share_models is not None else (not own and bool(instr.state_dir))
         store = self._store(str(root), state_folder_name(instr, context), durable, share,

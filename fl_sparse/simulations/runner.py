@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fl_sparse.clients.mod import STATE_DIR_VARIABLE
 from fl_sparse.server_app import RunConfig, RunFailed, RunInterrupted, preflight, run_server
 
 __all__ = ["simulate", "backend_config", "ClusterInfo", "RayClusterError", "check_cluster", "join_ray_cluster",
@@ -306,6 +307,15 @@ def simulate(cfg: RunConfig, strategy=None) -> list[dict[str, Any]]:
         except (RunFailed, RunInterrupted) as exc:  # raised again below, outside Flower's ServerApp runner
             failed.append(exc)
 
+    # The clients keep their state where cfg says (run_server names the folder to them). A
+    # FL_SPARSE_STATE_DIR left in the shell for one's own apps would win over that in every
+    # Ray worker (for SparseMod it is a node operator's setting, above the server's hint), so
+    # the workers this run starts do not inherit it.
+    stray_state_dir = os.environ.pop(STATE_DIR_VARIABLE, None)
+    if stray_state_dir:
+        print(f"{STATE_DIR_VARIABLE}={stray_state_dir} is ignored by this simulation: its clients keep their "
+              "state where --state-dir (RunConfig.state_dir) or --out says, else in a temporary folder",
+              file=sys.stderr, flush=True)
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     flwr_logger.setLevel(logging.WARNING)  # our progress line replaces Flower's per-round INFO log
@@ -322,6 +332,8 @@ def simulate(cfg: RunConfig, strategy=None) -> list[dict[str, Any]]:
                 backend_config=backend_config(cfg),
             )
     finally:
+        if stray_state_dir is not None:
+            os.environ[STATE_DIR_VARIABLE] = stray_state_dir
         flwr_logger.setLevel(level)
         flwr_logger.removeFilter(noise)
         if joined is not None:

@@ -14,6 +14,7 @@ from flwr.app import Context, RecordDict
 from fl_sparse import protocol
 from fl_sparse.cli import build_parser
 from fl_sparse.clients import SparseMod
+from fl_sparse.clients import mod as mod_module
 from fl_sparse.clients import state as state_module
 from fl_sparse.protocol import Instruction, ProtocolError
 from fl_sparse.server_app import RunConfig, strategy_from_config
@@ -89,6 +90,24 @@ def test_the_mod_shares_models_in_the_servers_folder_only(tmp_path, monkeypatch)
     assert not _store(SparseMod(), {}, **hint).share_models
     assert _store(SparseMod(share_models=True), {"state-dir": str(tmp_path / "node")}).share_models  # the option wins
     assert not _store(SparseMod(share_models=False), {}, **hint).share_models
+
+
+def test_the_mods_folder_order_ends_in_the_xdg_cache(tmp_path, monkeypatch):
+    """mod option > node config > $FL_SPARSE_STATE_DIR > server's hint > $XDG_CACHE_HOME/fl-sparse/state > ~/.cache."""
+    monkeypatch.delenv("FL_SPARSE_STATE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def root(mod=None, node=None, **fields):
+        return _store(mod or SparseMod(), node or {}, **fields).root.parent
+
+    assert root() == Path(str(mod_module.DEFAULT_STATE_DIR))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert root() == tmp_path / "xdg" / "fl-sparse" / "state"
+    assert root(state_dir=str(tmp_path / "hint")) == tmp_path / "hint"
+    monkeypatch.setenv("FL_SPARSE_STATE_DIR", str(tmp_path / "env"))
+    assert root(state_dir=str(tmp_path / "hint")) == tmp_path / "env"
+    assert root(node={"state-dir": str(tmp_path / "node")}, state_dir=str(tmp_path / "hint")) == tmp_path / "node"
+    assert root(SparseMod(state_dir=tmp_path / "mod"), {"state-dir": str(tmp_path / "node")}) == tmp_path / "mod"
 
 
 def test_the_mod_stores_the_error_in_the_servers_dtype_unless_told(tmp_path):
