@@ -98,7 +98,7 @@ class ErrorFeedback:
         return self._error
 
     def norm(self) -> float:
-        """``||e||_2`` as a Python float (0.0 while empty; inf if ``e·e`` overflows, NaN if ``e`` holds one).
+        """``||e||_2`` as a Python float (0.0 while empty; NaN or inf only where ``e`` holds one).
 
         A float32/float64 memory on CPU goes through numpy (``sqrt(e·e)``, accumulated in
         ``e``'s dtype like ``torch.linalg.vector_norm``, equal to it up to rounding): 5 us
@@ -111,8 +111,14 @@ class ErrorFeedback:
         if error.device.type == "cpu" and error.dtype in (torch.float32, torch.float64):
             v = error.numpy()
             with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are the answer, not a warning
-                return math.sqrt(float(np.dot(v, v)))
-        return float(torch.linalg.vector_norm(error))
+                norm = math.sqrt(float(np.dot(v, v)))
+        else:
+            norm = float(torch.linalg.vector_norm(error))
+        if math.isinf(norm) and bool(torch.isfinite(error).all()):
+            # e·e overflowed e's dtype, e did not (finite float32 entries above ~1e19): the
+            # norm is finite, in float64. Rare (a diverging train function), so only then.
+            norm = float(torch.linalg.vector_norm(error, dtype=torch.float64))
+        return norm
 
     # -------------------------------------------------------------- checks
     def _adopt(self, x: torch.Tensor, what: str) -> None:

@@ -40,6 +40,7 @@ import csv
 import json
 import logging
 import math
+import numbers
 import os
 import platform
 import shutil
@@ -48,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,6 +67,8 @@ from fl_sparse.strategies import STRATEGY_NAMES, build_strategy
 
 __all__ = [
     "RunConfig",
+    "RUN_FILES",
+    "check_new_run_folder",
     "MODEL_LR",
     "METRIC_COLUMNS",
     "MetricsLog",
@@ -153,7 +157,17 @@ class RunConfig:
     resume: str | None = None
     quiet: bool = False
 
+    def __post_init__(self) -> None:
+        for folder in ("out", "state_dir", "resume"):  # a pathlib.Path is as good as its text
+            value = getattr(self, folder)
+            if isinstance(value, os.PathLike):
+                setattr(self, folder, os.fspath(value))
+
     def validate(self) -> "RunConfig":
+        for f in fields(self):
+            problem = _type_problem(getattr(self, f.name), _FIELD_TYPES[f.name])
+            if problem:
+                raise ValueError(f"{f.name.replace('_', '-')} {problem}")
         if self.strategy not in STRATEGY_NAMES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGY_NAMES)}")
         checks = [
@@ -167,6 +181,8 @@ class RunConfig:
                 self.lr is not None or self.model in MODEL_LR,
                 f"model {self.model!r} has no default learning rate; give lr",
             ),
+            (math.isfinite(self.momentum) and 0.0 <= self.momentum < 1.0, "momentum must be in [0, 1)"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0.0, "weight-decay must be a finite number >= 0"),
             (0.0 < self.ratio <= 1.0, "ratio must be in (0, 1]"),
             (self.downlink_ratio is None or 0.0 < self.downlink_ratio <= 1.0, "downlink-ratio must be in (0, 1]"),
             (self.min_partition_size is None or self.min_partition_size >= 0,
@@ -188,6 +204,13 @@ class RunConfig:
             (self.eval_every >= 1, "eval-every must be >= 1"),
             (self.max_failed_rounds >= 1, "max-failed-rounds must be >= 1"),
             (self.checkpoint_every >= 0, "checkpoint-every must be >= 0 (0: only at the end and at a stop)"),
+            # An option the strategy would not use is refused, not ignored: the run would not be the one asked for.
+            (self.downlink_ratio is None or self.strategy == "bidirectional-topk",
+             "downlink-ratio is bidirectional-topk's downlink K; leave it unset for other strategies"),
+            (self.threshold is None or self.strategy == "hard-threshold",
+             "threshold is hard-threshold's lambda; leave it unset for other strategies"),
+            (self.value_bits == 32 or self.strategy != "fedavg",
+             "value-bits quantizes the sparse strategies' values; fedavg sends float32 (leave it at 32)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -218,17 +241,41 @@ class RunConfig:
             if name not in known:
                 raise ValueError(f"unknown run-config key {key!r}; known: {', '.join(sorted(k.replace('_', '-') for k in known))}")
             values[name] = value
-        if values.get("downlink_ratio") is not None and float(values["downlink_ratio"]) < 0:
-            values["downlink_ratio"] = None
-        if values.get("threshold") is not None and float(values["threshold"]) < 0:
-            values["threshold"] = None  # pyproject's "unset" (as --threshold left out); 0 means lambda = 0
-        for unset_below_zero in ("lr", "r_ratio", "min_partition_size"):  # pyproject cannot hold None: < 0 means unset
-            if values.get(unset_below_zero) is not None and float(values[unset_below_zero]) < 0:
+        # pyproject cannot hold None: for these a number < 0 means unset (as the flag left out); for threshold
+        # 0 means lambda = 0. Anything else that is not a number is left for validate() to name.
+        for unset_below_zero in ("downlink_ratio", "threshold", "lr", "r_ratio", "min_partition_size"):
+            value = values.get(unset_below_zero)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
                 values[unset_below_zero] = None
         for optional in ("out", "state_dir", "ray_address", "resume"):
             if values.get(optional) == "":
                 values[optional] = None
         return cls(**values).validate()
+
+
+_FIELD_TYPES = typing.get_type_hints(RunConfig)
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """What is wrong with the type of ``value`` for a RunConfig field typed ``hint`` (None: nothing).
+
+    A bool is not taken for an int or a float (True would be 1), nor anything else for a
+    bool ("false" would be read as true); an int is a float.
+    """
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if value is None:
+        return None if optional else "must be set (got None)"
+    if base is bool:
+        ok, kind = isinstance(value, bool), "true or false"
+    elif base is int:
+        ok, kind = isinstance(value, numbers.Integral) and not isinstance(value, bool), "an integer"
+    elif base is float:
+        ok, kind = isinstance(value, numbers.Real) and not isinstance(value, bool), "a number"
+    else:
+        ok, kind = isinstance(value, base), "a string" if base is str else base.__name__
+    return None if ok else f"must be {kind}{' (or unset)' if optional else ''}, got {value!r}"
 
 
 # ------------------------------------------------------------------ metrics
@@ -495,13 +542,19 @@ def preflight(cfg: RunConfig, *, local_clients: bool = True) -> str:
     level = flwr_logger.level
     flwr_logger.setLevel(logging.ERROR)  # FedAvg's warnings about settings the run chose on purpose
     try:
-        strategy_from_config(cfg)  # the strategy's own checks of its settings
+        strategy = strategy_from_config(cfg)  # the strategy's own checks of its settings
     except ValueError as exc:
         raise ValueError(f"strategy {cfg.strategy}: {exc}") from None
     finally:
         flwr_logger.setLevel(level)
     if cfg.resume:
-        _check_resumable(cfg, checkpoint.load(cfg.resume, mmap=True))
+        ckpt = checkpoint.load(cfg.resume, mmap=True)
+        _check_resumable(cfg, ckpt)
+        try:  # what run_server does first, here before Ray starts: a damaged saved state is named now
+            strategy.load_state_dict(ckpt.get("strategy"))
+        except ValueError as exc:
+            raise CheckpointError(f"cannot continue the run saved in {cfg.resume}: {exc}") from None
+    check_new_run_folder(cfg)
     for what, folder in (("output folder", cfg.out), ("state folder", cfg.state_dir)):
         if not folder:
             continue
@@ -582,6 +635,26 @@ def resume_config(directory: str | os.PathLike, **overrides: Any) -> RunConfig:
         raise CheckpointError(str(exc)) from None
     _check_resumable(cfg, ckpt)
     return cfg
+
+
+# What a run writes to its folder (any one of them: the folder holds a run).
+RUN_FILES = ("config.json", checkpoint.CHECKPOINT, "metrics.jsonl", "metrics.json")
+
+
+def check_new_run_folder(cfg: RunConfig) -> None:
+    """A new run (not ``cfg.resume``) must not write over a run already in ``cfg.out``: ValueError.
+
+    A new run rewrites config.json and the metrics, replaces the checkpoint and clears
+    ``client-state``, so the run there could no longer be continued or compared.
+    """
+    if not cfg.out or cfg.resume:
+        return
+    held = [name for name in RUN_FILES if (Path(cfg.out) / name).exists()]
+    if held:
+        raise ValueError(
+            f"output folder {cfg.out!r} already holds a run ({', '.join(held)}): continue it with resume "
+            f"(fl-sparse simulate --resume {cfg.out}), or remove it or choose another output folder"
+        )
 
 
 def _check_resumable(cfg: RunConfig, ckpt: dict[str, Any]) -> None:
@@ -943,4 +1016,5 @@ def main(grid: Grid, context: Context) -> None:
         # Continue the run saved there, to num-rounds or to the saved run's last round, whichever is later.
         saved = _saved_config(checkpoint.load(cfg.resume, mmap=True))
         cfg = resume_config(cfg.resume, rounds=max(cfg.rounds, saved.rounds))
+    check_new_run_folder(cfg)
     run_server(grid, cfg)

@@ -6,6 +6,8 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
+from flwr.app import ArrayRecord
 from flwr.clientapp import ClientApp
 
 from fl_sparse.cli import main
@@ -29,6 +31,18 @@ SMALL = RunConfig(clients=3, rounds=6, local_steps=1, quiet=True)
         ({"clients": 500, "partition": "dirichlet", "min_partition_size": 500}, "cannot split fashion-mnist into 500 dirichlet"),
         ({"min_partition_size": -2}, "min-partition-size must be >= 0"),
         ({"max_failed_rounds": 0}, "max-failed-rounds must be >= 1"),
+        ({"clients": "3"}, "clients must be an integer, got '3'"),
+        ({"rounds": 1.5}, "rounds must be an integer, got 1.5"),
+        ({"error_feedback": "false"}, "error-feedback must be true or false, got 'false'"),
+        ({"ratio": "0.1"}, "ratio must be a number, got '0.1'"),
+        ({"fraction": None}, "fraction must be set"),
+        ({"out": 123}, "out must be a string \\(or unset\\), got 123"),
+        ({"momentum": -5.0}, "momentum must be in \\[0, 1\\)"),
+        ({"momentum": float("nan")}, "momentum must be in \\[0, 1\\)"),
+        ({"weight_decay": float("nan")}, "weight-decay must be a finite number >= 0"),
+        ({"threshold": 0.1}, "threshold is hard-threshold's lambda; leave it unset"),
+        ({"downlink_ratio": 0.1, "strategy": "topk"}, "downlink-ratio is bidirectional-topk's downlink K"),
+        ({"value_bits": 4, "strategy": "fedavg"}, "value-bits quantizes the sparse strategies' values"),
     ],
 )
 @pytest.mark.filterwarnings("ignore::UserWarning")  # flwr-datasets retries the impossible split loudly
@@ -42,6 +56,33 @@ def test_preflight_names_the_problem(change, message):
         preflight(replace(SMALL, **change))
 
 
+def test_run_config_types_are_checked_and_paths_taken_as_text(tmp_path):
+    with pytest.raises(ValueError, match="rounds must be an integer, got '3'"):
+        RunConfig.from_run_config({"num-rounds": "3"})  # --run-config "num-rounds='3'": a string in TOML
+    with pytest.raises(ValueError, match="threshold must be a number \\(or unset\\), got 'abc'"):
+        RunConfig.from_run_config({"threshold": "abc"})
+    assert RunConfig.from_run_config({"error-feedback": False, "fraction": 1}).validate().error_feedback is False
+    assert RunConfig(out=tmp_path / "run").validate().out == str(tmp_path / "run")
+
+
+def test_a_new_run_does_not_write_over_a_run_in_its_output_folder(tmp_path, capsys, monkeypatch):
+    import fl_sparse.simulations.runner as runner
+
+    monkeypatch.setattr(runner, "simulate", lambda *a, **k: pytest.fail("Ray must not start"))
+    for name in ("config.json", "checkpoint.pt", "metrics.jsonl", "metrics.json"):
+        run = tmp_path / name.replace(".", "-")
+        run.mkdir()
+        (run / name).write_text("{}")
+        with pytest.raises(ValueError, match=f"already holds a run \\({name}\\).*--resume {run}"):
+            preflight(replace(SMALL, out=str(run)))
+        assert main(["simulate", "--out", str(run)]) == 2
+        assert "already holds a run" in capsys.readouterr().err
+        assert (run / name).read_text() == "{}"
+    (tmp_path / "other-files").mkdir()
+    (tmp_path / "other-files" / "notes.txt").write_text("mine")
+    preflight(replace(SMALL, out=str(tmp_path / "other-files")))  # not a run: fine, nothing there is replaced
+
+
 def test_cli_refuses_before_starting_ray(capsys, monkeypatch):
     import fl_sparse.simulations.runner as runner
 
@@ -52,7 +93,7 @@ def test_cli_refuses_before_starting_ray(capsys, monkeypatch):
 
 def test_threshold_zero_means_lambda_zero_everywhere():
     """One meaning per key: --threshold 0 and pyproject threshold = 0.0 are both λ = 0; unset is < 0 / None."""
-    assert RunConfig.from_run_config({"threshold": 0.0}).threshold == 0.0
+    assert RunConfig.from_run_config({"threshold": 0.0, "strategy": "hard-threshold"}).threshold == 0.0
     assert RunConfig.from_run_config({"threshold": -1.0}).threshold is None
 
 
@@ -75,6 +116,19 @@ def test_a_run_whose_every_client_fails_stops_and_names_the_first_error(tmp_path
     rows = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert [r["round"] for r in rows] == [1, 2]  # stopped early, metrics kept
     assert (tmp_path / "out" / "model.pt").exists()
+
+
+def test_a_strategy_whose_every_client_fails_returns_the_model_it_started_from(tmp_path):
+    from fl_sparse.strategies import TopKSGD
+
+    model = torch.nn.Linear(4, 2)
+    initial = ArrayRecord(model.state_dict())
+    strategy = TopKSGD(ratio=0.5, fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1)
+    result = strategy.start(grid=InProcessGrid(_failing_app(str(tmp_path / "state")), 2),
+                            initial_arrays=initial, num_rounds=2)
+    assert sorted(result.arrays) == sorted(initial)
+    for key in initial:
+        assert (result.arrays[key].numpy() == initial[key].numpy()).all()
 
 
 def test_stop_request_ends_the_run_after_the_round_and_saves(tmp_path):

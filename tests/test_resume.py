@@ -414,6 +414,22 @@ def test_a_checkpoint_of_another_strategy_settings_or_model_is_refused(runs, tmp
     with pytest.raises(CheckpointError, match="another model than 'mlp-784-256-128-64-10'"):
         run_server(_grid(), resume_config(other, rounds=8))
 
+    # A damaged saved state is named by preflight, before Ray would start (not by run_server after).
+    from fl_sparse.server_app import preflight
+
+    saved = {k: v for k, v in data.items() if k not in ("format", "version", "fl_sparse")}
+    model = data["strategy"]["model"]
+    for name, strategy_state, message in [
+        ("nan-model", {**data["strategy"], "model": torch.full_like(model, float("nan"))}, "the saved model is not finite"),
+        ("short-model", {**data["strategy"], "model": model[:10]}, f"the saved model is not a vector of {model.numel()} entries"),
+        ("no-history", {k: v for k, v in data["strategy"].items() if k != "history"}, "not a complete strategy state"),
+    ]:
+        damaged = tmp_path / name
+        damaged.mkdir()
+        checkpoint.save(damaged, saved | {"strategy": strategy_state})
+        with pytest.raises(CheckpointError, match=f"cannot continue the run saved in {damaged}: {message}"):
+            preflight(resume_config(damaged, rounds=8))
+
 
 def test_nothing_is_written_after_the_last_round_and_the_marker_is_gone(runs):
     out, rows = runs.uninterrupted("bidirectional-topk")

@@ -474,6 +474,8 @@ class SparseMod:
                 user_in[instr.arrays_key] = layout.record(self._flat_arrays(session, layout, model_hash))
                 with _torch_threads(user_threads):
                     user_reply = call_next(Message(content=user_in, metadata=msg.metadata), context)
+                if not isinstance(user_reply, Message):
+                    raise TypeError(f"the train function must return a Message, got {type(user_reply).__name__}")
                 if user_reply.has_error():
                     return user_reply  # nothing saved: the state is as before this message
 

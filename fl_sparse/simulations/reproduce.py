@@ -73,7 +73,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from fl_sparse.server_app import RunConfig, RunFailed, RunInterrupted
+from fl_sparse.server_app import RUN_FILES, RunConfig, RunFailed, RunInterrupted
 
 __all__ = [
     "BUDGETS",
@@ -107,7 +107,6 @@ _RESERVED = {"seed", "out", "resume", "state_dir"}
 _HOW_IT_RAN = {"out", "resume", "quiet", "num_cpus", "num_gpus", "state_dir", "checkpoint_every",
                "max_failed_rounds", "eval_every"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_RUN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl", "metrics.json")
 
 
 # ------------------------------------------------------------------ presets
@@ -399,7 +398,7 @@ def run_status(planned: PlannedRun) -> tuple[str, str]:
         return "new", ""
     if not path.is_dir():
         return "conflict", f"{path} exists and is not a folder"
-    if not any((path / f).exists() for f in _RUN_FILES):
+    if not any((path / f).exists() for f in RUN_FILES):
         return "conflict", f"{path} holds files that are not an fl-sparse run; move them or use another --out"
     saved = _saved(path)
     if saved is None:

@@ -82,6 +82,12 @@ def build_strategy(
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)}")
     if r_ratio is not None and name != "rtopk":
         raise ValueError(f"r_ratio is rTop-k's pool size; strategy {name!r} does not take it")
+    if downlink_ratio is not None and name != "bidirectional-topk":
+        raise ValueError(f"downlink_ratio is bidirectional top-K's downlink K; strategy {name!r} does not take it")
+    if threshold is not None and name != "hard-threshold":
+        raise ValueError(f"threshold is the hard-threshold sparsifier's lambda; strategy {name!r} does not take it")
+    if value_bits < 32 and name == "fedavg":
+        raise ValueError("value_bits quantizes the sparse strategies' values; fedavg sends float32")
     error_feedback = bool(error_feedback)
     values = "fp32" if value_bits >= 32 else f"q{int(value_bits)}"
     wire = dict(uplink_values=values, downlink_values=values, uplink_positions=positions, downlink_positions=positions)

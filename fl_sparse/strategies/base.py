@@ -119,6 +119,7 @@ from fl_sparse.flat import FlatLayout, vector_hash
 from fl_sparse.memory import ErrorFeedback
 from fl_sparse.protocol import Instruction, Report, UplinkMetrics
 from fl_sparse.sparse import SparseTensor
+from fl_sparse.strategies.arguments import count_argument, flag_argument, names_argument
 
 __all__ = ["SparseFedAvg", "ServerState", "ClientUpdate", "with_fedavg_signature"]
 
@@ -311,13 +312,13 @@ class SparseFedAvg(FedAvg):
         self.uplink_positions = uplink_positions
         self.downlink_values = downlink_values
         self.downlink_positions = downlink_positions
-        self.server_error_feedback = server_error_feedback
-        self.client_error_feedback = client_error_feedback
-        self.exact_arrays = tuple([exact_arrays] if isinstance(exact_arrays, str) else exact_arrays)
-        self.seed = int(seed)
-        self.diagnostics = diagnostics
+        self.server_error_feedback = flag_argument("server_error_feedback", server_error_feedback)
+        self.client_error_feedback = flag_argument("client_error_feedback", client_error_feedback)
+        self.exact_arrays = names_argument("exact_arrays", exact_arrays)
+        self.seed = count_argument("seed", seed, minimum=0)
+        self.diagnostics = flag_argument("diagnostics", diagnostics)
         self.client_state_dir = client_state_dir or ""
-        self.client_state_fsync = bool(client_state_fsync)
+        self.client_state_fsync = flag_argument("client_state_fsync", client_state_fsync)
         if error_memory_dtype not in protocol.ERROR_MEMORY_DTYPES:
             raise ValueError(f"error_memory_dtype must be one of {protocol.ERROR_MEMORY_DTYPES}, got {error_memory_dtype!r}")
         self.error_memory_dtype = error_memory_dtype
@@ -433,6 +434,10 @@ class SparseFedAvg(FedAvg):
 
         result = FedAvg.start(view, grid, initial_arrays, num_rounds - offset, timeout, train_config,
                               evaluate_config, evaluate_fn)
+        if not len(result.arrays):
+            # FedAvg's Result holds arrays only once a round aggregated some: a run in which no
+            # update was accepted returns the model it started from, not an empty record.
+            result.arrays = self.current_arrays()
         if offset:
             for name in ("train_metrics_clientapp", "evaluate_metrics_clientapp", "evaluate_metrics_serverapp"):
                 history = getattr(result, name, None)
@@ -526,6 +531,8 @@ class SparseFedAvg(FedAvg):
             model = state["model"]
             if not isinstance(model, torch.Tensor) or model.dim() != 1 or model.numel() != layout.numel:
                 raise ValueError(f"the saved model is not a vector of {layout.numel} entries")
+            if not model.is_floating_point() or not bool(torch.isfinite(model).all()):
+                raise ValueError("the saved model is not finite")
             server_error = ErrorFeedback(layout.numel)
             server_error.load_state_dict(state["server_error"])
             history = OrderedDict((int(v), idx.clone()) for v, idx in state["history"])

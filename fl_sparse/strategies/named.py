@@ -15,6 +15,7 @@ from typing import Any
 
 from fl_sparse.compressors import TopK, adaptive_k_budgeted, adaptive_k_t_hat, hard_threshold_for_topk
 from fl_sparse.strategies.base import SparseFedAvg, with_fedavg_signature
+from fl_sparse.strategies.arguments import count_argument, flag_argument, positive_argument, ratio_argument
 
 __all__ = [
     "DenseFedAvg",
@@ -30,7 +31,7 @@ __all__ = [
 def _budget(ratio: float | None, k: int | None) -> dict[str, Any]:
     if (ratio is None) == (k is None):
         raise ValueError("give exactly one of ratio or k")
-    return {"ratio": float(ratio)} if ratio is not None else {"k": int(k)}
+    return {"ratio": ratio_argument("ratio", ratio)} if ratio is not None else {"k": count_argument("k", k)}
 
 
 @with_fedavg_signature
@@ -82,7 +83,10 @@ class BidirectionalTopKSGD(SparseFedAvg):
             downlink_ratio, downlink_k = ratio, k
         elif downlink_k is not None:
             downlink_ratio = None
-        downlink = TopK(downlink_k, ratio=downlink_ratio) if downlink_k is not None else TopK(ratio=downlink_ratio)
+        downlink = (
+            TopK(count_argument("downlink_k", downlink_k)) if downlink_k is not None
+            else TopK(ratio=ratio_argument("downlink_ratio", downlink_ratio))
+        )
         kwargs.setdefault("server_error_feedback", True)
         super().__init__(*args, uplink={"name": "topk", **_budget(ratio, k)}, downlink=downlink, **kwargs)
 
@@ -166,7 +170,7 @@ class HardThresholdSGD(SparseFedAvg):
         if threshold is not None and not (threshold >= 0.0 and math.isfinite(threshold)):
             raise ValueError(f"threshold must be a finite number >= 0, got {threshold}")
         self.threshold = None if threshold is None else float(threshold)
-        self.ratio = float(ratio)
+        self.ratio = ratio_argument("ratio", ratio)
         super().__init__(*args, uplink={"name": "hard-threshold", "lam": self.threshold or 0.0}, downlink=None, **kwargs)
         self._threshold_given = self.threshold
 
@@ -211,18 +215,19 @@ class AdaptiveTopKSGD(SparseFedAvg):
         sigma_sq: float = 1.0,
         **kwargs: Any,
     ) -> None:
-        if num_rounds < 1:
-            raise ValueError("num_rounds must be >= 1")
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
-        if t_hat is not None and not 0 <= t_hat <= num_rounds:
+        num_rounds = count_argument("num_rounds", num_rounds)
+        if not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and 0.0 <= gamma <= 1.0):
+            raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+        if t_hat is not None and count_argument("t_hat", t_hat, minimum=0) > num_rounds:
             raise ValueError(f"t_hat must be in [0, num_rounds], got {t_hat}")
-        self.ratio = float(ratio)
-        self.num_rounds = int(num_rounds)
+        self.ratio = ratio_argument("ratio", ratio)
+        self.num_rounds = num_rounds
         self.gamma = float(gamma)
-        self.t_hat = self._t_hat_given = t_hat
+        self.t_hat = self._t_hat_given = None if t_hat is None else int(t_hat)
         self.planned: dict[int, int] = {}  # round index t -> k_t
-        self.estimate = {"eta": float(lr), "mu": float(mu), "L": float(L), "sigma_sq": float(sigma_sq)}
+        self.estimate = {"eta": positive_argument("lr", lr), "mu": positive_argument("mu", mu),
+                         "L": positive_argument("L", L), "sigma_sq": positive_argument("sigma_sq", sigma_sq)}
+        error_feedback = flag_argument("error_feedback", error_feedback)
         super().__init__(
             *args,
             uplink={"name": "topk", "ratio": self.ratio},

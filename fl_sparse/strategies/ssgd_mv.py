@@ -139,6 +139,7 @@ from fl_sparse.flat import vector_hash
 from fl_sparse.protocol import Instruction, Report, UplinkMetrics
 from fl_sparse.sparse import SparseTensor
 from fl_sparse.strategies.base import ClientUpdate, SparseFedAvg, _remap, exception_reason, with_fedavg_signature
+from fl_sparse.strategies.arguments import count_argument, ratio_argument
 
 __all__ = ["SSGDMajorityVote", "build_ssgd_mv", "vote_counts", "select_majority", "select_weighted"]
 
@@ -197,16 +198,20 @@ class SSGDMajorityVote(SparseFedAvg):
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if tie_break not in TIE_BREAKS:
             raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
-        budget = {"k": int(k)} if k is not None else {"ratio": float(ratio)}
+        budget = {"k": count_argument("k", k)} if k is not None else {"ratio": ratio_argument("ratio", ratio)}
         self.vote_compressor = TopK(**budget)
         self.add_drop = add_drop_ratio is not None or add_drop_k is not None
         self.add_drop_compressor = None
         if self.add_drop:
             if add_drop_k is not None:
-                self.add_drop_compressor = TopK(int(add_drop_k))
+                add_drop_k = count_argument("add_drop_k", add_drop_k)
+                if k is not None and add_drop_k > budget["k"]:
+                    raise ValueError(f"add_drop_k must be <= k ({budget['k']}), got {add_drop_k}")
+                self.add_drop_compressor = TopK(add_drop_k)
             else:
-                if not 0.0 < float(add_drop_ratio) <= (1.0 if ratio is None else float(ratio)):
-                    raise ValueError(f"add_drop_ratio must be in (0, ratio], got {add_drop_ratio}")
+                if not (isinstance(add_drop_ratio, (int, float)) and not isinstance(add_drop_ratio, bool)
+                        and 0.0 < add_drop_ratio <= (1.0 if ratio is None else budget["ratio"])):
+                    raise ValueError(f"add_drop_ratio must be in (0, ratio], got {add_drop_ratio!r}")
                 self.add_drop_compressor = TopK(ratio=float(add_drop_ratio))
         if kwargs.pop("diagnostics", False):
             log(WARNING, "SSGDMajorityVote: diagnostics (rho estimates) are not supported; ignored")

@@ -608,6 +608,14 @@ def test_arrays_that_do_not_match_the_model_give_an_error_naming_the_array(serve
     assert not client.state_file().exists()  # nothing was saved
 
 
+@pytest.mark.parametrize("returned", [None, {"arrays": "not a Message"}])
+def test_a_train_function_that_returns_no_message_is_named(server, tmp_path, returned):
+    client = Client(tmp_path, lambda msg, context: returned)
+    with pytest.raises(TypeError, match=f"the train function must return a Message, got {type(returned).__name__}"):
+        client.send(server.message(1, sync_mode="dense"))
+    assert not client.state_file().exists()
+
+
 NON_FINITE = {
     "nan": ("bn.running_var", lambda a: a["bn.running_var"].__setitem__(2, np.nan)),
     "inf": ("fc1.bias", lambda a: a["fc1.bias"].__setitem__(0, np.inf)),

@@ -151,6 +151,39 @@ def test_a_folder_without_metrics_or_settings_is_named(tmp_path):
         load_run(folder)
 
 
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"round": "x"}, "row 2: 'round' must be an integer, got 'x'"),
+        ({"round": None}, "row 2: 'round' must be an integer, got None"),
+        ({"round": 2.5}, "row 2: 'round' must be an integer, got 2.5"),
+        ({"uplink_bytes": "abc"}, "row 2 \\(round 2\\): 'uplink_bytes' must be a number, got 'abc'"),
+        ({"cumulative_uplink_bytes": "lots"}, "row 2 \\(round 2\\): 'cumulative_uplink_bytes' must be a number, got 'lots'"),
+        ({"elapsed_seconds": True}, "row 2 \\(round 2\\): 'elapsed_seconds' must be a number, got True"),
+    ],
+)
+def test_a_damaged_metrics_row_is_named_with_its_file_row_and_column(tmp_path, capsys, change, message):
+    folder = _write_run(tmp_path / "r", RunConfig(), [0.5, 0.6, 0.7])
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    rows[1].update(change)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=f"metrics.jsonl: {message}"):
+        load_run(folder)
+    assert main(["compare", str(folder)]) == 2
+    assert "metrics.jsonl: row 2" in capsys.readouterr().err
+
+
+def test_a_damaged_config_or_a_file_for_a_folder_is_named(tmp_path):
+    folder = _write_run(tmp_path / "r", RunConfig(), [0.5])
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_params": "x"}))
+    with pytest.raises(ValueError, match="config.json: 'num_params' must be a number, got 'x'"):
+        load_run(folder)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="a-file: a file, not a run folder"):
+        load_run(tmp_path / "a-file")
+
+
 def test_plot_is_a_png_with_a_band_for_the_group_of_seeds(folders, tmp_path, monkeypatch):
     from matplotlib.axes import Axes
 
