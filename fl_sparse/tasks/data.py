@@ -651,6 +651,8 @@ def partition_indices(
     n = int(labels.shape[0])
     if num_partitions > n:
         raise ValueError(f"cannot split {n} examples into {num_partitions} partitions")
+    if scheme == "shards" and 2 * num_partitions > n:  # flwr-datasets would divide by a shard size of 0
+        raise ValueError(f"cannot cut {n} examples into 2 shards for each of {num_partitions} partitions")
     if min_partition_size is not None and (
         isinstance(min_partition_size, bool) or not isinstance(min_partition_size, int) or min_partition_size < 0
     ):

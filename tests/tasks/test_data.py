@@ -350,6 +350,7 @@ def test_a_new_process_reads_the_split_from_disk_and_recomputes_a_bad_file(monke
         (dict(partition_id=-1), "partition_id"),
         (dict(num_partitions=0, partition_id=0), "num_partitions"),
         (dict(num_partitions=101, partition_id=0), "cannot split"),
+        (dict(scheme="shards", num_partitions=51, partition_id=0), "cannot cut 100 examples into 2 shards for each of 51"),
         (dict(alpha=0.0), "alpha"),
         (dict(alpha=-1.0), "alpha"),
         (dict(alpha=float("nan")), "alpha"),
