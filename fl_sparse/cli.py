@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = resume_config(args.resume, **overrides)
             else:
                 cfg = RunConfig(**{k: v for k, v in vars(args).items() if k in names})
+                given = vars(build_parser(_explicit_only=True).parse_args(argv))
+                if "add_drop_ratio" in given and cfg.strategy != "ssgd-mv-ad":  # its default is a number: seen here only
+                    raise ValueError("add-drop-ratio is ssgd-mv-ad's phi_ad; leave it out for other strategies")
             split = preflight(cfg)  # everything checkable, before Ray starts
         except ValueError as exc:
             print(f"fl-sparse simulate: error: {exc}", file=sys.stderr)

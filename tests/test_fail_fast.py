@@ -89,6 +89,10 @@ def test_cli_refuses_before_starting_ray(capsys, monkeypatch):
     monkeypatch.setattr(runner, "simulate", lambda *a, **k: pytest.fail("Ray must not start"))
     assert main(["simulate", "--value-bits", "20"]) == 2
     assert "value-bits must be 2..16" in capsys.readouterr().err
+    assert main(["simulate", "--strategy", "ssgd-mv", "--add-drop-ratio", "0.001"]) == 2
+    assert "add-drop-ratio is ssgd-mv-ad's phi_ad" in capsys.readouterr().err
+    assert main(["simulate", "--strategy", "topk", "--threshold", "0.1"]) == 2
+    assert "threshold is hard-threshold's lambda" in capsys.readouterr().err
 
 
 def test_threshold_zero_means_lambda_zero_everywhere():
