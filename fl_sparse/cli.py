@@ -96,10 +96,10 @@ def build_parser(*, _explicit_only: bool = False) -> argparse.ArgumentParser:
     sim.add_argument("--momentum", type=float, default=d.momentum, help="local SGD momentum (reset every round)")
     sim.add_argument("--weight-decay", type=float, default=d.weight_decay, help="local SGD weight decay")
     sim.add_argument("--ratio", type=float, default=d.ratio, help="uplink k/d")
-    sim.add_argument("--downlink-ratio", type=float, default=None, help="downlink k/d of bidirectional-topk (None: same as --ratio)")
-    sim.add_argument("--threshold", type=float, default=None, help="hard-threshold lambda (None: 1/(2 sqrt(k)) with k = ratio * d)")
+    sim.add_argument("--downlink-ratio", type=float, default=None, help="downlink k/d of bidirectional-topk only (None: same as --ratio)")
+    sim.add_argument("--threshold", type=float, default=None, help="lambda of hard-threshold only (None: 1/(2 sqrt(k)) with k = ratio * d)")
     sim.add_argument("--value-bits", type=int, default=d.value_bits, help="q-bit value quantization; 32 = none")
-    sim.add_argument("--add-drop-ratio", type=float, default=d.add_drop_ratio, help="phi_ad of SSGD-MV-AD")
+    sim.add_argument("--add-drop-ratio", type=float, default=d.add_drop_ratio, help="phi_ad of ssgd-mv-ad only")
     sim.add_argument("--positions", choices=("raw", "block", "rice"), default=d.positions,
                      help="position code: raw int32, the bidirectional paper's block code, or Golomb-Rice (smallest)")
     sim.add_argument("--no-error-feedback", dest="error_feedback", action="store_false", default=d.error_feedback,
@@ -113,7 +113,7 @@ def build_parser(*, _explicit_only: bool = False) -> argparse.ArgumentParser:
     sim.add_argument("--out", default=None, metavar="DIR",
                      help="run folder: DIR/config.json, DIR/metrics.jsonl and DIR/metrics.csv (a line per round), "
                           "DIR/metrics.json and DIR/model.pt at the end, the checkpoint DIR/checkpoint.pt; "
-                          "clients keep their state in DIR/client-state")
+                          "clients keep their state in DIR/client-state; a DIR that holds a run is refused (--resume DIR)")
     sim.add_argument("--diagnostics", action="store_true", help="estimate rho and rho-hat each round")
     sim.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N rounds")
     sim.add_argument("--num-cpus", type=float, default=d.num_cpus, help="CPUs per client actor")
