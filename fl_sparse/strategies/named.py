@@ -14,8 +14,8 @@ import math
 from typing import Any
 
 from fl_sparse.compressors import TopK, adaptive_k_budgeted, adaptive_k_t_hat, hard_threshold_for_topk
-from fl_sparse.strategies.base import SparseFedAvg, with_fedavg_signature
 from fl_sparse.strategies.arguments import count_argument, flag_argument, positive_argument, ratio_argument
+from fl_sparse.strategies.base import SparseFedAvg, with_fedavg_signature
 
 __all__ = [
     "DenseFedAvg",
@@ -167,8 +167,11 @@ class HardThresholdSGD(SparseFedAvg):
     """
 
     def __init__(self, *args: Any, threshold: float | None = None, ratio: float = 0.001, **kwargs: Any) -> None:
-        if threshold is not None and not (threshold >= 0.0 and math.isfinite(threshold)):
-            raise ValueError(f"threshold must be a finite number >= 0, got {threshold}")
+        if threshold is not None and not (
+            isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+            and math.isfinite(threshold) and threshold >= 0.0
+        ):
+            raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
         self.threshold = None if threshold is None else float(threshold)
         self.ratio = ratio_argument("ratio", ratio)
         super().__init__(*args, uplink={"name": "hard-threshold", "lam": self.threshold or 0.0}, downlink=None, **kwargs)

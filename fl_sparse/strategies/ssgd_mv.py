@@ -138,8 +138,8 @@ from fl_sparse.compressors import TopK
 from fl_sparse.flat import vector_hash
 from fl_sparse.protocol import Instruction, Report, UplinkMetrics
 from fl_sparse.sparse import SparseTensor
-from fl_sparse.strategies.base import ClientUpdate, SparseFedAvg, _remap, exception_reason, with_fedavg_signature
 from fl_sparse.strategies.arguments import count_argument, ratio_argument
+from fl_sparse.strategies.base import ClientUpdate, SparseFedAvg, _remap, exception_reason, with_fedavg_signature
 
 __all__ = ["SSGDMajorityVote", "build_ssgd_mv", "vote_counts", "select_majority", "select_weighted"]
 

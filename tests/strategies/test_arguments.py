@@ -19,6 +19,7 @@ from fl_sparse.strategies import (
 BAD = [
     (HardThresholdSGD, {"ratio": math.nan}, "ratio must be a number in \\(0, 1\\], got nan"),
     (HardThresholdSGD, {"ratio": 5}, "ratio must be a number in \\(0, 1\\], got 5"),
+    (HardThresholdSGD, {"threshold": "0.1"}, "threshold must be a finite number >= 0, got '0.1'"),
     (TopKSGD, {"ratio": "0.1"}, "ratio must be a number in \\(0, 1\\], got '0.1'"),
     (TopKSGD, {"ratio": True}, "ratio must be a number"),
     (RandomKSGD, {"k": 2.5}, "k must be an integer >= 1, got 2.5"),
