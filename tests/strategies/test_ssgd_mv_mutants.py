@@ -346,4 +346,7 @@ def test_the_vote_invariant_check_catches_a_corrupted_vote_sum():
 def test_k_ad_is_zero_without_add_drop_and_at_most_k_with_it():
     assert SSGDMajorityVote(k=7).k_ad_for(1000) == 0
     assert SSGDMajorityVote(k=7, add_drop_k=3).k_ad_for(1000) == 3
-    assert SSGDMajorityVote(k=7, add_drop_k=30).k_ad_for(1000) == 7  # never more changes than the vote holds
+    # never more changes than the vote holds: refused when both are counts, capped when the vote is a ratio
+    with pytest.raises(ValueError, match="add_drop_k must be <= k"):
+        SSGDMajorityVote(k=7, add_drop_k=30)
+    assert SSGDMajorityVote(ratio=0.007, add_drop_k=30).k_ad_for(1000) == 7
