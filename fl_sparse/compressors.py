@@ -747,6 +747,12 @@ def register_compressor(name: str, *, replace: bool = False, aliases: tuple[str,
     values, e.g. numeric strings); otherwise the class itself is called with
     the params (``None`` values dropped), after checking them against its
     signature. Remove a registration with ``del COMPRESSORS[name]``.
+
+    The registry is per process. A strategy sends the compressor's name and parameters
+    to its clients, which build it themselves, so the registration must also run where
+    the clients run (a simulation's Ray actors, each SuperNode's ClientApp process): put
+    the class in a module that the ClientApp's module imports, not in a script's
+    ``__main__``.
     """
     if not isinstance(name, str) or not _normalise_name(name):
         raise ValueError(f"register_compressor: name must be a non-empty string, got {name!r}")
@@ -1362,7 +1368,11 @@ def build_compressor(name: str, **params: Any) -> Compressor:
     cls = COMPRESSORS.get(key)
     if cls is None:
         aliases = f" (aliases: {', '.join(sorted(_ALIASES))})" if _ALIASES else ""
-        raise ValueError(f"unknown compressor {name!r}; known: {', '.join(COMPRESSORS)}{aliases}")
+        raise ValueError(
+            f"unknown compressor {name!r}; known in this process: {', '.join(COMPRESSORS)}{aliases}. A compressor "
+            "registered with register_compressor exists only in the processes that ran the registration: put it in "
+            "a module that the ClientApp's module imports too (clients run in other processes: Ray actors, SuperNodes)"
+        )
     factory = getattr(cls, "from_config", None)
     try:
         if factory is not None:

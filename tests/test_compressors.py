@@ -831,6 +831,9 @@ def test_unknown_name_lists_the_registered_names(every_other):
         build_compressor("nope")
     for name in (*BUILTIN_CONFIGS, "test-every-other"):
         assert name in str(info.value)
+    # A user's compressor registered in the server's script only: the clients' error says where it must be.
+    assert "exists only in the processes that ran the registration" in str(info.value)
+    assert "a module that the ClientApp's module imports" in str(info.value)
 
 
 @pytest.mark.parametrize("name", sorted(COMPRESSORS))
