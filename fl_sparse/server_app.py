@@ -64,6 +64,7 @@ from fl_sparse.checkpoint import CheckpointError
 from fl_sparse.clients.state import SPARE_MAX_BYTES
 from fl_sparse.flat import FlatLayout
 from fl_sparse.strategies import STRATEGY_NAMES, build_strategy
+from fl_sparse.strategies.arguments import is_number
 
 __all__ = [
     "RunConfig",
@@ -245,7 +246,7 @@ class RunConfig:
         # 0 means lambda = 0. Anything else that is not a number is left for validate() to name.
         for unset_below_zero in ("downlink_ratio", "threshold", "lr", "r_ratio", "min_partition_size"):
             value = values.get(unset_below_zero)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            if is_number(value) and value < 0:
                 values[unset_below_zero] = None
         for optional in ("out", "state_dir", "ray_address", "resume"):
             if values.get(optional) == "":
@@ -272,7 +273,7 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     elif base is int:
         ok, kind = isinstance(value, numbers.Integral) and not isinstance(value, bool), "an integer"
     elif base is float:
-        ok, kind = isinstance(value, numbers.Real) and not isinstance(value, bool), "a number"
+        ok, kind = is_number(value), "a number"
     else:
         ok, kind = isinstance(value, base), "a string" if base is str else base.__name__
     return None if ok else f"must be {kind}{' (or unset)' if optional else ''}, got {value!r}"

@@ -147,10 +147,6 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def load_run(path: str | Path) -> Run:
     """The run in folder ``path``.
 
@@ -192,16 +188,17 @@ def load_run(path: str | Path) -> Run:
     if not isinstance(config, dict):
         raise ValueError(f"{path / 'config.json'} is not a JSON object")
     from fl_sparse.server_app import METRIC_COLUMNS, add_cumulative_bytes
+    from fl_sparse.strategies.arguments import is_number
 
     # Every number the tables and plots use is a number (JSON null: not measured), so a damaged
     # file is named here, not by a TypeError deep in a sum.
     for i, row in enumerate(rows, 1):
-        if not _is_number(row["round"]) or not float(row["round"]).is_integer():
+        if not is_number(row["round"]) or not float(row["round"]).is_integer():
             raise ValueError(f"{source}: row {i}: 'round' must be an integer, got {row['round']!r}")
         for key in METRIC_COLUMNS:
-            if row.get(key) is not None and not _is_number(row[key]):
+            if row.get(key) is not None and not is_number(row[key]):
                 raise ValueError(f"{source}: row {i} (round {row['round']}): {key!r} must be a number, got {row[key]!r}")
-    if config.get("num_params") is not None and not _is_number(config["num_params"]):
+    if config.get("num_params") is not None and not is_number(config["num_params"]):
         raise ValueError(f"{path / 'config.json'}: 'num_params' must be a number, got {config['num_params']!r}")
 
     rows = add_cumulative_bytes([dict(r) for r in rows])

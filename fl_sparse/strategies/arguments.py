@@ -13,16 +13,17 @@ import numbers
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["ratio_argument", "count_argument", "flag_argument", "positive_argument", "names_argument"]
+__all__ = ["is_number", "ratio_argument", "count_argument", "flag_argument", "positive_argument", "names_argument"]
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A real number (numpy's too), and not a bool: True would be taken for 1."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def ratio_argument(name: str, value: Any, upper: float = 1.0) -> float:
     """``value`` as a float in (0, upper], or ValueError naming ``name``."""
-    if not (_is_number(value) and 0.0 < float(value) <= upper):
+    if not (is_number(value) and 0.0 < float(value) <= upper):
         raise ValueError(f"{name} must be a number in (0, {upper:g}], got {value!r}")
     return float(value)
 
@@ -36,7 +37,7 @@ def count_argument(name: str, value: Any, minimum: int = 1) -> int:
 
 def positive_argument(name: str, value: Any) -> float:
     """``value`` as a finite float > 0, or ValueError naming ``name``."""
-    if not (_is_number(value) and math.isfinite(float(value)) and float(value) > 0):
+    if not (is_number(value) and math.isfinite(float(value)) and float(value) > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 

@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 from fl_sparse.compressors import TopK, adaptive_k_budgeted, adaptive_k_t_hat, hard_threshold_for_topk
-from fl_sparse.strategies.arguments import count_argument, flag_argument, positive_argument, ratio_argument
+from fl_sparse.strategies.arguments import count_argument, flag_argument, is_number, positive_argument, ratio_argument
 from fl_sparse.strategies.base import SparseFedAvg, with_fedavg_signature
 
 __all__ = [
@@ -167,10 +167,7 @@ class HardThresholdSGD(SparseFedAvg):
     """
 
     def __init__(self, *args: Any, threshold: float | None = None, ratio: float = 0.001, **kwargs: Any) -> None:
-        if threshold is not None and not (
-            isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
-            and math.isfinite(threshold) and threshold >= 0.0
-        ):
+        if threshold is not None and not (is_number(threshold) and math.isfinite(threshold) and threshold >= 0.0):
             raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
         self.threshold = None if threshold is None else float(threshold)
         self.ratio = ratio_argument("ratio", ratio)
@@ -219,7 +216,7 @@ class AdaptiveTopKSGD(SparseFedAvg):
         **kwargs: Any,
     ) -> None:
         num_rounds = count_argument("num_rounds", num_rounds)
-        if not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and 0.0 <= gamma <= 1.0):
+        if not (is_number(gamma) and 0.0 <= gamma <= 1.0):
             raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
         if t_hat is not None and count_argument("t_hat", t_hat, minimum=0) > num_rounds:
             raise ValueError(f"t_hat must be in [0, num_rounds], got {t_hat}")

@@ -138,7 +138,7 @@ from fl_sparse.compressors import TopK
 from fl_sparse.flat import vector_hash
 from fl_sparse.protocol import Instruction, Report, UplinkMetrics
 from fl_sparse.sparse import SparseTensor
-from fl_sparse.strategies.arguments import count_argument, ratio_argument
+from fl_sparse.strategies.arguments import count_argument, is_number, ratio_argument
 from fl_sparse.strategies.base import ClientUpdate, SparseFedAvg, _remap, exception_reason, with_fedavg_signature
 
 __all__ = ["SSGDMajorityVote", "build_ssgd_mv", "vote_counts", "select_majority", "select_weighted"]
@@ -209,8 +209,7 @@ class SSGDMajorityVote(SparseFedAvg):
                     raise ValueError(f"add_drop_k must be <= k ({budget['k']}), got {add_drop_k}")
                 self.add_drop_compressor = TopK(add_drop_k)
             else:
-                if not (isinstance(add_drop_ratio, (int, float)) and not isinstance(add_drop_ratio, bool)
-                        and 0.0 < add_drop_ratio <= (1.0 if ratio is None else budget["ratio"])):
+                if not (is_number(add_drop_ratio) and 0.0 < add_drop_ratio <= (1.0 if ratio is None else budget["ratio"])):
                     raise ValueError(f"add_drop_ratio must be in (0, ratio], got {add_drop_ratio!r}")
                 self.add_drop_compressor = TopK(ratio=float(add_drop_ratio))
         if kwargs.pop("diagnostics", False):
