@@ -50,6 +50,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import xxhash
 
 __all__ = [
     "BatchStream",
@@ -413,8 +414,12 @@ DIRICHLET_FILL_BELOW = 20
 
 
 def _labels_fingerprint(labels: torch.Tensor) -> str:
-    data = labels.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    """XXH3-128 of the labels as int64: part of the partition cache's key, computed on every
+    :func:`partition_indices` call (once per client message, and per client in the run's
+    preflight). BLAKE2b took about 1 ms for Fashion-MNIST's 60,000 labels, 10 s of a
+    10,000-client preflight; XXH3 takes about 20 us, and hashes the array's buffer without a copy.
+    Not cryptographic, and it need not be: it tells datasets apart, it guards against nobody."""
+    return xxhash.xxh3_128_hexdigest(labels.detach().to("cpu", torch.int64).contiguous().numpy())
 
 
 def _column(ds, name: str) -> np.ndarray:

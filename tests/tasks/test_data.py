@@ -305,6 +305,14 @@ def test_partitions_computed_once_per_partitioner(monkeypatch, tmp_path):
     partition_indices("fashion-mnist", labels, "dirichlet", 25, 0, alpha=0.8, seed=11)
     partition_indices("fashion-mnist", labels[:-10], "dirichlet", 25, 0, alpha=0.7, seed=11)
     assert len(calls) == 3  # new alpha, new labels -> new partitioner
+    changed = labels.clone()
+    changed.numpy()[123] = 4  # one label, changed where no version counter sees it: still new labels
+    partition_indices("fashion-mnist", changed, "dirichlet", 25, 0, alpha=0.7, seed=11)
+    assert len(calls) == 4
+    # the same labels as another dtype or a strided view are the same labels: the split is reused
+    partition_indices("fashion-mnist", labels.to(torch.int32), "dirichlet", 25, 3, alpha=0.7, seed=11)
+    partition_indices("fashion-mnist", torch.stack([labels, labels], 1)[:, 1], "dirichlet", 25, 3, alpha=0.7, seed=11)
+    assert len(calls) == 4
 
 
 def test_a_new_process_reads_the_split_from_disk_and_recomputes_a_bad_file(monkeypatch, tmp_path):
