@@ -97,7 +97,8 @@ def build_parser(*, _explicit_only: bool = False) -> argparse.ArgumentParser:
     sim.add_argument("--weight-decay", type=float, default=d.weight_decay, help="local SGD weight decay")
     sim.add_argument("--ratio", type=float, default=d.ratio, help="uplink k/d")
     sim.add_argument("--downlink-ratio", type=float, default=None, help="downlink k/d of bidirectional-topk only (None: same as --ratio)")
-    sim.add_argument("--threshold", type=float, default=None, help="lambda of hard-threshold only (None: 1/(2 sqrt(k)) with k = ratio * d)")
+    sim.add_argument("--threshold", type=float, default=None, help="lambda of hard-threshold only, in gradient units: a client sends the entries with "
+                     "|error + update| >= lr * lambda (None: the paper's 1/(2 sqrt(k)) with k = ratio * d)")
     sim.add_argument("--value-bits", type=int, default=d.value_bits, help="q-bit value quantization; 32 = none")
     sim.add_argument("--add-drop-ratio", type=float, default=d.add_drop_ratio, help="phi_ad of ssgd-mv-ad only")
     sim.add_argument("--positions", choices=("raw", "block", "rice"), default=d.positions,

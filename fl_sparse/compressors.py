@@ -1023,6 +1023,11 @@ class HardThreshold(_FromConfig):
 
     Config name ``"hard-threshold"`` with ``lam``, or ``k`` for the paper's
     ``lam = 1 / (2 sqrt(k))`` (:func:`hard_threshold_for_topk`).
+
+    It thresholds what it is given. The paper's worker sends ``gamma *
+    C_lambda(p / gamma)``, ``p = e + gamma g``, with ``lambda`` in gradient units:
+    on ``p`` itself that is ``C_(gamma lambda)(p)``, which is what
+    :class:`~fl_sparse.strategies.HardThresholdSGD` tells its clients.
     """
 
     config_params = {"lam": _as_float, "k": _as_int}
@@ -1105,7 +1110,8 @@ def hard_threshold_for_topk(
     ``k`` is an absolute count of entries of the whole model (the paper's
     Table 5: ResNet-18, ``k_min = 0.1 %`` of d = 11.17 M gives 4.73e-3), and
     ``lambda`` is an absolute magnitude in gradient units -- not relative to
-    ``||g||``. The defaults give ``1 / (2 sqrt(k))``; ``zeta_sq > 0`` (data
+    ``||g||``, and compared with ``p / gamma`` (Algorithm 1), not with the
+    learning-rate-scaled ``p``. The defaults give ``1 / (2 sqrt(k))``; ``zeta_sq > 0`` (data
     heterogeneity, Assumption 4) needs ``d``; ``m`` is ``M`` of Assumption 3.
     """
     if not _is_int(k) or k < 1:

@@ -114,6 +114,11 @@ class FlatLayout:
         names, shapes, dtypes, passthrough = [], [], [], []
         for name, array in record.items():
             nd = array.numpy()
+            if nd.dtype.kind not in "biuf":  # complex, strings, objects: no exact real average, no float vector
+                raise ValueError(
+                    f"array {name!r} is {nd.dtype}: fl-sparse handles real arrays only (float, integer or bool); "
+                    "a complex parameter can travel as two real arrays (torch.view_as_real)"
+                )
             if np.issubdtype(nd.dtype, np.floating) and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
                 names.append(name)
                 shapes.append(tuple(nd.shape))

@@ -329,7 +329,10 @@ class Report:
     vote_base_round: int = -1
 
     def to_record(self) -> ConfigRecord:
-        return config_record(_to_items(self))
+        # Fields at their default are left out (the reader fills them in): besides being smaller, the
+        # record then holds no empty string, which Flower's ConfigRecord.count_bytes() refuses (a
+        # message_size_mod in front of SparseMod measured every reply and dropped it).
+        return config_record(_to_items(self, skip_defaults=True))
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> "Report":

@@ -34,8 +34,13 @@ on the server's common mask without calling it again. Evaluate and query
 messages, and train messages that carry no fl-sparse instruction, pass
 through untouched.
 
-Any model: float arrays of any shape and float dtype (float16 entries are
-updated in float32 on the flat vector and handed back as float16). bfloat16:
+Any model: float arrays of any shape and float dtype, computed in float32 on
+the flat vector and handed back in their own dtype (float16 loses nothing;
+float64 is rounded to float32 precision, and the strategy warns). Complex arrays
+are refused (as two real arrays, ``torch.view_as_real``, they work). Tied
+weights (one tensor under two ``state_dict`` keys) are two arrays here, each
+compressed on its own, so the server's two copies can drift apart: return one
+key per tensor (and load with ``strict=False``) or tie them again after loading. bfloat16:
 Flower 1.42's ArrayRecord refuses bfloat16 tensors ("unsupported ScalarType
 BFloat16"), so a bfloat16 model travels as float32 arrays
 (``{k: v.float() for k, v in model.state_dict().items()}``) and is cast back
@@ -479,7 +484,7 @@ class SparseMod:
                 if user_reply.has_error():
                     return user_reply  # nothing saved: the state is as before this message
 
-                trained = _trained_arrays(user_reply.content, instr.arrays_key)
+                trained_key, trained = _trained_arrays(user_reply.content, instr.arrays_key)
                 try:
                     step = layout.step(state.model, trained)  # w - w'
                     exact_after = layout.exact_record(trained)
@@ -493,7 +498,8 @@ class SparseMod:
                     )
 
                 # The reply's records, as a plain dict until the Message is built (records.record_dict).
-                content = {key: record for key, record in user_reply.content.items() if key != instr.arrays_key}
+                # Without the trained model: it goes up compressed, never whole (whatever key it came under).
+                content = {key: record for key, record in user_reply.content.items() if key != trained_key}
                 memory = _memory(state, numel, instr.error_feedback)
                 if instr.phase == protocol.PHASE_VOTE:
                     extra = self._vote_phase(state, memory, step, instr, content, segments)
@@ -611,14 +617,14 @@ def _stored_vote(state: ClientState, vote_round: int) -> torch.Tensor | None:
     return None
 
 
-def _trained_arrays(content: RecordDict, key: str) -> ArrayRecord:
-    """The ArrayRecord the train function returned: under ``key``, or its only ArrayRecord."""
+def _trained_arrays(content: RecordDict, key: str) -> tuple[str, ArrayRecord]:
+    """(its key, the ArrayRecord the train function returned): under ``key``, or its only ArrayRecord."""
     record = protocol.find_array_record(content, key)
     if record is not None:
-        return record
+        return key, record
     records = content.array_records
     if len(records) == 1:
-        return next(iter(records.values()))
+        return next(iter(records.items()))
     raise ValueError(
         f"the train function must return the trained model as an ArrayRecord under {key!r} "
         f"(found {sorted(records) or 'none'})"

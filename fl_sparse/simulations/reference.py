@@ -18,6 +18,9 @@ steps, weights p_q = n_q / Σ_{S_t} n)::
     g = Σ_q p_q s_q
     bidirectional:  g = g + δ;  ĝ = Q(Top_K(g));  δ = g − ĝ    else ĝ = Q(g)
     w = w − ĝ
+
+Without error feedback (``error_feedback=False``) e_q and δ stay 0: what
+was not sent is dropped.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def _uplink_spec(cfg: RunConfig, num_clients: int, numel: int) -> dict:
         return {"name": "rtopk", "ratio": cfg.ratio, "n_workers": num_clients}
     if cfg.strategy == "hard-threshold":
         lam = cfg.threshold if cfg.threshold is not None else hard_threshold_for_topk(TopK(ratio=cfg.ratio).k_for(numel))
-        return {"name": "hard-threshold", "lam": lam}
+        return {"name": "hard-threshold", "lam": lam * cfg.effective_lr}  # λ on a/γ: |a| ≥ γλ
     if cfg.strategy == "fedavg":
         return {"name": "none"}
     raise ValueError(f"no reference loop for strategy {cfg.strategy!r}")
@@ -89,8 +92,10 @@ def reference_run(cfg: RunConfig) -> torch.Tensor:
             step = w - task.model_vector(device)
             gen = torch.Generator().manual_seed(client_generator_seed(cfg.seed, t, q))
             compress = lambda a, gen=gen: compressor(a, generator=gen)  # noqa: E731
-            sent.append(algorithms.client_compress(step, memories[q], compress, quantize).sent)
+            memory = memories[q] if cfg.error_feedback else ErrorFeedback(w.numel())  # else e_q = 0 every round
+            sent.append(algorithms.client_compress(step, memory, compress, quantize).sent)
         total = sum(tasks[q].num_examples for q in chosen)
         g = algorithms.weighted_sum(sent, [tasks[q].num_examples / total for q in chosen])
-        w = w - quantize(algorithms.server_compress(g, server_memory, downlink, quantize)).to_dense()
+        server = server_memory if cfg.error_feedback else ErrorFeedback(w.numel())
+        w = w - quantize(algorithms.server_compress(g, server, downlink, quantize)).to_dense()
     return w

@@ -56,7 +56,9 @@ and positional order: sampling (``fraction_train`` — 0 skips training —,
 ``weighted_by_key`` (the weight of each client's update and of its
 metrics), ``arrayrecord_key`` (where the client's train function finds the
 model and puts the trained one), ``configrecord_key`` (the user's
-``train_config``, passed through untouched), ``train_metrics_aggr_fn`` and
+``train_config``, passed through untouched; its ``"local-steps"``, when a
+whole number, only scales the ``q_*`` bits-per-step metrics, and
+:class:`~fl_sparse.strategies.HardThresholdSGD` reads its ``"lr"``), ``train_metrics_aggr_fn`` and
 federated evaluation. By design: a train message carries the sync payload
 instead of the dense model, a reply carries the encoded update instead of
 the trained model (the client needs :class:`~fl_sparse.clients.SparseMod`),
@@ -640,12 +642,23 @@ class SparseFedAvg(FedAvg):
             Message(content=RecordDict({protocol.RECORD: instr}), message_type=MessageType.TRAIN, dst_node_id=n)
             for n in unknown
         ]
+        unanswered: dict[int, str] = {}
         for reply in grid.send_and_receive(queries, timeout=self._timeout):
-            if not reply.has_error():
-                try:
-                    self._learn_key(reply.metadata.src_node_id, Report.read(reply.content))
-                except protocol.ProtocolError:
-                    pass
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                unanswered[node] = f"error {reply.error.code}: {reply.error.reason}"
+                continue
+            try:
+                self._learn_key(node, Report.read(reply.content))
+            except protocol.ProtocolError as exc:
+                unanswered[node] = str(exc)
+        if unanswered:
+            # Nothing is wrong with the run yet (such a node is asked again by its first train
+            # message); but the usual cause, a ClientApp without the mod, fails every round after.
+            first = next(iter(unanswered.values()))
+            log(WARNING, "%d of %d nodes did not answer fl-sparse's identify message (node %d: %s). "
+                "Is SparseMod in their ClientApp's mods? (ClientApp(mods=[SparseMod()]))",
+                len(unanswered), len(unknown), next(iter(unanswered)), first[:300])
 
     def _learn_key(self, node: int, report: Report) -> None:
         if report.partition_id >= 0:
@@ -791,7 +804,7 @@ class SparseFedAvg(FedAvg):
         self._round_started = time.perf_counter()
         self._nonces = {}
         self._sync_cache = {}
-        self._local_steps = max(1, int(config.get("local-steps", 1)))
+        self._local_steps = _local_steps(config.get("local-steps"))
         spec = _with_defaults(self.uplink_spec(server_round, num_clients))
         self._round_compressor = build_compressor(**spec)
         return spec
@@ -800,6 +813,12 @@ class SparseFedAvg(FedAvg):
         """Take w_0 from ``arrays``: a new run (every client gets a dense sync first)."""
         st = self.state
         st.layout = FlatLayout.from_arrayrecord(arrays, exact=self.exact_arrays)
+        wide = [n for n, d in zip(st.layout.names, st.layout.dtypes) if np.dtype(d).itemsize > 4]
+        if wide:
+            log(WARNING, "arrays %s are %s: fl-sparse keeps, sends and aggregates the model in float32 (about 7 "
+                "significant digits), so their values are rounded to float32 and changes below float32's "
+                "resolution of a weight are lost", ", ".join(map(repr, wide[:5])) + (" ..." if len(wide) > 5 else ""),
+                st.layout.dtypes[st.layout.names.index(wide[0])])
         st.model = st.layout.flatten(arrays).clone()
         st.exact = st.layout.exact_record(arrays)
         st.version = 0
@@ -817,6 +836,12 @@ class SparseFedAvg(FedAvg):
         st = self.state
         if st.model is not None and (arrays is self._returned or self._holds(arrays)):
             return
+        if st.model is not None and st.round > 0:
+            # E.g. Flower's DifferentialPrivacyClientSideFixedClipping adds noise to the model between
+            # rounds: each round is then a new run, dense and without error memory, and said so.
+            log(WARNING, "the arrays given for this round are not the model this strategy returned after round %d "
+                "(did a wrapper or the caller change them?): starting a new run from them, so every client gets "
+                "the dense model and client and server error memories start empty", st.round)
         self.initialize(arrays)
 
     def _holds(self, arrays: ArrayRecord) -> bool:
@@ -1081,7 +1106,7 @@ class SparseFedAvg(FedAvg):
             "q_loc_down": down.position_bits / d_h,
             "q_val_down": down.value_bits / d_h,
             "num_examples": int(sum(u.weight for u in updates)) if self.weighted_by_key == "num-examples" else None,
-            "train_loss": _weighted_metric(updates, p, "train-loss"),
+            "train_loss": _weighted_metric(updates, p, TRAIN_LOSS_KEYS),
             "round_seconds": time.perf_counter() - self._round_started,
         }
 
@@ -1245,16 +1270,35 @@ def _dense(record: ArrayRecord, key: str, numel: int) -> torch.Tensor:
     return x
 
 
-def _weighted_metric(updates: list[ClientUpdate], p: list[float], key: str) -> float:
-    """Σ p_q m_q over the replies whose user metrics have a finite number ``key`` (NaN if none)."""
+def _local_steps(value: Any) -> int:
+    """H from the user's train config, for the q_* metrics only: a whole number >= 1, else 1 (the
+    config is the user's, passed through: a value such as ``"auto"`` must not stop the server)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return 1
+    return max(1, int(value)) if float(value).is_integer() else 1
+
+
+# The train-loss metric's names: the built-in client's, and Flower's examples' (and the README's).
+TRAIN_LOSS_KEYS = ("train-loss", "train_loss")
+
+
+def _weighted_metric(updates: list[ClientUpdate], p: list[float], keys: tuple[str, ...]) -> float:
+    """Σ p_q m_q over the replies whose user metrics have a finite number under one of ``keys``
+    (the first found; NaN if no reply has one)."""
     total, mass = 0.0, 0.0
     for u, pq in zip(updates, p):
+        value = None
         for record in u.user_content.metric_records.values():
-            v = record.get(key)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                total += pq * float(v)
-                mass += pq
+            for key in keys:
+                v = record.get(key)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    value = float(v)
+                    break
+            if value is not None:
                 break
+        if value is not None:
+            total += pq * value
+            mass += pq
     return total / mass if mass > 0 else float("nan")
 
 

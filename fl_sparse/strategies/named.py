@@ -4,7 +4,7 @@
 * :class:`BidirectionalTopKSGD` – Algorithm 2: the server keeps δ and sends Top_K(g + δ).
 * :class:`RTopKSGD` – rTop-k: top-r then a uniformly random k of them, k/r = 1/n.
 * :class:`RandomKSGD` – random-k: a uniformly random k of the d entries (the rTop-k paper's baseline).
-* :class:`HardThresholdSGD` – send every entry with |a| ≥ λ.
+* :class:`HardThresholdSGD` – send every entry with |a| ≥ γλ (λ on a/γ, in gradient units).
 * :class:`AdaptiveTopKSGD` – AdapTop-K: k_t varies per round under a fixed total budget.
 """
 
@@ -158,30 +158,76 @@ class RandomKSGD(SparseFedAvg):
 
 @with_fedavg_signature
 class HardThresholdSGD(SparseFedAvg):
-    """Hard-threshold sparsifier with error feedback: send every |a_i| ≥ λ.
+    """Hard-threshold sparsifier with error feedback (hard-threshold paper, Algorithm 1).
 
-    ``threshold=None`` uses the hard-threshold paper's rule for matching a
-    top-K budget, λ = 1/(2√k) with k = ⌈ratio·d⌉
-    (:func:`fl_sparse.compressors.hard_threshold_for_topk`), fixed once the
-    model size is known.
+    The paper's worker step, with γ the learning rate::
+
+        p = e + γ g;   Δ = γ · C_λ(p / γ);   e ← p − Δ      C_λ(x)_i = x_i if |x_i| ≥ λ, else 0
+
+    λ is a threshold on ``p / γ``, in gradient units (Remark 1: for an absolute
+    compressor, unlike top-K, it matters that C sees ``p / γ`` and not ``p``), and
+    the tuning rule λ = 1/(2√k) assumes those units. Here ``p`` is the client's
+    ``a = e + Δ`` (Δ = w − w', γ times the sum of its H steps' gradients), so a
+    client sends every entry with ``|a_i| ≥ γ·λ``: the uplink spec carries ``lam =
+    γ·λ`` (:class:`~fl_sparse.compressors.HardThreshold` thresholds what it is
+    given, in either direction).
+
+    Parameters
+    ----------
+    threshold : float, optional
+        λ, in gradient units. ``None`` uses the paper's rule for matching a
+        top-K budget, λ = 1/(2√k) with k = ⌈ratio·d⌉
+        (:func:`fl_sparse.compressors.hard_threshold_for_topk`), fixed once the
+        model size is known.
+    ratio : float
+        k/d of the rule (unused when ``threshold`` is given).
+    lr : float, optional
+        The clients' learning rate γ. ``None``: each round's train config
+        ``"lr"`` (what the built-in experiments and the README's app send), so a
+        learning-rate schedule in the train config is followed round by round.
     """
 
-    def __init__(self, *args: Any, threshold: float | None = None, ratio: float = 0.001, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, threshold: float | None = None, ratio: float = 0.001, lr: float | None = None, **kwargs: Any
+    ) -> None:
         if threshold is not None and not (is_number(threshold) and math.isfinite(threshold) and threshold >= 0.0):
             raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
         self.threshold = None if threshold is None else float(threshold)
         self.ratio = ratio_argument("ratio", ratio)
+        self.lr = None if lr is None else positive_argument("lr", lr)
+        self._round_lr: float | None = None  # γ of the round being configured
         super().__init__(*args, uplink={"name": "hard-threshold", "lam": self.threshold or 0.0}, downlink=None, **kwargs)
         self._threshold_given = self.threshold
 
     def options(self) -> dict[str, Any]:
-        return {**super().options(), "threshold": self._threshold_given, "ratio": self.ratio}
+        # "threshold_on": earlier fl-sparse applied λ to a itself; a run saved then is not continued with λ on a/γ.
+        return {**super().options(), "threshold": self._threshold_given, "ratio": self.ratio, "lr": self.lr,
+                "threshold_on": "a/lr"}
+
+    def prepare_round(self, server_round: int, num_clients: int, config) -> dict[str, Any]:
+        self._round_lr = self.lr if self.lr is not None else _learning_rate(config)
+        return super().prepare_round(server_round, num_clients, config)
 
     def uplink_spec(self, server_round: int, num_clients: int) -> dict[str, Any]:
         if self.threshold is None and self.state.model is not None:
             k = TopK(ratio=self.ratio).k_for(self.state.model.numel())
             self.threshold = hard_threshold_for_topk(k)
-        return {"name": "hard-threshold", "lam": self.threshold or 0.0}
+        gamma = self._round_lr if self._round_lr is not None else (self.lr or 1.0)
+        return {"name": "hard-threshold", "lam": (self.threshold or 0.0) * gamma}
+
+
+def _learning_rate(config) -> float:
+    """γ from a train config's ``"lr"``, or a ValueError that says how to give it."""
+    lr = config.get("lr") if config is not None else None
+    if lr is None:
+        raise ValueError(
+            "HardThresholdSGD needs the clients' learning rate: the paper's threshold applies to "
+            "(error + lr * gradient) / lr, in gradient units. Pass lr=... to HardThresholdSGD, "
+            "or put 'lr' in the train config"
+        )
+    if not (is_number(lr) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"the train config's 'lr' must be a finite number > 0, got {lr!r}")
+    return float(lr)
 
 
 @with_fedavg_signature

@@ -42,6 +42,9 @@ def _flower_run(cfg: RunConfig, tmp_path) -> tuple[torch.Tensor, list[dict]]:
         ("topk", {"value_bits": 8}),
         ("rtopk", {}),
         ("hard-threshold", {}),
+        ("hard-threshold", {"threshold": 0.05, "lr": 0.3}),
+        ("bidirectional-topk", {"error_feedback": False}),
+        ("topk", {"error_feedback": False}),
         ("fedavg", {}),
     ],
 )

@@ -143,7 +143,7 @@ def test_the_small_budget_is_small_and_the_full_one_is_the_papers():
     assert {c.local_steps for c in mv.values()} == {1, 2, 4, 8}
     assert mv["ssgd-mv-ad-L8-Q"].value_bits == 4 and mv["ssgd-mv-ad-L8"].value_bits == 32
     ht = {p.setting: p.config for p in expand("hard-threshold", budget="full")}
-    assert ht["threshold-rule"].threshold is None and ht["threshold-0.02"].threshold == 0.02
+    assert ht["threshold-rule"].threshold is None and ht["threshold-0.07"].threshold == 0.07
 
 
 def test_non_iid_renames_and_leaves_out_settings_as_the_preset_says(tmp_path):

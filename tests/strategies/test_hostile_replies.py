@@ -194,7 +194,7 @@ class Cfg:
         if f == "rtopk":
             return RTopKSGD(k=K, r=3 * K, **kw)  # r fixed: the spec must not depend on how many clients answer
         if f == "threshold":
-            return HardThresholdSGD(threshold=0.15, **kw)
+            return HardThresholdSGD(threshold=0.15, lr=1.0, **kw)
         if f == "adaptive":
             return AdaptiveTopKSGD(ratio=0.05, num_rounds=self.rounds, t_hat=1, **kw)
         if f == "adaptive-estimated":  # t_hat from the clients' round-1 train loss

@@ -265,16 +265,77 @@ def test_rtopk_with_a_fixed_r_tells_clients_r():
 
 
 # ----------------------------------------------------------- hard threshold
-def test_hard_threshold_default_lambda_is_the_papers_rule():
-    ratio = 0.001
-    spec = uplink_of(HardThresholdSGD(ratio=ratio), 1, mock_grid(2), zeros())
+def uplink_with_config(strategy, server_round: int, config: dict) -> dict:
+    messages = list(strategy.configure_train(server_round, zeros(), ConfigRecord(config), mock_grid(2)))
+    return Instruction.read(messages[0].content).uplink_spec()
+
+
+def test_hard_threshold_default_lambda_is_the_papers_rule_in_gradient_units():
+    """λ = 1/(2√k) thresholds a/γ (the paper's Δ = γ·C_λ(p/γ)): the clients are told γ·λ."""
+    ratio, lr = 0.001, 0.2
+    spec = uplink_with_config(HardThresholdSGD(ratio=ratio), 1, {"lr": lr})
     assert spec["name"] == "hard-threshold"
-    assert spec["lam"] == pytest.approx(1 / (2 * math.sqrt(k_of(ratio, NUMEL))))
-    assert uplink_of(HardThresholdSGD(threshold=0.3), 1, mock_grid(2), zeros())["lam"] == 0.3
+    assert spec["lam"] == pytest.approx(lr / (2 * math.sqrt(k_of(ratio, NUMEL))))
+    assert uplink_with_config(HardThresholdSGD(threshold=0.3), 1, {"lr": 0.5})["lam"] == pytest.approx(0.15)
+    # lr= in the constructor wins over the train config's
+    assert uplink_with_config(HardThresholdSGD(threshold=0.3, lr=0.1), 1, {"lr": 0.5})["lam"] == pytest.approx(0.03)
+    # a learning-rate schedule in the train config is followed round by round
+    strategy = HardThresholdSGD(threshold=2.0)
+    assert [uplink_with_config(strategy, t, {"lr": lr})["lam"] for t, lr in ((1, 0.4), (2, 0.1))] == pytest.approx(
+        [0.8, 0.2]
+    )
     with pytest.raises(ValueError):
         HardThresholdSGD(threshold=-1.0)
     with pytest.raises(ValueError):
         HardThresholdSGD(threshold=float("nan"))
+    with pytest.raises(ValueError, match="lr"):
+        HardThresholdSGD(threshold=0.1, lr=0.0)
+
+
+@pytest.mark.parametrize("config,match", [
+    ({}, "needs the clients' learning rate"),
+    ({"lr": 0.0}, "'lr' must be a finite number > 0"),
+    ({"lr": float("nan")}, "'lr' must be a finite number > 0"),
+    ({"lr": True}, "'lr' must be a finite number > 0"),
+    ({"lr": "0.1"}, "'lr' must be a finite number > 0"),
+])
+def test_hard_threshold_without_a_usable_learning_rate_is_refused_before_anything_is_sent(config, match):
+    grid = mock_grid(2)
+    with pytest.raises(ValueError, match=match):
+        list(HardThresholdSGD(threshold=0.1).configure_train(1, zeros(), ConfigRecord(config), grid))
+    grid.send_and_receive.assert_not_called()
+    grid.push_messages.assert_not_called()
+
+
+def test_hard_threshold_rounds_follow_the_papers_algorithm_box(tmp_path):
+    """Algorithm 1 of the hard-threshold paper, literally: p = e + Δ, sent = γ·C_λ(p/γ), e = p − sent,
+    w ← w − Σ p_q sent_q; three rounds, unequal weights, two of three clients sampled per round."""
+    lam, lr, rounds = 0.9, 0.5, 3
+    strategy = HardThresholdSGD(threshold=lam, fraction_train=2 / 3, min_train_nodes=2, min_available_nodes=3,
+                                fraction_evaluate=0.0)
+    grid = toy_grid(tmp_path)
+    w = w0().astype(np.float64)
+    errors = {q: np.zeros(D) for q in WEIGHTS}
+    arrays = ArrayRecord({"w": Array(w0())})
+    sampled_sets = set()
+    for t in range(1, rounds + 1):
+        messages = list(strategy.configure_train(t, arrays, ConfigRecord({"lr": lr}), grid))
+        pids = [grid.node_ids.index(m.metadata.dst_node_id) for m in messages]
+        sampled_sets.add(tuple(sorted(pids)))
+        arrays, _ = strategy.aggregate_train(t, grid.send_and_receive(messages))
+        total = sum(WEIGHTS[q] for q in pids)
+        g = np.zeros(D)
+        for q in pids:
+            p = errors[q] + local_step(q, t)
+            scaled = p / lr
+            sent = lr * np.where(np.abs(scaled) >= lam, scaled, 0.0)  # γ·C_λ(p/γ)
+            errors[q] = p - sent
+            g += WEIGHTS[q] / total * sent
+        w = w - g
+        np.testing.assert_allclose(arrays["w"].numpy(), w, rtol=0, atol=1e-5)
+    assert len(sampled_sets) > 1  # partial participation: the clients left out keep their error
+    # the threshold mattered: some entries were held back, so λ on p (not p/γ) would have sent other ones
+    assert any(np.abs(e).max() > 0 for e in errors.values())
 
 
 # ----------------------------------------------------------- top-K, dense
