@@ -110,6 +110,9 @@ def build_parser(*, _explicit_only: bool = False) -> argparse.ArgumentParser:
                           "float16 clamps entries beyond +-65504)")
     sim.add_argument("--r-ratio", type=float, default=d.r_ratio,
                      help="rtopk: r/d, the top-r set the k entries are drawn from (None: the paper's rule)")
+    sim.add_argument("--t-hat", type=int, default=d.t_hat,
+                     help="adaptive-topk: the turning point t_hat (0-based round): k_t = (1+gamma)k before t_hat/2 and "
+                          "from (t_hat+rounds)/2 on, (1-gamma)k between (None: estimated after round 1)")
     sim.add_argument("--seed", type=int, default=d.seed, help="seeds model init, data split and order, sampling")
     sim.add_argument("--out", default=None, metavar="DIR",
                      help="run folder: DIR/config.json, DIR/metrics.jsonl and DIR/metrics.csv (a line per round), "

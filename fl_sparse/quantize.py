@@ -39,8 +39,11 @@ of its interval (lower ``q-1`` bits). The :math:`L` interval means
 and the receiver reconstructs :math:`\hat v_i = \operatorname{sign}(v_i)\,\mu_{l(v_i)}`.
 Because :math:`\mu_l` is the mean of the magnitudes it replaces,
 :math:`\hat v` is the least-squares reconstruction for the chosen partition,
-and doubling :math:`L` (``q -> q+1``) refines the partition, so the squared
-error cannot grow (up to floating-point ties on interval boundaries).
+and, for values without an exact zero, doubling :math:`L` (``q -> q+1``)
+refines the partition, so the squared error cannot grow (up to floating-point
+ties on interval boundaries). With an exact zero the non-zero values share
+:math:`L-1` intervals (see :class:`FractionalQuantizer`: 7 at ``q = 4``, 15 at
+``q = 5``), which is no refinement, and one more bit can cost more error.
 
 Geometric (log-spaced) intervals give a bounded *relative* error
 :math:`|\hat v_i - v_i| / |v_i| \le \alpha - 1`, which suits heavy-tailed

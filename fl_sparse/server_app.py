@@ -145,6 +145,7 @@ class RunConfig:
     error_feedback: bool = True
     error_memory_dtype: str = "float32"  # how clients store their error memory: float32 | float16 | bfloat16
     r_ratio: float | None = None
+    t_hat: int | None = None  # AdapTop-K's turning point t̂ (0-based round); None: estimated after round 1
     seed: int = 0
     out: str | None = None
     diagnostics: bool = False
@@ -190,6 +191,10 @@ class RunConfig:
              "min-partition-size must be >= 0 (or unset: chosen automatically)"),
             (self.r_ratio is None or 0.0 < self.r_ratio <= 1.0, "r-ratio must be in (0, 1] (or unset for the paper's rule)"),
             (self.r_ratio is None or self.strategy == "rtopk", "r-ratio is rtopk's r/d; leave it unset for other strategies"),
+            (self.t_hat is None or 0 <= self.t_hat <= self.rounds,
+             "t-hat must be in [0, rounds] (or unset: estimated after round 1)"),
+            (self.t_hat is None or self.strategy in ("adaptive-topk", "adaptive-topk-no-ec"),
+             "t-hat is adaptive-topk's turning point; leave it unset for other strategies"),
             (self.positions in ("raw", "block", "rice"), "positions must be raw, block or rice"),
             (self.error_memory_dtype in ("float32", "float16", "bfloat16"),
              "error-memory-dtype must be float32, float16 or bfloat16"),
@@ -244,7 +249,7 @@ class RunConfig:
             values[name] = value
         # pyproject cannot hold None: for these a number < 0 means unset (as the flag left out); for threshold
         # 0 means lambda = 0. Anything else that is not a number is left for validate() to name.
-        for unset_below_zero in ("downlink_ratio", "threshold", "lr", "r_ratio", "min_partition_size"):
+        for unset_below_zero in ("downlink_ratio", "threshold", "lr", "r_ratio", "min_partition_size", "t_hat"):
             value = values.get(unset_below_zero)
             if is_number(value) and value < 0:
                 values[unset_below_zero] = None
@@ -687,6 +692,7 @@ def strategy_from_config(cfg: RunConfig):
         lr=cfg.effective_lr,
         error_feedback=cfg.error_feedback,
         r_ratio=cfg.r_ratio,
+        t_hat=cfg.t_hat,
         fraction_train=cfg.fraction,
         # Evaluation is central (evaluate_fn); every connected client may train.
         fraction_evaluate=0.0,

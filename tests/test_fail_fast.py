@@ -43,6 +43,10 @@ SMALL = RunConfig(clients=3, rounds=6, local_steps=1, quiet=True)
         ({"threshold": 0.1}, "threshold is hard-threshold's lambda; leave it unset"),
         ({"downlink_ratio": 0.1, "strategy": "topk"}, "downlink-ratio is bidirectional-topk's downlink K"),
         ({"value_bits": 4, "strategy": "fedavg"}, "value-bits quantizes the sparse strategies' values"),
+        ({"t_hat": 1}, "t-hat is adaptive-topk's turning point; leave it unset"),
+        ({"t_hat": 99, "strategy": "adaptive-topk"}, "t-hat must be in \\[0, rounds\\]"),
+        ({"t_hat": -1, "strategy": "adaptive-topk"}, "t-hat must be in \\[0, rounds\\]"),
+        ({"t_hat": 1.5, "strategy": "adaptive-topk"}, "t-hat must be an integer"),
     ],
 )
 @pytest.mark.filterwarnings("ignore::UserWarning")  # flwr-datasets retries the impossible split loudly

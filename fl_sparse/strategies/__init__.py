@@ -63,6 +63,7 @@ def build_strategy(
     lr: float = 0.05,
     error_feedback: bool = True,
     r_ratio: float | None = None,
+    t_hat: int | None = None,
     **common: Any,
 ) -> SparseFedAvg:
     """The strategy called ``name`` (one of :data:`STRATEGY_NAMES`), configured.
@@ -74,7 +75,8 @@ def build_strategy(
     no δ); ``adaptive-topk-no-ec`` is always without. It is ignored by
     ``fedavg``, which sends everything. ``r_ratio`` sets rTop-k's pool
     r = ⌈r_ratio·d⌉ (default: the paper's k/r = 1/n, n the clients sampled);
-    any other strategy refuses it.
+    any other strategy refuses it. ``t_hat`` is AdapTop-K's turning point
+    (default: estimated after round 1); any other strategy refuses it.
     """
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
@@ -84,6 +86,8 @@ def build_strategy(
         raise ValueError(f"r_ratio is rTop-k's pool size; strategy {name!r} does not take it")
     if downlink_ratio is not None and name != "bidirectional-topk":
         raise ValueError(f"downlink_ratio is bidirectional top-K's downlink K; strategy {name!r} does not take it")
+    if t_hat is not None and name not in ("adaptive-topk", "adaptive-topk-no-ec"):
+        raise ValueError(f"t_hat is AdapTop-K's turning point; strategy {name!r} does not take it")
     if threshold is not None and name != "hard-threshold":
         raise ValueError(f"threshold is the hard-threshold sparsifier's lambda; strategy {name!r} does not take it")
     if value_bits < 32 and name == "fedavg":
@@ -108,7 +112,7 @@ def build_strategy(
         return HardThresholdSGD(threshold=threshold, ratio=ratio, **wire, **sparse)
     if name in ("adaptive-topk", "adaptive-topk-no-ec"):
         return AdaptiveTopKSGD(
-            ratio=ratio, num_rounds=num_rounds, error_feedback=error_feedback and name == "adaptive-topk", lr=lr,
+            ratio=ratio, num_rounds=num_rounds, error_feedback=error_feedback and name == "adaptive-topk", lr=lr, t_hat=t_hat,
             **wire, **common,
         )
     from fl_sparse.strategies.ssgd_mv import build_ssgd_mv

@@ -11,7 +11,10 @@
 from __future__ import annotations
 
 import math
+from logging import WARNING
 from typing import Any
+
+from flwr.common.logger import log
 
 from fl_sparse.compressors import TopK, adaptive_k_budgeted, adaptive_k_t_hat, hard_threshold_for_topk
 from fl_sparse.strategies.arguments import count_argument, flag_argument, is_number, positive_argument, ratio_argument
@@ -298,6 +301,13 @@ class AdaptiveTopKSGD(SparseFedAvg):
             estimate = self.num_rounds
         self.t_hat = min(max(int(estimate), 0), self.num_rounds)
         self.state.round_metrics.setdefault(server_round, {"round": server_round})["t_hat"] = self.t_hat
+        if self.t_hat >= self.num_rounds:
+            # The paper's point is more k early *and* late; with t̂ = T there is no late phase.
+            log(WARNING, "AdapTop-K: the estimated t_hat is %s >= num_rounds (%d), so k_t = (1+gamma)k for the "
+                "first half of the rounds and (1-gamma)k after, with no late high phase. The estimate's "
+                "constants (mu=%g, L=%g, sigma_sq=%g) are rough guesses: pass t_hat= to choose the turning point",
+                estimate if isinstance(estimate, int) else f"{estimate:g}", self.num_rounds,
+                self.estimate["mu"], self.estimate["L"], self.estimate["sigma_sq"])
         return self.t_hat
 
     def initialize(self, arrays) -> None:

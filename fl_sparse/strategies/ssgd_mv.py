@@ -24,7 +24,8 @@ model moves by ``w ← w − ĝ``)::
               send M_t to the voters ─ phase 2, "values"
     client q  s_q = a_q[M_t] (quantized: Q(a_q[M_t])); e_q ← a_q − s_q;  reply s_q (values only)
     server  aggregate_train(t):
-              g_t = Σ_q p_q s_q on M_t;  w_t = w_{t-1} − g_t
+              g_t = Σ_q p_q s_q on M_t;  w_t = w_{t-1} − g_t   (p_q = n_q / Σ n: the mean of eq. (7)/(8);
+                                                          the algorithm boxes write the plain sum, an lr factor of N)
               next round: a client that took part in round t gets g_t as *values only*
               (sync mode "values": it knows M_t), any other client the base's sync.
 

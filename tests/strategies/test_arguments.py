@@ -69,6 +69,7 @@ def test_good_arguments_keep_their_meaning():
         ("topk", {"threshold": 0.1}, "threshold is the hard-threshold sparsifier's lambda; strategy 'topk'"),
         ("ssgd-mv", {"downlink_ratio": 0.01}, "downlink_ratio is bidirectional top-K's downlink K; strategy 'ssgd-mv'"),
         ("fedavg", {"value_bits": 4}, "value_bits quantizes the sparse strategies' values; fedavg sends float32"),
+        ("topk", {"t_hat": 2, "num_rounds": 4}, "t_hat is AdapTop-K's turning point; strategy 'topk'"),
     ],
 )
 def test_build_strategy_refuses_an_option_the_strategy_would_ignore(name, option, message):
@@ -76,5 +77,19 @@ def test_build_strategy_refuses_an_option_the_strategy_would_ignore(name, option
 
     with pytest.raises(ValueError, match=message):
         build_strategy(name, ratio=0.01, **option)
-    build_strategy({"topk": "hard-threshold", "ssgd-mv": "bidirectional-topk", "fedavg": "topk"}[name],
-                   ratio=0.01, **option)  # the strategy whose option it is takes it
+    owner = {"threshold": "hard-threshold", "downlink_ratio": "bidirectional-topk", "value_bits": "topk",
+             "t_hat": "adaptive-topk"}[next(iter(option))]
+    build_strategy(owner, ratio=0.01, **option)  # the strategy whose option it is takes it
+
+
+def test_t_hat_reaches_adaptive_topk_from_the_run_config_and_the_cli():
+    """--t-hat / t-hat in pyproject (< 0: unset) / RunConfig.t_hat -> AdaptiveTopKSGD(t_hat=...)."""
+    from fl_sparse.cli import build_parser
+    from fl_sparse.server_app import RunConfig, strategy_from_config
+
+    args = build_parser().parse_args(["simulate", "--strategy", "adaptive-topk", "--rounds", "10", "--t-hat", "4"])
+    cfg = RunConfig(strategy=args.strategy, rounds=args.rounds, t_hat=args.t_hat)
+    assert strategy_from_config(cfg).t_hat == 4
+    assert strategy_from_config(RunConfig(strategy="adaptive-topk", rounds=10)).t_hat is None  # estimated
+    assert RunConfig.from_run_config({"strategy": "adaptive-topk", "t-hat": -1}).t_hat is None
+    assert RunConfig.from_run_config({"strategy": "adaptive-topk", "num-rounds": 30, "t-hat": 7}).t_hat == 7

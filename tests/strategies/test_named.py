@@ -167,6 +167,23 @@ def test_adaptive_topk_estimates_t_hat_from_the_round_one_loss(tmp_path, error_f
     assert sum(ks) == T * k
 
 
+@pytest.mark.parametrize("estimate,warned", [({}, True), (ESTIMATE, False)])
+def test_adaptive_topk_says_when_the_estimate_leaves_no_late_phase(tmp_path, caplog, estimate, warned):
+    """With the default constants t̂ comes out >= T: the schedule is high-then-low, which the log says."""
+    T = 40
+    strategy = AdaptiveTopKSGD(ratio=0.2, num_rounds=T, fraction_evaluate=0.0, **estimate)
+    grid = toy_grid(tmp_path)
+    _, arrays = play(strategy, grid, 1, ArrayRecord({"w": Array(w0())}))
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        uplink_of(strategy, 2, grid, arrays)
+    lines = [r.getMessage() for r in caplog.records if "AdapTop-K" in r.getMessage()]
+    assert (strategy.t_hat >= T) == warned
+    if warned:
+        assert len(lines) == 1 and f">= num_rounds ({T})" in lines[0] and "pass t_hat=" in lines[0], lines
+    else:
+        assert not lines
+
+
 def _replayed_budget(T, k, gamma, t_hat, first_t_hat):
     """k_t re-planned from what was spent (adaptive_k_budgeted), t̂ known from round 2 on."""
     spent, out = 0, []
