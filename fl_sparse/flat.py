@@ -191,13 +191,20 @@ class FlatLayout:
                 return name
         raise IndexError(f"entry {index} is beyond the vector's {self.numel} entries")
 
-    def exact_record(self, record: ArrayRecord) -> ArrayRecord:
-        """The exact arrays of ``record`` (checked: present, same shape and dtype)."""
+    def exact_record(self, record: ArrayRecord, *, cast_floats: bool = False) -> ArrayRecord:
+        """The exact arrays of ``record`` (checked: present, same shape and dtype).
+
+        ``cast_floats``: a float array of another float dtype is cast to the layout's (the
+        client mod, taking a train function's arrays as :meth:`step` takes the compressed
+        ones). The server, reading a client's reply, does not cast: the wire must match.
+        """
         out = ArrayRecord()
         for name, template in self.passthrough:
             if name not in record:
                 raise ValueError(f"array {name!r} missing from the record")
             nd = record[name].numpy()
+            if cast_floats and nd.dtype != template.dtype and nd.dtype.kind == template.dtype.kind == "f":
+                nd = nd.astype(template.dtype)
             if nd.shape != template.shape or nd.dtype != template.dtype:
                 raise ValueError(
                     f"array {name!r} is {nd.dtype}{list(nd.shape)}, expected {template.dtype}{list(template.shape)}"

@@ -293,6 +293,14 @@ def test_exact_record_checks_presence_shape_and_dtype():
             layout.exact_record(_record(dict(arrays, **{name: bad})))
     with pytest.raises(ValueError, match="'step'.*missing"):
         layout.exact_record(_record({k: v for k, v in arrays.items() if k != "step"}))
+    # the client mod takes a train function's float64 array as its float32 (as for the compressed ones)
+    wide = layout.exact_record(_record(dict(arrays, **{"bn.running_var": np.array([0.1, 2.5], np.float64)})),
+                               cast_floats=True)
+    assert wide["bn.running_var"].numpy().dtype == np.float32
+    np.testing.assert_array_equal(wide["bn.running_var"].numpy(), np.array([0.1, 2.5], np.float32))
+    for name, bad in [("bn.num_batches_tracked", np.array(9, np.int32)), ("bn.running_var", np.zeros(3, np.float64))]:
+        with pytest.raises(ValueError, match=f"'{name}'"):  # integers and shapes are still checked
+            layout.exact_record(_record(dict(arrays, **{name: bad})), cast_floats=True)
 
 
 def test_with_exact_takes_the_values_and_leaves_the_layout_unchanged():

@@ -190,3 +190,26 @@ def test_adaptive_topk_reads_f0_from_either_train_loss_name(tmp_path, key):
     assert strategy.state.round_metrics[1]["train_loss"] == pytest.approx(f0)
     expected = adaptive_k_t_hat(d=SHAPE[0], k=8, f0=f0, T=10, eta=0.5, mu=0.01, L=1.0, sigma_sq=100.0)
     assert expected < 10 and strategy.t_hat == expected  # estimated from F(w_0), not the fallback t̂ = T
+
+
+def test_a_float64_exact_array_from_the_train_function_is_taken_as_float32(tmp_path):
+    """As for the compressed arrays: a train function that trains in float64 returns float64 arrays."""
+    app = ClientApp(mods=[SparseMod()])
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        arrays = msg.content["arrays"]
+        w = arrays["w"].numpy().astype(np.float64) - _step(pid, 1)
+        scale = np.full(2, 1.0 + pid, np.float64)  # an exact (uncompressed) array, trained to 1 + pid
+        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w), "scale": Array(scale)}),
+                                   "metrics": MetricRecord({"num-examples": 1 + pid})}), reply_to=msg)
+
+    strategy = TopKSGD(ratio=0.5, fraction_evaluate=0.0, exact_arrays=["scale"])
+    grid = InProcessGrid(app, 3, node_config=lambda i: {"state-dir": str(tmp_path)})
+    initial = ArrayRecord({"w": Array(np.zeros(SHAPE, np.float32)), "scale": Array(np.zeros(2, np.float32))})
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=1, train_config=ConfigRecord({}))
+    assert result.train_metrics_clientapp[1]["accepted"] == 3
+    scale = result.arrays["scale"].numpy()
+    assert scale.dtype == np.float32
+    np.testing.assert_allclose(scale, (1 * 1 + 2 * 2 + 3 * 3) / 6)  # Σ p_q (1 + q), p_q ∝ 1 + q

@@ -487,7 +487,7 @@ class SparseMod:
                 trained_key, trained = _trained_arrays(user_reply.content, instr.arrays_key)
                 try:
                     step = layout.step(state.model, trained)  # w - w'
-                    exact_after = layout.exact_record(trained)
+                    exact_after = layout.exact_record(trained, cast_floats=True)
                 except ValueError as exc:
                     raise ValueError(f"the train function's arrays do not match the global model: {exc}") from None
                 if not all_finite(step):  # the same test as torch.isfinite(step).all(), in numpy: 15x cheaper
