@@ -153,3 +153,37 @@ def test_the_residual_is_kept_in_the_memorys_dtype(sparse):
     mem = ErrorFeedback(3)
     mem.update(a.float(), sent)
     assert mem.error.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- shares_memory, compensate(out=)
+def test_shares_memory_is_exact_at_the_edges_of_two_storages():
+    """Two storages side by side in one buffer do not overlap, in either order; an empty view
+    shares no memory even with the tensor it views."""
+    from fl_sparse.memory import shares_memory
+
+    buf = bytearray(24)
+    first = torch.frombuffer(buf, dtype=torch.float32, count=3, offset=0)
+    second = torch.frombuffer(buf, dtype=torch.float32, count=3, offset=12)
+    assert first.untyped_storage().data_ptr() + 12 == second.untyped_storage().data_ptr()  # adjacent
+    assert not shares_memory(first, second) and not shares_memory(second, first)
+    both = torch.frombuffer(buf, dtype=torch.float32, count=4, offset=4)  # the last of first, the first of second
+    assert shares_memory(both, first) and shares_memory(second, both)
+    x = torch.arange(5.0)
+    assert not shares_memory(x[2:2], x) and not shares_memory(x, x[2:2])
+    assert not shares_memory(torch.empty(0), torch.empty(0))
+    assert shares_memory(x[1:3], x[3:]) and shares_memory(x, x)  # whole storages: views of one tensor overlap
+
+
+def test_compensate_into_out_without_an_error_copies_x_and_refuses_the_memorys_own_tensor():
+    memory = ErrorFeedback(3)
+    x, out = torch.tensor([1.0, -2.0, 3.0]), torch.full((3,), 9.0)
+    assert memory.compensate(x, out=out) is out
+    assert out.tolist() == [1.0, -2.0, 3.0] and x.tolist() == [1.0, -2.0, 3.0]
+    assert memory.compensate(x, out=x) is x and x.tolist() == [1.0, -2.0, 3.0]
+    memory.load_state_dict({"numel": 3, "error": torch.tensor([0.5, 0.5, 0.5])})
+    with _raises("out must not be the memory's own tensor"):
+        memory.compensate(x, out=memory.error)
+    empty = ErrorFeedback(0)  # a model without float entries: nothing to share
+    empty.load_state_dict({"numel": 0, "error": torch.zeros(0)})
+    z = torch.zeros(0)
+    assert empty.compensate(z, out=z).numel() == 0

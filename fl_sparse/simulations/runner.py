@@ -73,6 +73,10 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
         # Only a Ray instance started here takes system settings; ray.init refuses
         # them when it joins an existing cluster (RAY_ADDRESS, --ray-address).
         init_args["_system_config"] = {"max_direct_call_object_size": INLINE_OBJECT_BYTES}
+        # "local": a Ray of our own even when this machine runs a Ray head (`ray start --head`, as
+        # docs/ray-cluster.md sets one up): ray.init() without an address joins the cluster named in
+        # /tmp/ray/ray_current_cluster, refuses the _system_config above, and Flower then hung.
+        init_args["address"] = "local"
     return {"client_resources": resources, "init_args": init_args}
 
 

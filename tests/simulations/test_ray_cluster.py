@@ -108,10 +108,13 @@ def test_ray_address_comes_from_the_config_or_the_environment(monkeypatch, tmp_p
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert runner.ray_address(SMALL) is None
     assert "_system_config" in runner.backend_config(SMALL)["init_args"]  # a local Ray of our own
+    # ...even where `ray start --head` ran on this machine: ray.init() without an address would join it
+    assert runner.backend_config(SMALL)["init_args"]["address"] == "local"
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert runner.ray_address(SMALL) == "10.0.0.1:6379"
     assert runner.ray_address(replace(SMALL, ray_address="10.0.0.2:6379")) == "10.0.0.2:6379"
     assert "_system_config" not in runner.backend_config(SMALL)["init_args"]  # ray.init refuses it on a cluster
+    assert "address" not in runner.backend_config(SMALL)["init_args"]  # the runner joins it itself
     assert RunConfig.from_run_config({"ray-address": ""}).ray_address is None
     # The clients run on the cluster's nodes: this machine's CPU count is not the limit (the runner checks the nodes).
     preflight(replace(SMALL, num_cpus=(os.cpu_count() or 1) + 1, state_dir=str(tmp_path / "state")))
