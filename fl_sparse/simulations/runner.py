@@ -255,6 +255,7 @@ def join_ray_cluster(cfg: RunConfig, address: str) -> ClusterInfo:
         _check_reachable(address)
         init_args = dict(backend_config(cfg)["init_args"])
         init_args.pop("_system_config", None)  # ray.init refuses system settings when it joins a cluster
+        init_args.pop("address", None)  # "local" (a private Ray) when cfg names no cluster: this joins ``address``
         pythonpath = os.pathsep.join(sys.path)  # as Flower's RayBackend.init_ray sends it to the workers
         if os.environ.get("PYTHONPATH"):
             pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
