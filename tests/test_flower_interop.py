@@ -213,3 +213,22 @@ def test_a_float64_exact_array_from_the_train_function_is_taken_as_float32(tmp_p
     scale = result.arrays["scale"].numpy()
     assert scale.dtype == np.float32
     np.testing.assert_allclose(scale, (1 * 1 + 2 * 2 + 3 * 3) / 6)  # Σ p_q (1 + q), p_q ∝ 1 + q
+
+
+def test_an_array_the_global_model_lacks_is_named_once_not_dropped_silently(tmp_path, caplog, monkeypatch):
+    from fl_sparse.clients import mod
+
+    monkeypatch.setattr(mod, "_EXTRA_ARRAYS_WARNED", set())  # said once per process: a fresh "process"
+    app = ClientApp(mods=[SparseMod()])
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        w = msg.content["arrays"]["w"].numpy()
+        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w - 0.1), "new_buffer": Array(np.ones(2))}),
+                                   "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        result, _ = _start(TopKSGD(ratio=0.5, fraction_evaluate=0.0), app, tmp_path, rounds=2)
+    lines = [r.getMessage() for r in caplog.records if "does not have" in r.getMessage()]
+    assert len(lines) == 1 and "'new_buffer'" in lines[0], lines  # once, not per message
+    assert list(result.arrays.keys()) == ["w"] and result.train_metrics_clientapp[2]["accepted"] == 3

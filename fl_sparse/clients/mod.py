@@ -70,10 +70,12 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.logger import log
 
 from fl_sparse import algorithms, codec, protocol
 from fl_sparse.clients.state import ClientState, ClientStateStore, error_dtype_name
@@ -485,6 +487,8 @@ class SparseMod:
                     return user_reply  # nothing saved: the state is as before this message
 
                 trained_key, trained = _trained_arrays(user_reply.content, instr.arrays_key)
+                if len(trained) > len(layout.names) + len(layout.exact_names):
+                    _warn_extra_arrays(trained, layout)
                 try:
                     step = layout.step(state.model, trained)  # w - w'
                     exact_after = layout.exact_record(trained, cast_floats=True)
@@ -615,6 +619,20 @@ def _stored_vote(state: ClientState, vote_round: int) -> torch.Tensor | None:
         if key in state.extra and int(state.extra[round_key]) == vote_round:
             return state.extra[key]
     return None
+
+
+_EXTRA_ARRAYS_WARNED: set[tuple[str, ...]] = set()
+
+
+def _warn_extra_arrays(trained: ArrayRecord, layout: FlatLayout) -> None:
+    """Arrays the global model does not have are not sent (FedAvg would average them): said once per set."""
+    known = set(layout.names) | set(layout.exact_names)
+    extra = tuple(sorted(k for k in trained.keys() if k not in known))
+    if extra and extra not in _EXTRA_ARRAYS_WARNED:
+        _EXTRA_ARRAYS_WARNED.add(extra)
+        log(WARNING, "the train function returned arrays the global model does not have: %s. They are not sent "
+            "(the server's model fixes which arrays there are: add them to the initial arrays to train them)",
+            ", ".join(map(repr, extra[:10])) + (" ..." if len(extra) > 10 else ""))
 
 
 def _trained_arrays(content: RecordDict, key: str) -> tuple[str, ArrayRecord]:
