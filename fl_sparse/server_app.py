@@ -63,7 +63,7 @@ from fl_sparse import checkpoint
 from fl_sparse.checkpoint import CheckpointError
 from fl_sparse.clients.state import SPARE_MAX_BYTES
 from fl_sparse.flat import FlatLayout
-from fl_sparse.strategies import STRATEGY_NAMES, build_strategy
+from fl_sparse.strategies import ADAPTIVE_NAMES, STRATEGY_NAMES, build_strategy
 from fl_sparse.strategies.arguments import is_number
 
 __all__ = [
@@ -193,7 +193,7 @@ class RunConfig:
             (self.r_ratio is None or self.strategy == "rtopk", "r-ratio is rtopk's r/d; leave it unset for other strategies"),
             (self.t_hat is None or 0 <= self.t_hat <= self.rounds,
              "t-hat must be in [0, rounds] (or unset: estimated after round 1)"),
-            (self.t_hat is None or self.strategy in ("adaptive-topk", "adaptive-topk-no-ec"),
+            (self.t_hat is None or self.strategy in ADAPTIVE_NAMES,
              "t-hat is adaptive-topk's turning point; leave it unset for other strategies"),
             (self.positions in ("raw", "block", "rice"), "positions must be raw, block or rice"),
             (self.error_memory_dtype in ("float32", "float16", "bfloat16"),

@@ -165,7 +165,7 @@ def load_run(path: str | Path) -> Run:
     elif (path / "metrics.json").is_file():
         source = path / "metrics.json"
         try:
-            rows = json.loads((path / "metrics.json").read_text())
+            rows = json.loads(source.read_text())
         except ValueError as exc:
             raise ValueError(f"{path / 'metrics.json'} is not JSON: {exc}") from None
         if not isinstance(rows, list):

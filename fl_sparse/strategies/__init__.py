@@ -48,6 +48,7 @@ STRATEGY_NAMES = (
     "ssgd-mv-ad",
     "ssgd-mv-rs",
 )
+ADAPTIVE_NAMES = ("adaptive-topk", "adaptive-topk-no-ec")  # the AdaptiveTopKSGD names, with and without EC
 
 
 def build_strategy(
@@ -86,7 +87,7 @@ def build_strategy(
         raise ValueError(f"r_ratio is rTop-k's pool size; strategy {name!r} does not take it")
     if downlink_ratio is not None and name != "bidirectional-topk":
         raise ValueError(f"downlink_ratio is bidirectional top-K's downlink K; strategy {name!r} does not take it")
-    if t_hat is not None and name not in ("adaptive-topk", "adaptive-topk-no-ec"):
+    if t_hat is not None and name not in ADAPTIVE_NAMES:
         raise ValueError(f"t_hat is AdapTop-K's turning point; strategy {name!r} does not take it")
     if threshold is not None and name != "hard-threshold":
         raise ValueError(f"threshold is the hard-threshold sparsifier's lambda; strategy {name!r} does not take it")
@@ -110,7 +111,7 @@ def build_strategy(
         return RandomKSGD(ratio=ratio, **wire, **sparse)
     if name == "hard-threshold":
         return HardThresholdSGD(threshold=threshold, ratio=ratio, **wire, **sparse)
-    if name in ("adaptive-topk", "adaptive-topk-no-ec"):
+    if name in ADAPTIVE_NAMES:
         return AdaptiveTopKSGD(
             ratio=ratio, num_rounds=num_rounds, error_feedback=error_feedback and name == "adaptive-topk", lr=lr, t_hat=t_hat,
             **wire, **common,

@@ -121,7 +121,7 @@ from fl_sparse.flat import FlatLayout, vector_hash
 from fl_sparse.memory import ErrorFeedback
 from fl_sparse.protocol import Instruction, Report, UplinkMetrics
 from fl_sparse.sparse import SparseTensor
-from fl_sparse.strategies.arguments import count_argument, flag_argument, names_argument
+from fl_sparse.strategies.arguments import count_argument, flag_argument, is_number, names_argument
 
 __all__ = ["SparseFedAvg", "ServerState", "ClientUpdate", "with_fedavg_signature"]
 
@@ -655,10 +655,10 @@ class SparseFedAvg(FedAvg):
         if unanswered:
             # Nothing is wrong with the run yet (such a node is asked again by its first train
             # message); but the usual cause, a ClientApp without the mod, fails every round after.
-            first = next(iter(unanswered.values()))
+            node, reason = next(iter(unanswered.items()))
             log(WARNING, "%d of %d nodes did not answer fl-sparse's identify message (node %d: %s). "
                 "Is SparseMod in their ClientApp's mods? (ClientApp(mods=[SparseMod()]))",
-                len(unanswered), len(unknown), next(iter(unanswered)), first[:300])
+                len(unanswered), len(unknown), node, reason[:300])
 
     def _learn_key(self, node: int, report: Report) -> None:
         if report.partition_id >= 0:
@@ -813,12 +813,12 @@ class SparseFedAvg(FedAvg):
         """Take w_0 from ``arrays``: a new run (every client gets a dense sync first)."""
         st = self.state
         st.layout = FlatLayout.from_arrayrecord(arrays, exact=self.exact_arrays)
-        wide = [n for n, d in zip(st.layout.names, st.layout.dtypes) if np.dtype(d).itemsize > 4]
+        wide = [(n, d) for n, d in zip(st.layout.names, st.layout.dtypes) if np.dtype(d).itemsize > 4]
         if wide:
             log(WARNING, "arrays %s are %s: fl-sparse keeps, sends and aggregates the model in float32 (about 7 "
                 "significant digits), so their values are rounded to float32 and changes below float32's "
-                "resolution of a weight are lost", ", ".join(map(repr, wide[:5])) + (" ..." if len(wide) > 5 else ""),
-                st.layout.dtypes[st.layout.names.index(wide[0])])
+                "resolution of a weight are lost",
+                ", ".join(repr(n) for n, _ in wide[:5]) + (" ..." if len(wide) > 5 else ""), wide[0][1])
         st.model = st.layout.flatten(arrays).clone()
         st.exact = st.layout.exact_record(arrays)
         st.version = 0
@@ -1273,7 +1273,7 @@ def _dense(record: ArrayRecord, key: str, numel: int) -> torch.Tensor:
 def _local_steps(value: Any) -> int:
     """H from the user's train config, for the q_* metrics only: a whole number >= 1, else 1 (the
     config is the user's, passed through: a value such as ``"auto"`` must not stop the server)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_number(value) or not math.isfinite(value):
         return 1
     return max(1, int(value)) if float(value).is_integer() else 1
 
@@ -1291,7 +1291,7 @@ def _weighted_metric(updates: list[ClientUpdate], p: list[float], keys: tuple[st
         for record in u.user_content.metric_records.values():
             for key in keys:
                 v = record.get(key)
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                if is_number(v) and math.isfinite(v):
                     value = float(v)
                     break
             if value is not None:

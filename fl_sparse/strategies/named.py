@@ -198,7 +198,7 @@ class HardThresholdSGD(SparseFedAvg):
         self.threshold = None if threshold is None else float(threshold)
         self.ratio = ratio_argument("ratio", ratio)
         self.lr = None if lr is None else positive_argument("lr", lr)
-        self._round_lr: float | None = None  # γ of the round being configured
+        self._round_lr = self.lr  # γ of the round being configured (prepare_round sets it)
         super().__init__(*args, uplink={"name": "hard-threshold", "lam": self.threshold or 0.0}, downlink=None, **kwargs)
         self._threshold_given = self.threshold
 
@@ -215,7 +215,7 @@ class HardThresholdSGD(SparseFedAvg):
         if self.threshold is None and self.state.model is not None:
             k = TopK(ratio=self.ratio).k_for(self.state.model.numel())
             self.threshold = hard_threshold_for_topk(k)
-        gamma = self._round_lr if self._round_lr is not None else (self.lr or 1.0)
+        gamma = self._round_lr if self._round_lr is not None else 1.0  # before any round: λ as given
         return {"name": "hard-threshold", "lam": (self.threshold or 0.0) * gamma}
 
 
@@ -228,9 +228,7 @@ def _learning_rate(config) -> float:
             "(error + lr * gradient) / lr, in gradient units. Pass lr=... to HardThresholdSGD, "
             "or put 'lr' in the train config"
         )
-    if not (is_number(lr) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"the train config's 'lr' must be a finite number > 0, got {lr!r}")
-    return float(lr)
+    return positive_argument("the train config's 'lr'", lr)
 
 
 @with_fedavg_signature
