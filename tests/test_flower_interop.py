@@ -232,3 +232,26 @@ def test_an_array_the_global_model_lacks_is_named_once_not_dropped_silently(tmp_
     lines = [r.getMessage() for r in caplog.records if "does not have" in r.getMessage()]
     assert len(lines) == 1 and "'new_buffer'" in lines[0], lines  # once, not per message
     assert list(result.arrays.keys()) == ["w"] and result.train_metrics_clientapp[2]["accepted"] == 3
+
+
+def test_a_non_finite_client_metric_is_named_in_a_warning_and_the_update_still_counts(tmp_path, caplog):
+    """One client's train loss is NaN in round 2 (its step is finite): Flower's default aggregation
+    makes the round's train_loss NaN, as FedAvg's would, and the log names that node; the update is
+    taken as usual (ratio 1 top-K: the model is the weighted mean of every step)."""
+    calls = {pid: 0 for pid in range(3)}
+
+    def counting(pid):  # client 1's second round
+        calls[pid] += 1
+        return {"train_loss": float("nan") if (pid, calls[pid]) == (1, 2) else 1.0 + pid}
+
+    strategy = TopKSGD(ratio=1.0, fraction_evaluate=0.0)
+    with caplog.at_level(logging.WARNING):
+        result, grid = _start(strategy, _app([SparseMod()], metrics=counting), tmp_path, rounds=2)
+    warnings = [r.getMessage() for r in caplog.records if "non-finite value" in r.getMessage()]
+    assert warnings == [f"round 2: the clients' 'train_loss' aggregated to a non-finite value; "
+                        f"reported by node(s) {grid.node_ids[1]}"]
+    assert np.isnan(result.train_metrics_clientapp[2]["train_loss"])
+    assert result.train_metrics_clientapp[1]["train_loss"] == pytest.approx((1 * 1 + 2 * 2 + 3 * 3) / 6)
+    # fl-sparse's own column averages the finite reports only: clients 0 and 2
+    assert strategy.state.round_metrics[2]["train_loss"] == pytest.approx((1 * 1 + 3 * 3) / 4)
+    np.testing.assert_allclose(result.arrays["w"].numpy(), _dense_mean_run(2, 3), rtol=1e-5, atol=1e-6)

@@ -1117,6 +1117,7 @@ class SparseFedAvg(FedAvg):
         except Exception as exc:  # noqa: BLE001 - clients' metrics are untrusted input too
             log(WARNING, "round %d: client metrics not aggregated: %s", server_round, exception_reason(exc))
             user = MetricRecord()
+        _warn_non_finite_metrics(server_round, user, updates)
         ours = {
             k: v
             for k, v in self.state.round_metrics[server_round].items()
@@ -1300,6 +1301,20 @@ def _weighted_metric(updates: list[ClientUpdate], p: list[float], keys: tuple[st
             total += pq * value
             mass += pq
     return total / mass if mass > 0 else float("nan")
+
+
+def _warn_non_finite_metrics(server_round: int, aggregated: MetricRecord, updates: list[ClientUpdate]) -> None:
+    """Say which nodes made an aggregated metric NaN or infinite (it stays as aggregated: the
+    update itself was checked and taken; a diverged loss is worth seeing, not worth a round)."""
+    bad = [k for k, v in aggregated.items() if is_number(v) and not math.isfinite(v)]
+    if not bad:
+        return
+    nodes = sorted({
+        u.node for u in updates for record in u.user_content.metric_records.values() for k in bad
+        if is_number(record.get(k)) and not math.isfinite(record.get(k))
+    })
+    log(WARNING, "round %d: the clients' %s aggregated to a non-finite value; reported by node(s) %s",
+        server_round, ", ".join(map(repr, bad[:5])), ", ".join(map(str, nodes[:10])) or "none (the aggregation)")
 
 
 def exception_reason(exc: BaseException) -> str:
