@@ -171,18 +171,59 @@ def check_cluster(cfg: RunConfig, nodes: list[dict[str, Any]], address: str) -> 
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """A TCP connection to ``HOST:PORT`` (``ray://`` stripped; ``auto`` and other forms are left to Ray)."""
+    """A TCP connection to ``HOST:PORT`` that answers like a gRPC server, as Ray's GCS and Ray Client's
+    server do (``ray://`` stripped; ``auto`` and other forms are left to Ray), or :class:`RayClusterError`."""
     bare = address.split("://", 1)[-1]
     host, sep, port = bare.rpartition(":")
     if not sep or not port.isdigit():
         return
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        connection = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
     except OSError as exc:
         raise RayClusterError(
             f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}; is a head node running there "
             f"(ray start --head --port={port}) and is the port open from this machine?"
         ) from None
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        connection.close()  # a TLS port answers plain HTTP/2 with an alert: no test here
+        return
+    with connection:
+        answer = _http2_answer(connection)
+    if answer is not None and answer[:1] not in (b"\x15", b"\x16") and not _is_http2_settings(answer):
+        # Ray would retry such a port for minutes with GCS warnings before giving up.
+        seen = answer[:40].decode("ascii", "replace").splitlines()[0] if answer else "it closed the connection"
+        raise RayClusterError(
+            f"{address} answers but is not a Ray head's GCS port (it does not speak gRPC: {seen!r}); use the "
+            f"port 'ray start --head' printed (6379 by default; the dashboard's port is not it)"
+        )
+
+
+# A gRPC server (Ray's GCS, Ray Client's server) speaks HTTP/2: it answers a client's connection
+# preface with a SETTINGS frame (RFC 9113 3.4, 6.5), a 9-byte header whose fourth byte is 0x4.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 0x4, 0, 0, 0, 0, 0])
+
+
+def _http2_answer(connection: socket.socket, timeout: float = 5.0) -> bytes | None:
+    """The first bytes the server sends after an HTTP/2 preface (b"" if it hangs up); None if it stays silent
+    or the exchange fails otherwise: no proof either way, so Ray decides."""
+    try:
+        connection.settimeout(timeout)
+        connection.sendall(_HTTP2_PREFACE)
+        answer = b""
+        while len(answer) < 9:
+            chunk = connection.recv(9 - len(answer))
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+    except (ConnectionResetError, BrokenPipeError):
+        return b""  # hung up on the preface: a gRPC server never does
+    except OSError:
+        return None
+
+
+def _is_http2_settings(answer: bytes) -> bool:
+    return len(answer) == 9 and answer[3] == 0x4
 
 
 def _check_state_dir_shared(state_dir: str, nodes: list[dict[str, Any]], address: str, timeout: float = 60.0) -> None:

@@ -104,6 +104,84 @@ def test_an_unreachable_address_is_named_and_nothing_starts(monkeypatch, capsys)
     assert "Traceback" not in err
 
 
+class _Listener:
+    """A TCP server on 127.0.0.1 answering each connection with ``answer`` (None: says nothing), then closing."""
+
+    def __init__(self, answer: bytes | None):
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.answer, self.held = answer, []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.answer is None:
+                self.held.append(conn)  # open and silent
+            else:
+                conn.sendall(self.answer)
+                conn.close()
+
+    def close(self):
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.parametrize("answer, seen", [(b"HTTP/1.1 400 Bad Request\r\n\r\n", "HTTP/1.1 "),
+                                          (b"", "it closed the connection")])
+def test_a_port_that_is_not_ray_is_refused_at_once_not_retried(monkeypatch, capsys, answer, seen):
+    """A dashboard or any other service on the port: refused by its answer to an HTTP/2 preface, before
+    ray.init (which would retry it for minutes)."""
+    import ray
+
+    def never(*args, **kwargs):
+        raise AssertionError("ray.init was called")
+
+    monkeypatch.setattr(ray, "init", never)
+    monkeypatch.delenv("RAY_USE_TLS", raising=False)
+    listener = _Listener(answer)
+    try:
+        with pytest.raises(RayClusterError, match=rf"{listener.address} answers but is not a Ray head's GCS port "
+                                                  rf"\(it does not speak gRPC: '{seen}"):
+            runner.simulate(replace(SMALL, ray_address=listener.address))
+        from fl_sparse.cli import main
+
+        started = time.monotonic()
+        assert main(["simulate", "--clients", "3", "--rounds", "1", "--quiet", "--ray-address",
+                     f"ray://{listener.address}"]) == 2
+        assert time.monotonic() - started < 30
+        err = capsys.readouterr().err
+        assert "is not a Ray head's GCS port" in err and "6379 by default" in err and "Traceback" not in err
+    finally:
+        listener.close()
+
+
+def test_a_grpc_server_passes_the_port_check_and_a_silent_one_is_left_to_ray():
+    """What Ray's GCS and Ray Client's server are, a gRPC server, passes; a port that accepts and says
+    nothing is no proof either way (a busy head may be slow): it passes too, and Ray decides."""
+    import grpc
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    silent = _Listener(None)
+    try:
+        runner._check_reachable(f"127.0.0.1:{port}")
+        runner._check_reachable(f"ray://127.0.0.1:{port}")
+        with socket.create_connection(("127.0.0.1", int(silent.address.rsplit(":", 1)[1]))) as conn:
+            assert runner._http2_answer(conn, timeout=0.2) is None
+    finally:
+        server.stop(None)
+        silent.close()
+
+
 def test_ray_address_comes_from_the_config_or_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert runner.ray_address(SMALL) is None
