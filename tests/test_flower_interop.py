@@ -255,3 +255,25 @@ def test_a_non_finite_client_metric_is_named_in_a_warning_and_the_update_still_c
     # fl-sparse's own column averages the finite reports only: clients 0 and 2
     assert strategy.state.round_metrics[2]["train_loss"] == pytest.approx((1 * 1 + 3 * 3) / 4)
     np.testing.assert_allclose(result.arrays["w"].numpy(), _dense_mean_run(2, 3), rtol=1e-5, atol=1e-6)
+
+
+def test_tied_weights_are_named_at_initialize_and_look_alikes_by_chance_are_not(caplog):
+    """One tensor under two keys (an embedding tied to the output layer) is two arrays to fl-sparse:
+    a warning names the pair. Equal constant arrays (zero biases, BatchNorm's ones) and arrays that
+    differ in one entry are not named."""
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((50, 8)).astype(np.float32)
+    near = emb.copy()
+    near[3, 4] += 1.0
+    arrays = {"emb.weight": emb, "zeros.a": np.zeros(8, np.float32), "zeros.b": np.zeros(8, np.float32),
+              "bn.weight": np.ones(8, np.float32), "bn2.weight": np.ones(8, np.float32), "near.weight": near,
+              "out.weight": emb.copy(), "out.bias": rng.standard_normal(50).astype(np.float32)}
+    with caplog.at_level(logging.WARNING):
+        TopKSGD(ratio=0.1).initialize(ArrayRecord({k: Array(v) for k, v in arrays.items()}))
+    named = [r.getMessage() for r in caplog.records if "hold the same values" in r.getMessage()]
+    assert len(named) == 1 and named[0].startswith("arrays 'emb.weight' and 'out.weight' hold the same values")
+    caplog.clear()
+    del arrays["out.weight"]
+    with caplog.at_level(logging.WARNING):
+        TopKSGD(ratio=0.1).initialize(ArrayRecord({k: Array(v) for k, v in arrays.items()}))
+    assert not [r for r in caplog.records if "hold the same values" in r.getMessage()]

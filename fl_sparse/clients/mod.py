@@ -39,7 +39,8 @@ the flat vector and handed back in their own dtype (float16 loses nothing;
 float64 is rounded to float32 precision, and the strategy warns). Complex arrays
 are refused (as two real arrays, ``torch.view_as_real``, they work). Tied
 weights (one tensor under two ``state_dict`` keys) are two arrays here, each
-compressed on its own, so the server's two copies can drift apart: return one
+compressed on its own, so the server's two copies can drift apart (the strategy
+warns at the start when two initial arrays are equal and not constant): return one
 key per tensor (and load with ``strict=False``) or tie them again after loading. bfloat16:
 Flower 1.42's ArrayRecord refuses bfloat16 tensors ("unsupported ScalarType
 BFloat16"), so a bfloat16 model travels as float32 arrays

@@ -110,6 +110,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -820,6 +821,7 @@ class SparseFedAvg(FedAvg):
                 "resolution of a weight are lost",
                 ", ".join(repr(n) for n, _ in wide[:5]) + (" ..." if len(wide) > 5 else ""), wide[0][1])
         st.model = st.layout.flatten(arrays).clone()
+        _warn_tied_arrays(st.layout, st.model)
         st.exact = st.layout.exact_record(arrays)
         st.version = 0
         st.round = 0
@@ -1301,6 +1303,31 @@ def _weighted_metric(updates: list[ClientUpdate], p: list[float], keys: tuple[st
             total += pq * value
             mass += pq
     return total / mass if mass > 0 else float("nan")
+
+
+def _warn_tied_arrays(layout: FlatLayout, model: torch.Tensor) -> None:
+    """Name arrays of w_0 that are equal and not constant: likely one tensor under two keys (tied
+    weights), which fl-sparse compresses as two arrays whose copies then drift apart. Constant ones
+    (zero-initialised biases) are alike by chance and not named."""
+    flat, offset, by_shape = model.numpy(), 0, {}
+    for name, shape in zip(layout.names, layout.shapes):
+        size = math.prod(shape)
+        by_shape.setdefault(shape, []).append((name, flat[offset:offset + size]))
+        offset += size
+    seen: dict[tuple, tuple[str, np.ndarray]] = {}
+    tied = []
+    for shape, group in by_shape.items():
+        for name, values in group if len(group) > 1 else ():
+            if values.size < 2 or values.min() == values.max():
+                continue
+            key = (shape, xxhash.xxh3_64_intdigest(memoryview(values).cast("B")))  # one pass, not pairwise
+            if key in seen and np.array_equal(seen[key][1], values):
+                tied.append((seen[key][0], name))
+            seen.setdefault(key, (name, values))
+    if tied:
+        log(WARNING, "arrays %s hold the same values: if they are one tensor under two keys (tied weights), "
+            "fl-sparse compresses them as two arrays and their copies drift apart; return one key per tensor "
+            "and tie them again after loading", "; ".join(f"{a!r} and {b!r}" for a, b in tied[:5]))
 
 
 def _warn_non_finite_metrics(server_round: int, aggregated: MetricRecord, updates: list[ClientUpdate]) -> None:
