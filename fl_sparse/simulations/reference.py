@@ -21,10 +21,17 @@ steps, weights p_q = n_q / Σ_{S_t} n)::
 
 Without error feedback (``error_feedback=False``) e_q and δ stay 0: what
 was not sent is dropped.
+
+Local training runs on the intra-op threads a simulated client gets (Ray gives
+an actor ``OMP_NUM_THREADS = max(floor(num_cpus), 1)`` unless the variable is
+set): on some CPUs torch's float results depend on the thread count, and one
+flipped near-tie in a top-r selection moves the model by far more than 1e-6.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import random
 
 import torch
@@ -32,7 +39,7 @@ import torch
 from fl_sparse import algorithms, codec
 from fl_sparse.clients.app import local_training
 from fl_sparse.clients.mod import client_generator_seed
-from fl_sparse.compressors import TopK, build_compressor, hard_threshold_for_topk
+from fl_sparse.compressors import TopK, build_compressor, hard_threshold_for_topk, torch_threads
 from fl_sparse.flat import FlatLayout
 from fl_sparse.memory import ErrorFeedback
 from fl_sparse.server_app import RunConfig, _initial_model, _train_config
@@ -60,9 +67,20 @@ def sample(seed: int, server_round: int, clients: int, fraction: float) -> list[
     return sorted(random.Random(seed * 1_000_003 + server_round).sample(range(clients), size))
 
 
+def client_threads(num_cpus: float) -> int:
+    """Torch's intra-op threads in a simulated client: what Ray's worker sets ``OMP_NUM_THREADS`` to for an actor
+    of ``num_cpus`` CPUs, or this process's count when the variable is set (Ray then leaves it alone)."""
+    return torch.get_num_threads() if "OMP_NUM_THREADS" in os.environ else max(math.floor(num_cpus), 1)
+
+
 def reference_run(cfg: RunConfig) -> torch.Tensor:
-    """Final flat parameters of ``cfg`` run as a plain loop."""
+    """Final flat parameters of ``cfg`` run as a plain loop (clients' training on :func:`client_threads`)."""
     cfg.validate()
+    with torch_threads(client_threads(cfg.num_cpus)):
+        return _reference_loop(cfg)
+
+
+def _reference_loop(cfg: RunConfig) -> torch.Tensor:
     model = _initial_model(cfg)
     layout = FlatLayout.from_state_dict(model.state_dict())
     w = layout.flatten_state_dict(model.state_dict()).clone()
