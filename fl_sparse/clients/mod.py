@@ -147,9 +147,16 @@ def _partition_id(context: Context) -> int:
     return int(pid) if pid is not None else -1
 
 
+def _random_stream(context: Context) -> int:
+    """Whose random draws: the partition id, else the node id (nodes without one must not share draws)."""
+    pid = context.node_config.get("partition-id")
+    return int(pid) if pid is not None else int(context.node_id)
+
+
 def client_generator_seed(seed: int, server_round: int, partition_id: int) -> int:
-    """Seed of a client's random draws in a round: reproducible, distinct per client."""
-    return (int(seed) * 1_000_003 + int(server_round)) * 10_007 + int(partition_id)
+    """Seed of a client's random draws in a round: reproducible, distinct per client (``partition_id``: or
+    the node id of a node without one). Within ``torch.Generator.manual_seed``'s range."""
+    return ((int(seed) * 1_000_003 + int(server_round)) * 10_007 + int(partition_id)) % (1 << 63)
 
 
 # ====================================================================== sync
@@ -509,7 +516,7 @@ class SparseMod:
                 if instr.phase == protocol.PHASE_VOTE:
                     extra = self._vote_phase(state, memory, step, instr, content, segments)
                 else:
-                    self._train_phase(state, memory, step, instr, content, _partition_id(context), segments)
+                    self._train_phase(state, memory, step, instr, content, _random_stream(context), segments)
                     extra = {}
                 if layout.exact_names:
                     content[protocol.EXACT] = exact_after
@@ -520,7 +527,7 @@ class SparseMod:
 
     # ------------------------------------------------------------ phases
     def _train_phase(
-        self, state, memory, step, instr: Instruction, content: dict, partition_id: int, segments: tuple[int, ...]
+        self, state, memory, step, instr: Instruction, content: dict, stream: int, segments: tuple[int, ...]
     ) -> None:
         """[ZDL] Algorithm 1/2, worker side: error-compensated compression of Δ."""
         compressor = self._compressor(instr)
@@ -528,7 +535,7 @@ class SparseMod:
         # The package's deterministic ones ignore the generator: none is made for them.
         generator = (
             None if type(compressor) in _DETERMINISTIC_COMPRESSORS
-            else torch.Generator().manual_seed(client_generator_seed(instr.seed, instr.server_round, partition_id))
+            else torch.Generator().manual_seed(client_generator_seed(instr.seed, instr.server_round, stream))
         )
         values, positions = instr.uplink_values, instr.uplink_positions
         # in_place: step is this message's own buffer (FlatLayout.step), so a and then the new e

@@ -159,3 +159,32 @@ def test_error_feedback_flag_reaches_every_sparse_strategy(name):
     assert off.client_error_feedback is False
     if name == "bidirectional-topk":
         assert on.server_error_feedback and not off.server_error_feedback
+
+
+def test_nodes_without_a_partition_id_draw_their_own_subsets(tmp_path):
+    """A deployment's SuperNodes need no partition-id: each draws from its node id's stream, so no two
+    clients send the same random positions (they all did, from one shared stream, before)."""
+    from flwr.app import MetricRecord, RecordDict
+
+    app = ClientApp(mods=[__import__("fl_sparse.clients", fromlist=["SparseMod"]).SparseMod()])
+
+    @app.train()
+    def unchanged(msg, context):  # a zero step: random-k's positions do not depend on the values
+        return Message(RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord({"num-examples": 1})}),
+                       reply_to=msg)
+
+    recorder = Recorder()
+    grid = InProcessGrid(app, CLIENTS, node_config=lambda i: {"state-dir": str(tmp_path)}, tamper=recorder)
+    for context in grid.contexts.values():
+        del context.node_config["partition-id"]
+    strategy = RandomKSGD(ratio=0.05, fraction_evaluate=0.0, seed=3)
+    arrays = ArrayRecord({"w": Array(np.zeros(D, dtype=np.float32))})
+    replies = grid.send_and_receive(list(strategy.configure_train(1, arrays, ConfigRecord(), grid)))
+    strategy.aggregate_train(1, replies)
+    k = math.ceil(0.05 * D)
+    by_node = {(node - 1000) // 7: node for node in grid.node_ids}
+    drawn = {pid: positions(recorder, 0, pid) for pid in by_node}
+    assert len({tuple(p) for p in drawn.values()}) == CLIENTS
+    for pid, node in by_node.items():
+        gen = torch.Generator().manual_seed(client_generator_seed(3, 1, node))
+        assert drawn[pid] == RandomK(k)(torch.zeros(D), generator=gen).indices.tolist()
