@@ -366,7 +366,8 @@ class SparseFedAvg(FedAvg):
     # --------------------------------------------------------------- summary
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t├──> Uplink: %s  values=%s positions=%s", self.uplink, self.uplink_values, self.uplink_positions)
+        log(INFO, "\t├──> Uplink: %s (each round's: uplink_spec)  values=%s positions=%s", self.uplink,
+            self.uplink_values, self.uplink_positions)
         log(
             INFO,
             "\t└──> Downlink: %s  values=%s positions=%s  server error feedback=%s",
@@ -1184,7 +1185,7 @@ class SparseFedAvg(FedAvg):
 
         ρ  = ‖Top_K(δ + Σ p a) − Top_K(δ + Σ Top_K(p a))‖ / ‖Σ p α g‖
         ρ̂ = ‖Top_K(Σ p a) − Σ Top_K(p a)‖ / ‖Σ p α g‖
-        with Top_K the downlink compressor (or the uplink one if none) and
+        with Top_K the downlink compressor (or this round's uplink one if none) and
         Σ Top_K(p a) = g_t, the aggregate of what was actually sent.
         """
         numel = self.state.model.numel()
@@ -1197,7 +1198,9 @@ class SparseFedAvg(FedAvg):
         step_norm = float(step.norm())
         if step_norm == 0.0 or not math.isfinite(step_norm):
             return {}
-        top = self.downlink or build_compressor(**_with_defaults(self.uplink))
+        # The round's own uplink compressor: its k or λ may differ from the constructor's spec (AdapTop-K's k_t,
+        # hard threshold's lr·λ, rTop-k's r for the round's clients).
+        top = self.downlink or self._round_compressor or build_compressor(**_with_defaults(self.uplink))
         g = aggregate.to_dense()
         out = {"rho_hat": float((top(a).to_dense() - g).norm()) / step_norm}
         if delta_before is not None:

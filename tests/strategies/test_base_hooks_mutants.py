@@ -382,3 +382,20 @@ def test_bound_influence_takes_the_tighter_of_the_absolute_and_relative_bounds()
         out = strategy.bound_influence(9, updates)
         assert [u.update.values.tolist() for u in out] == [pytest.approx(e, rel=1e-6) for e in expected]
         assert strategy.state.round_metrics[9] == {"round": 9, "clipped": 2}  # a fresh round's row
+
+
+def test_rho_hat_uses_the_rounds_compressor_not_the_constructors_spec():
+    """One client (p = 1): Σ p C(a) = C(a), so ρ̂ = 0 for a deterministic compressor, if ρ̂ uses the
+    compressor the client used. Hard threshold's clients threshold at lr·λ, its constructor spec says λ."""
+    from fl_sparse.strategies import HardThresholdSGD
+
+    strategy = HardThresholdSGD(threshold=0.5, lr=0.1, min_available_nodes=1, min_train_nodes=1,
+                                fraction_evaluate=0.0, diagnostics=True)
+    replies = _replies(strategy, _grid(1))
+    updates = strategy.read_replies(1, list(replies))
+    a = updates[0].diagnostics["a"].numpy().ravel()
+    sent = updates[0].update.to_dense().numpy()
+    assert set(np.flatnonzero(sent)) == set(np.flatnonzero(np.abs(a) >= 0.05)) != set()  # |a| >= lr·λ was sent
+    assert np.count_nonzero(np.abs(a) >= 0.5) < np.count_nonzero(sent)  # λ alone would send fewer
+    strategy.aggregate_train(1, list(replies))
+    assert strategy.state.round_metrics[1]["rho_hat"] == 0.0
