@@ -95,6 +95,7 @@ a strategy that sends top-K with a ratio that halves every 10 rounds::
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import math
@@ -1256,14 +1257,26 @@ def with_fedavg_signature(cls):
     order) and ``**kwargs`` (the base's keyword-only options) and pass them on;
     this writes the full signature out for ``help()``, IDEs and tools.
     """
-    own = inspect.signature(cls.__init__).parameters.values()
+    init = cls.__init__
+    own = inspect.signature(init).parameters.values()
     base = list(inspect.signature(SparseFedAvg.__init__).parameters.values())
-    fixed = {"uplink", "downlink"}  # set by the subclass itself
+    # Base options the subclass sets itself (``fixed_options``: option -> what to use instead), not passed on.
+    fixed = {"uplink": "the strategy's own arguments", "downlink": "the strategy's own arguments",
+             **getattr(cls, "fixed_options", {})}
     keyword = [p for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY]
     names = {p.name for p in keyword}
-    keyword += [p for p in base if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in names | fixed]
+    keyword += [p for p in base if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in names | fixed.keys()]
     positional = [p for p in base if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-    cls.__init__.__signature__ = inspect.Signature(positional + keyword)
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        given = [name for name in fixed if name in kwargs and name not in names]
+        if given:  # else Python's "got multiple values for keyword argument", naming SparseFedAvg
+            raise TypeError(f"{cls.__name__} sets {given[0]} itself: use {fixed[given[0]]}")
+        init(self, *args, **kwargs)
+
+    __init__.__signature__ = inspect.Signature(positional + keyword)
+    cls.__init__ = __init__
     return cls
 
 

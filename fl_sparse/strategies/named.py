@@ -248,6 +248,8 @@ class AdaptiveTopKSGD(SparseFedAvg):
     no error memory (Algorithm 1, "without error compensation").
     """
 
+    fixed_options = {"client_error_feedback": "error_feedback= (the clients' error memory)"}
+
     def __init__(
         self,
         *args: Any,

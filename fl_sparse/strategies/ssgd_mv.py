@@ -179,6 +179,9 @@ class SSGDMajorityVote(SparseFedAvg):
         ``seed``, ...). ``diagnostics`` (ρ estimates) is not supported here and is ignored.
     """
 
+    fixed_options = {"uplink_positions": "positions= (one code for votes, masks and catch-ups)",
+                     "downlink_positions": "positions= (one code for votes, masks and catch-ups)"}
+
     def __init__(
         self,
         *args: Any,

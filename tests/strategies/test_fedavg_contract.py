@@ -184,6 +184,30 @@ def test_signature_has_fedavgs_first_ten_parameters_in_order_with_its_defaults(c
     assert [(p.name, p.kind, p.default) for p in params] == [(p.name, p.kind, p.default) for p in FEDAVG_PARAMS]
 
 
+def _named_strategies():
+    from fl_sparse.strategies import AdaptiveTopKSGD, HardThresholdSGD, RandomKSGD, RTopKSGD, SSGDMajorityVote
+
+    required = {AdaptiveTopKSGD: {"num_rounds": 3}}
+    return [(c, required.get(c, {})) for c in (DenseFedAvg, TopKSGD, BidirectionalTopKSGD, RTopKSGD, RandomKSGD,
+                                               HardThresholdSGD, AdaptiveTopKSGD, SSGDMajorityVote)]
+
+
+@pytest.mark.parametrize("cls, required", _named_strategies())
+def test_every_option_the_signature_shows_is_accepted_and_the_others_are_named(cls, required):
+    """help() and IDEs show what a strategy takes: each keyword option of the signature is accepted at
+    its default, and a base option the strategy sets itself is refused with what to use instead."""
+    params = inspect.signature(cls.__init__).parameters
+    for name, param in params.items():
+        if param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is not inspect.Parameter.empty:
+            cls(**{**required, name: param.default})
+    base = inspect.signature(SparseFedAvg.__init__).parameters
+    hidden = [n for n, p in base.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in params]
+    assert {"uplink", "downlink"} <= set(hidden)
+    for name in hidden:
+        with pytest.raises(TypeError, match=rf"^{cls.__name__} sets {name} itself: use "):
+            cls(**{**required, name: base[name].default})
+
+
 @pytest.mark.parametrize("cls", CLASSES)
 def test_defaults_and_positional_order_equal_fedavgs(cls):
     """Same attributes as FedAvg's, by default and when the ten are passed positionally."""
