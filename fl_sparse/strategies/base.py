@@ -1147,7 +1147,8 @@ class SparseFedAvg(FedAvg):
     def _max_uplink_nnz(self, numel: int) -> int:
         """Cap on entries a client may declare (guards allocation on decode)."""
         k_for = getattr(self._round_compressor, "k_for", None)
-        return numel if k_for is None else min(numel, int(k_for(numel)))
+        k = None if k_for is None else k_for(numel)
+        return numel if k is None else min(numel, int(k))  # None: unbounded (the Compressor protocol allows it)
 
     def _prune_history(self) -> None:
         """Forget positions older than any client could use cheaply.

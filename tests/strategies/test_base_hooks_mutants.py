@@ -399,3 +399,28 @@ def test_rho_hat_uses_the_rounds_compressor_not_the_constructors_spec():
     assert np.count_nonzero(np.abs(a) >= 0.5) < np.count_nonzero(sent)  # λ alone would send fewer
     strategy.aggregate_train(1, list(replies))
     assert strategy.state.round_metrics[1]["rho_hat"] == 0.0
+
+
+def test_a_users_compressor_whose_k_for_is_none_is_unbounded():
+    """The Compressor protocol allows ``k_for(numel) -> None`` ("unbounded"): the server takes such
+    updates (every entry here) instead of failing on each reply."""
+    from fl_sparse.compressors import COMPRESSORS, register_compressor
+
+    @register_compressor("test-unbounded")
+    class Unbounded:
+        def k_for(self, numel):
+            return None
+
+        def __call__(self, x, *, generator=None):
+            return SparseTensor.from_dense(x)
+
+    try:
+        strategy = SparseFedAvg(uplink={"name": "test-unbounded"}, min_available_nodes=3, min_train_nodes=3,
+                                fraction_evaluate=0.0)
+        arrays, _ = strategy.aggregate_train(1, _replies(strategy, _grid(3)))  # all three taken, whole
+        steps = {pid: np.random.default_rng(100 * pid + 1).standard_normal((4, 6)) for pid in WEIGHTS}
+        total = sum(WEIGHTS.values())
+        expected = _model()["w"].numpy() - sum(WEIGHTS[q] / total * steps[q] for q in WEIGHTS)
+        np.testing.assert_allclose(arrays["w"].numpy(), expected, rtol=1e-5, atol=1e-6)
+    finally:
+        COMPRESSORS.pop("test-unbounded", None)
