@@ -42,9 +42,8 @@ __all__ = [
 
 # Keys of config.json that say how a run ran, not what it computed: runs that
 # differ only in these (and in their seed) are one setting.
-NOT_A_SETTING = frozenset(
-    {"seed", "out", "resume", "quiet", "num_cpus", "num_gpus", "state_dir", "checkpoint_every", "eval_every"}
-)
+NOT_A_SETTING = frozenset({"seed", "out", "resume", "quiet", "num_cpus", "num_gpus", "state_dir", "checkpoint_every",
+                           "eval_every", "max_failed_rounds", "ray_address"})
 # Short names in labels.
 _SHORT = {"local_steps": "H", "batch_size": "B", "value_bits": "bits", "downlink_ratio": "down-ratio"}
 

@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from fl_sparse.server_app import RUN_FILES, RunConfig, RunFailed, RunInterrupted
+from fl_sparse.simulations.compare import NOT_A_SETTING
 
 __all__ = [
     "BUDGETS",
@@ -104,8 +105,7 @@ _CONFIG_FIELDS = {f.name for f in fields(RunConfig)}
 # Set by reproduce itself, never by a preset.
 _RESERVED = {"seed", "out", "resume", "state_dir"}
 # How a run ran, not what it computed: a finished run that differs only in these is the same run.
-_HOW_IT_RAN = {"out", "resume", "quiet", "num_cpus", "num_gpus", "state_dir", "checkpoint_every",
-               "max_failed_rounds", "eval_every"}
+_HOW_IT_RAN = NOT_A_SETTING - {"seed"}  # how a run ran, not what it computed
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

@@ -244,3 +244,16 @@ def test_real_runs_round_trip_through_compare(tmp_path):
     assert cells["bits/param/round"] == f"{sum(bits) / 2:.3f}"
     assert 0 < sum(bits) / 2 < 32 * 0.02 * 2  # ~2 % of the entries, each position and value well under 64 bits
     assert cells["seeds"] == "2" and " ± " in cells["final acc (%)"]
+
+
+def test_how_a_run_ran_never_splits_a_setting():
+    """A run joined to a Ray cluster, or allowed more failed rounds, computes the same as one that was not:
+    every option a resumed run may change (but the number of rounds) is not a setting."""
+    from fl_sparse.server_app import RESUME_OVERRIDES
+    from fl_sparse.simulations.compare import NOT_A_SETTING, Run, group_runs
+
+    assert set(RESUME_OVERRIDES) - {"rounds"} <= NOT_A_SETTING
+    runs = [Run(Path("a"), {"strategy": "topk", "seed": 0}),
+            Run(Path("b"), {"strategy": "topk", "seed": 1, "ray_address": "10.0.0.1:6379"}),
+            Run(Path("c"), {"strategy": "topk", "seed": 2, "max_failed_rounds": 5})]
+    assert len(group_runs(runs)) == 1
