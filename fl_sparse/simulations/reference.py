@@ -84,14 +84,13 @@ def _reference_loop(cfg: RunConfig) -> torch.Tensor:
     model = _initial_model(cfg)
     layout = FlatLayout.from_state_dict(model.state_dict())
     w = layout.flatten_state_dict(model.state_dict()).clone()
-    tasks = [
-        get_task(TaskSpec(cfg.dataset, cfg.model, cfg.partition, cfg.alpha, cfg.clients, q, cfg.seed))
-        for q in range(cfg.clients)
-    ]
+    if cfg.error_memory_dtype != "float32":
+        raise ValueError(f"no reference loop for error_memory_dtype {cfg.error_memory_dtype!r} (float32 only)")
+    config = _train_config(cfg)
+    tasks = [get_task(TaskSpec.from_config(config, q, cfg.clients)) for q in range(cfg.clients)]  # as the clients
     memories = [ErrorFeedback(w.numel()) for _ in tasks]
     server_memory = ErrorFeedback(w.numel())
     downlink = TopK(ratio=cfg.downlink_ratio or cfg.ratio) if cfg.strategy == "bidirectional-topk" else None
-    config = _train_config(cfg)
     device = torch.device("cpu")
     # As build_strategy: dense FedAvg is the uncompressed baseline, whatever value_bits says.
     values = "fp32" if cfg.value_bits >= 32 or cfg.strategy == "fedavg" else f"q{int(cfg.value_bits)}"

@@ -18,7 +18,8 @@ import torch
 from fl_sparse.clients.app import app as client_app
 from fl_sparse.flat import FlatLayout
 from fl_sparse.server_app import RunConfig, _initial_model, run_server
-from fl_sparse.simulations.reference import reference_run, sample
+from fl_sparse.compressors import torch_threads
+from fl_sparse.simulations.reference import client_threads, reference_run, sample
 from inprocess import InProcessGrid
 
 BASE = RunConfig(
@@ -28,8 +29,11 @@ BASE = RunConfig(
 
 
 def _flower_run(cfg: RunConfig, tmp_path) -> tuple[torch.Tensor, list[dict]]:
+    """The in-process run's clients train on the threads the reference loop's do (a Ray client's): on some
+    CPUs torch's results depend on the thread count."""
     grid = InProcessGrid(client_app, cfg.clients)
-    rows = run_server(grid, replace(cfg, out=str(tmp_path), state_dir=str(tmp_path / "state")))
+    with torch_threads(client_threads(cfg.num_cpus)):
+        rows = run_server(grid, replace(cfg, out=str(tmp_path), state_dir=str(tmp_path / "state")))
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     layout = FlatLayout.from_state_dict(_initial_model(cfg).state_dict())
     return layout.flatten_state_dict(state), rows
@@ -46,6 +50,7 @@ def _flower_run(cfg: RunConfig, tmp_path) -> tuple[torch.Tensor, list[dict]]:
         ("bidirectional-topk", {"error_feedback": False}),
         ("topk", {"error_feedback": False}),
         ("fedavg", {}),
+        ("topk", {"min_partition_size": 40, "self_balancing": True}),  # another split: the clients' own
     ],
 )
 def test_partial_participation_dirichlet_qbit_equals_the_reference_loop(tmp_path, strategy, extra):
@@ -59,6 +64,11 @@ def test_partial_participation_dirichlet_qbit_equals_the_reference_loop(tmp_path
     assert all(r["failures"] == 0 and r["accepted"] == 3 for r in rows)
     modes = {m for r in rows for m in r["sync_modes"]}
     assert {"dense"} < modes, modes  # catch-ups (delta / set / none) happened besides first contacts
+
+
+def test_the_reference_loop_refuses_what_it_does_not_model():
+    with pytest.raises(ValueError, match="no reference loop for error_memory_dtype 'float16'"):
+        reference_run(replace(BASE, error_memory_dtype="float16"))
 
 
 def test_reference_samples_as_the_strategy_does():
