@@ -227,7 +227,8 @@ def state_layout(model: nn.Module) -> FlatLayout:
     its pass-through arrays.
     """
     names, shapes, dtypes, passthrough = [], [], [], []
-    for k, v in model.state_dict().items():
+    state = model.state_dict()
+    for k, v in state.items():
         if v.is_floating_point():
             names.append(k)
             shapes.append(tuple(v.shape))
@@ -236,7 +237,7 @@ def state_layout(model: nn.Module) -> FlatLayout:
             passthrough.append((k, v.detach().cpu().numpy().copy()))
     if not names:
         raise ValueError("the model has no floating-point state")
-    return FlatLayout(tuple(names), tuple(shapes), tuple(dtypes), tuple(passthrough))
+    return FlatLayout(tuple(names), tuple(shapes), tuple(dtypes), tuple(passthrough), tuple(state))
 
 
 def model_to_vector(model: nn.Module) -> torch.Tensor:

@@ -193,6 +193,15 @@ def test_integer_buffers_are_excluded_and_untouched():
     torch.testing.assert_close(m.layer1[1].running_var, torch.full((16,), 2.0))
 
 
+def test_state_layout_is_the_layout_of_the_models_record_keys_in_state_dict_order():
+    """As its docstring says: equal to FlatLayout.from_state_dict, so a record made from it lists the
+    integer buffers where the state_dict has them, not after the float arrays."""
+    m = build_model("cnn-fmnist", seed=0)
+    assert state_layout(m) == FlatLayout.from_state_dict(m.state_dict())
+    record = vector_to_arrayrecord(model_to_vector(m), state_layout(m))
+    assert list(record.keys()) == list(m.state_dict().keys())
+
+
 def test_vector_length_validation():
     m = build_model("mlp-784-64-10", seed=0)
     vec = model_to_vector(m)
