@@ -24,7 +24,8 @@ a temporary folder. ``resume_config(DIR, rounds=T)`` (``fl-sparse simulate
 --resume DIR --rounds T``; ``resume = "DIR"`` in the run config of ``flwr
 run``) continues it: the saved settings, the strategy's state
 (:meth:`~fl_sparse.strategies.SparseFedAvg.load_state_dict`), the metrics rows,
-and the clients' state folder (renamed to the new Flower run id; clients are
+and the clients' state folder (its ``gen-<generation>`` sub-folder is found again
+under the new Flower run id, as the checkpoint keeps the generation; clients are
 matched to their new node ids by partition id) are taken over, and
 ``strategy.start(..., first_round=k+1)`` runs rounds k+1..T. Sampling,
 tie-breaks and client randomness are seeded by (seed, round), so no RNG state
@@ -508,15 +509,18 @@ SIMULATION_PULL_INTERVAL = 0.005  # seconds between the simulation Grid's polls 
 def simulation_state_dir(numel: int, clients: int, shm: str = "/dev/shm") -> str:
     """A new temporary folder for the clients' state files; in RAM when there is room.
 
-    Every client saves its state (model copy and error memory: about
-    ``8 * numel`` bytes, plus a spare copy of the error memory where it is at
-    most :data:`fl_sparse.clients.state.SPARE_MAX_BYTES`) after every message. On ``/dev/shm`` (tmpfs) creating
+    Every client saves its state after every message: its error memory
+    (``4 * numel`` bytes; SSGD-MV also keeps its ``a``, as much again, between
+    its phases), a hard link to the model version it holds (one file per
+    version for all clients: the model store), and a spare copy of the state
+    file where it is at most :data:`fl_sparse.clients.state.SPARE_MAX_BYTES`;
+    the estimate is ``8 * numel`` bytes per client plus the spare. On ``/dev/shm`` (tmpfs) creating
     and renaming those files costs a fraction of what it costs on a disk
     filesystem, which shows at MLP size where the save is a good part of a
     client's work. The folder goes there only if the states of all
     ``clients`` fit in a quarter of its free space: the rest is left to Ray's
     object store, which lives there too. Otherwise (ResNet-18 x 100 clients
-    needs ~9 GB) it goes to the system's temporary folder on disk.
+    are estimated at ~9 GB) it goes to the system's temporary folder on disk.
     """
     error_bytes = 4 * int(numel)
     per_client = 2 * error_bytes + (error_bytes if error_bytes <= SPARE_MAX_BYTES else 0)
@@ -791,7 +795,8 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
         state_dir = tempfile.mkdtemp(prefix="fl-sparse-state-")
     strategy.client_state_dir = state_dir
     # Only a folder the user named is fsynced per save (it may have to survive a power loss);
-    # out/client-state is written atomically, and a torn file there only costs that client a dense sync.
+    # out/client-state is written atomically, and a torn file there costs that client a dense sync and its
+    # error memory (it starts empty).
     strategy.client_state_fsync = bool(cfg.state_dir)
     # Where the clients' files are, as the checkpoint records it: beside the checkpoint
     # (the run folder may have been moved or copied since), or in the user's state dir.

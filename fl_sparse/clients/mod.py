@@ -25,7 +25,7 @@ fl-sparse strategy (:mod:`fl_sparse.protocol` for the records)::
     the user trains: returns w' (and metrics)
     on the way out:  Δ = w − w'                        (float arrays, as one flat vector)
                      a = e + Δ;  s = Q(C_t(a));  e ← a − s      C_t: the round's uplink spec
-                     store (w, e) durably; reply encode(s), the exact arrays, the user's metrics
+                     store (w, e) atomically (fsynced unless the server's folder is throw-away); reply encode(s), the exact arrays, the user's metrics
 
 SSGD-MV's two phases (:mod:`fl_sparse.strategies.ssgd_mv`) are train messages
 too: the vote phase calls the train function once and replies with the top-K
@@ -55,8 +55,8 @@ State between rounds (model copy, error memory, SSGD-MV votes) lives in a
 :class:`~fl_sparse.clients.state.ClientStateStore`, one file per client, not
 in ``context.state``: see that module for why. The folder is, in order: the
 ``state_dir`` given to the mod, the SuperNode's ``--node-config
-state-dir=...``, ``$FL_SPARSE_STATE_DIR``, the server's hint (the
-simulation's temporary folder), ``$XDG_CACHE_HOME/fl-sparse/state`` (else
+state-dir=...``, ``$FL_SPARSE_STATE_DIR``, the server's hint (a
+simulation's ``--out``/``--state-dir`` folder or its temporary one), ``$XDG_CACHE_HOME/fl-sparse/state`` (else
 ``~/.cache/fl-sparse/state``). Inside it each strategy run has its own
 sub-folder (:func:`state_folder_name`), kept after the run so that a resumed
 run finds its clients' memory: remove the ones of runs you will not resume. A corrupt state

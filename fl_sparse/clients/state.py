@@ -11,9 +11,10 @@ loses ``context.state``.
 * simulation: ``<state-dir>/gen-<generation>/client-<partition-id>.state``
   (the generation names the strategy's run, see
   :func:`fl_sparse.clients.mod.state_folder_name`); the
-  server picks ``state-dir`` (a temporary folder, in ``/dev/shm`` when it has
-  room, see :func:`fl_sparse.server_app.simulation_state_dir`) and removes it
-  after the run;
+  server picks ``state-dir``: ``<out>/client-state`` with ``--out`` (kept, for
+  ``--resume``), the folder ``--state-dir`` names, else a temporary folder (in
+  ``/dev/shm`` when it has room, see :func:`fl_sparse.server_app.simulation_state_dir`)
+  that it removes after the run;
 * deployment: the SuperNode's ``--node-config "state-dir='/var/lib/fl-sparse'"``
   (or the ``FL_SPARSE_STATE_DIR`` environment variable) names a persistent
   folder, so the memory survives a SuperNode restart.
@@ -95,9 +96,10 @@ in ``<folder>/models/``:
   header instead of a ``model`` tensor.
 
 A save links the client to the version first (``os.link`` of the version
-file to a temporary name, ``os.replace`` onto the client's link; the version
-file is written, to a temporary file and ``os.link``-ed to its name, only if
-it does not exist yet), then replaces the state file, then removes the
+file straight to the client's link name: a link is made whole or not at all,
+and one that exists already holds this version; the version file is written,
+to a temporary file and ``os.link``-ed to its name, only if it does not exist
+yet), then replaces the state file, then removes the
 client's link to the version it held before. **GC rule:** the file system's
 link count is the reference count: after removing its old link, the client
 removes that version's file if its canonical name is the only name left

@@ -28,7 +28,8 @@ updates): that is the paper's *unidirectional* top-K SGD (Algorithm 1); with
 in :mod:`fl_sparse.algorithms`; the messages in :mod:`fl_sparse.protocol`.
 
 **Keeping clients in sync.** Every client keeps its own copy of the model
-and the server never sends the dense model after a client's first round.
+and the server sends the dense model only where nothing cheaper brings a
+client up to date (first contact, a lost or failed client, a long absence).
 The server remembers which model version each client holds and sends
 
 * nothing, if the client already holds ``w_{t-1}``;
@@ -1000,6 +1001,7 @@ class SparseFedAvg(FedAvg):
         record = protocol.array_record(msg.content, protocol.UPDATE, what="reply")
         update = codec.decode(record, numel, max_nnz=self._max_uplink_nnz(numel), segments=codec.segments_of(st.layout))
         size = codec.wire_size(record)  # count what arrived, not what the client says it sent
+        exact = self._read_exact(msg.content)
         user_content = self.user_content(server_round, node, msg)
         return ClientUpdate(
             node=node,
@@ -1009,8 +1011,8 @@ class SparseFedAvg(FedAvg):
             uplink=UplinkMetrics.read(msg.content),
             position_bits=size.position_bits,
             value_bits=size.value_bits,
-            total_bytes=size.total_bytes,
-            exact=self._read_exact(msg.content),
+            total_bytes=size.total_bytes + self.exact_bytes(msg.content, exact),
+            exact=exact,
             diagnostics=msg.content.array_records.get(protocol.DIAGNOSTICS) if self.diagnostics else None,
         )
 
@@ -1029,6 +1031,11 @@ class SparseFedAvg(FedAvg):
                     )
                 return float(value)
         raise protocol.ProtocolError(f"reply metrics lack the weight {self.weighted_by_key!r}")
+
+    @staticmethod
+    def exact_bytes(content: RecordDict, exact: ArrayRecord | None) -> int:
+        """Bytes of a reply's exact arrays as they arrived (uplink bytes count them, as downlink bytes do)."""
+        return 0 if exact is None else _record_bytes(content.array_records[protocol.EXACT])
 
     def _read_exact(self, content: RecordDict) -> ArrayRecord | None:
         layout = self.state.layout

@@ -110,8 +110,10 @@ record header and byte padding are excluded, they are in the byte counts):
 * ``q_val_down``: the aggregate's values on ``M_t``, which every client of
   round ``t`` receives at its next participation (sync mode ``"values"``).
 
-``uplink_bytes`` / ``downlink_bytes`` count every byte of every record sent
-this round (votes + values up; sync payloads + masks down).
+``uplink_bytes`` counts the accepted votes and values and the exact arrays
+that came with the votes; ``downlink_bytes`` the sync payloads, masks and
+exact arrays sent (the small instruction, report and metrics records are
+counted by neither).
 
 Client memory
 -------------
@@ -440,7 +442,7 @@ class SSGDMajorityVote(SparseFedAvg):
             self._voters[node] = user
             self._vote_exact[node] = exact
             bits.append(parsed["bits"])
-            nbytes += parsed["bytes"]
+            nbytes += parsed["bytes"] + self.exact_bytes(msg.content, exact)
         for node in self._nonces.keys() - seen:
             # Asked, no vote: it may have applied this round's sync, so its version is unknown.
             st.client_versions.pop(node, None)

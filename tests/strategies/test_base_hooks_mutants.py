@@ -252,7 +252,12 @@ def test_float_exact_arrays_are_averaged_without_rounding():
     total = sum(WEIGHTS.values())
     for rnd in (1, 2):
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
-        arrays, _ = strategy.aggregate_train(rnd, grid.send_and_receive(messages))
+        replies = list(grid.send_and_receive(messages))
+        arrays, _ = strategy.aggregate_train(rnd, replies)
+        # uplink bytes count the exact arrays that came up, as downlink bytes count those sent down
+        exact_up = sum(len(a.data) for r in replies for a in r.content[protocol.EXACT].values())
+        assert exact_up > 0 and strategy.state.round_metrics[rnd]["uplink_bytes"] == exact_up + sum(
+            codec.wire_size(r.content[protocol.UPDATE]).total_bytes for r in replies)
         scale = sum(WEIGHTS[q] / total * (scale + 0.3 * (q + 1)) for q in range(3))
         steps = np.rint(sum(WEIGHTS[q] / total * (steps + q + 1) for q in range(3)))
         np.testing.assert_allclose(arrays["scale"].numpy(), scale, rtol=1e-6)

@@ -146,6 +146,18 @@ def test_exact_arrays_of_the_voters_are_averaged_as_fedavg_does(add_drop):
         assert bench.arrays["count"].numpy().dtype == np.int64
 
 
+def test_uplink_bytes_count_the_exact_arrays_the_voters_sent():
+    """The same rounds with and without an integer array riding along: uplink bytes differ by exactly
+    the bytes of the exact arrays the three voters sent (as downlink bytes count those sent down)."""
+    runs = {}
+    for with_count in (False, True):
+        strategy = SSGDMajorityVote(k=6, min_available_nodes=3, min_train_nodes=3, fraction_evaluate=0.0)
+        bench = _Bench(strategy, 30, 3, with_count=with_count)
+        runs[with_count] = [bench.round(rnd)[1]["uplink_bytes"] for rnd in (1, 2)]
+    one = len(Array(np.array([10, -4], dtype=np.int64)).data)
+    assert [b - a for a, b in zip(runs[False], runs[True])] == [3 * one, 3 * one]
+
+
 def test_add_drop_votes_are_stored_as_int32():
     """Module docstring: the server keeps each client's current vote at 4 bytes per position (int32)."""
     strategy = SSGDMajorityVote(k=10, add_drop_k=3, min_available_nodes=3, min_train_nodes=3, fraction_evaluate=0.0)
