@@ -5,8 +5,9 @@ module spells a record key or a protocol field as a string literal.
 
 A train message from an fl-sparse strategy carries the user's own records
 untouched (``strategy.configrecord_key``, by default ``"config"``: the
-``train_config`` given to ``strategy.start``, plus Flower's ``server-round``)
-and, beside them, records whose names start with ``fl-sparse``:
+``train_config`` given to ``strategy.start``, plus Flower's ``server-round``;
+SSGD-MV's values phase and the identify message carry none) and, beside them,
+records whose names start with ``fl-sparse``:
 
 ==========================  ============  ==========================================
 record                      direction     what it holds
@@ -24,9 +25,10 @@ record                      direction     what it holds
 ==========================  ============  ==========================================
 
 The mod removes every ``fl-sparse*`` record before the user's train function
-sees the message, hands it the dense model under ``Instruction.arrays_key``,
-and puts them back (with the user's ArrayRecord replaced by the encoded
-update) on the way out. The user's MetricRecords pass through untouched.
+sees the message and hands it the dense model under ``Instruction.arrays_key``;
+on the way out it drops the trained ArrayRecord and adds its own reply records
+(``fl-sparse``, ``.update`` or ``.vote*``, ``.metrics``, ``.exact``,
+``.diagnostics``). The user's other records pass through untouched.
 
 Every reader here validates types and ranges and raises :class:`ProtocolError`
 (a :class:`fl_sparse.codec.PayloadError`) naming the field, so a malformed
@@ -180,7 +182,7 @@ def _from_record(cls, record: ConfigRecord | MetricRecord, what: str):
     for key in required:
         if key not in data:
             raise ProtocolError(f"{what} lacks the field {key!r}")
-    # The fields present only (a train message carries about 12 of the instruction's 26):
+    # The fields present only (a train message carries about 12 of the instruction's 25):
     # the others keep their defaults.
     values = {}
     for key, value in data.items():
@@ -232,9 +234,14 @@ class Instruction:
     keeps its error memory, ``error_memory_dtype`` (one of
     :data:`ERROR_MEMORY_DTYPES`) the dtype it stores that memory in between
     rounds, ``seed`` seeds random compressors (with the
-    round and the client's partition). SSGD-MV adds ``vote_k``, ``add_drop_k``,
+    round and the client's partition id, else its node id). SSGD-MV adds ``vote_k``, ``add_drop_k``,
     ``vote_round`` (which of this client's votes the server holds),
     ``vote_positions`` and ``mask_round``.
+
+    The rest: ``arrays_key`` is where the train function finds the model;
+    ``diagnostics`` asks for the dense ``a`` and step (ρ estimates);
+    ``state_dir`` / ``state_fsync`` are the server's state-folder hint and
+    whether saves there must be fsynced.
     """
 
     server_round: int
@@ -314,9 +321,10 @@ class Report:
 
     ``nonce`` echoes the instruction's; ``model_version`` and
     ``model_hash`` name the model the client trained from (after the sync), ``server_round`` the round this reply answers,
-    ``client_key`` the client's stable name (its partition id when it has
-    one; ``partition_id`` is -1 without one) for reproducible sampling and
-    ordering; ``vote_kind`` / ``vote_base_round`` describe an SSGD-MV vote.
+    ``partition_id`` (-1 without one) is what the server orders and samples
+    nodes by; ``client_key`` is the client's state-file name (``client-<pid>``
+    or ``node-<id>``), for the logs; ``vote_kind`` / ``vote_base_round``
+    describe an SSGD-MV vote.
     """
 
     server_round: int

@@ -9,7 +9,8 @@ a compressed, error-compensated update for whichever fl-sparse strategy the
 server runs.
 
 Train config keys (the server's ``train_config``): ``dataset``, ``model``,
-``partition``, ``alpha``, ``num-partitions``, ``seed``, ``local-steps``,
+``partition``, ``alpha``, ``min-partition-size`` (-1: automatic),
+``self-balancing``, ``num-partitions``, ``seed``, ``local-steps``,
 ``batch-size``, ``lr``, ``momentum``, ``weight-decay``, ``device``
 (``"auto"``: CUDA when there is one). The minibatches of round ``t`` are
 steps ``(t−1)·H .. t·H−1`` of the client's seeded data order

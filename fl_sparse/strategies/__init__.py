@@ -78,6 +78,8 @@ def build_strategy(
     r = ⌈r_ratio·d⌉ (default: the paper's k/r = 1/n, n the clients sampled);
     any other strategy refuses it. ``t_hat`` is AdapTop-K's turning point
     (default: estimated after round 1); any other strategy refuses it.
+    ``lr`` is AdapTop-K's η for that estimate (hard threshold reads each
+    round's train config ``"lr"`` instead).
     """
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
