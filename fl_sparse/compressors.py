@@ -1214,8 +1214,10 @@ def adaptive_k_schedule(t: int, T: int, k: int, gamma: float, t_hat: int) -> int
     * the two phases contain ``ceil(t_hat/2) + T - ceil((t_hat+T)/2)`` and
       ``ceil((t_hat+T)/2) - ceil(t_hat/2)`` integer rounds, equal when ``T``
       is even (the paper's experiments: T = 3000, 7000, 24000); for odd ``T``
-      they differ by one, and the one unpaired round -- the one at the
-      middle/late phase boundary -- gets exactly ``k`` (``n_t = 0``).
+      they differ by one, and the one unpaired round gets exactly ``k``
+      (``n_t = 0``): when the high phases have the extra round, the first
+      late round, or the last early one if there is no late phase (t̂ ≥ T − 1);
+      when the low phase has it, its last round.
     """
     _adaptive_k_check(T, k, gamma, t_hat)
     _adaptive_k_check_round(t, T)

@@ -4,7 +4,8 @@ Compressors, error memories and the wire codec all work on one flat 1-D
 vector: top-K is global over the whole model, as in every seed paper. The
 vector is the concatenation, in record order, of every floating-point array
 (weights, biases and float buffers such as BatchNorm running statistics, of
-any float dtype: float16 entries widen exactly to float32). The other arrays
+any float dtype, computed in float32: float16 entries widen exactly, float64
+entries are rounded to float32, which the strategy warns about). The other arrays
 are *exact* arrays: integer arrays (BatchNorm's ``num_batches_tracked``) and
 any float array the user names in ``exact=`` travel whole, beside the
 vector, and are averaged like FedAvg averages them, never compressed.

@@ -630,7 +630,8 @@ def partition_indices(
       shards, two per client (``ShardPartitioner``); the last
       ``N mod (2 * num_partitions)`` examples are left out.
 
-    All partitions of one ``(labels, scheme, num_partitions, alpha, seed)``
+    All partitions of one ``(dataset, labels, scheme, num_partitions, seed)`` (Dirichlet: and
+    ``alpha``, ``min_partition_size``, ``self_balancing``)
     are computed together on first use and cached for the process and on disk
     (``<cache dir>/partitions``, keyed by the labels' fingerprint, the
     arguments and the flwr-datasets version; a file that does not check out is
