@@ -326,6 +326,7 @@ def _topk_strategy(**kw):
 def test_a_bad_reply_is_dropped_alone_and_its_update_is_not_lost(tmp_path, kind):
     bad = 1
     good_records: dict[int, ArrayRecord] = {}
+    good_exact_bytes: dict[int, int] = {}  # the integer array "count" rides along, counted as uplink too
 
     def tamper(n, reply):
         if reply.has_error():
@@ -335,6 +336,7 @@ def test_a_bad_reply_is_dropped_alone_and_its_update_is_not_lost(tmp_path, kind)
                 CORRUPTIONS[kind](reply)
             elif n != node(bad):
                 good_records[n] = _update(reply)
+                good_exact_bytes[n] = sum(len(a.data) for a in reply.content[protocol.EXACT].values())
         return reply
 
     crash = (lambda t, pid: t == 1 and pid == bad) if kind == "error reply" else None
@@ -354,7 +356,8 @@ def test_a_bad_reply_is_dropped_alone_and_its_update_is_not_lost(tmp_path, kind)
     rm = strategy.state.round_metrics[1]
     assert (rm["accepted"], rm["failures"]) == (2, 1)
     assert (metrics["accepted"], metrics["failures"]) == (2, 1)
-    assert metrics["uplink_bytes"] == sum(codec.wire_size(r).total_bytes for r in good_records.values())
+    assert metrics["uplink_bytes"] == sum(codec.wire_size(r).total_bytes for r in good_records.values()) + sum(
+        good_exact_bytes.values())
     assert rm["q_val_up"] == pytest.approx(32 * K / D)  # fp32, H = 1, mean over the accepted replies
     assert rm["q_loc_up"] == pytest.approx(np.mean([codec.wire_size(r).position_bits for r in good_records.values()]) / D)
     assert strategy.state.accepted == {node(0): 1, node(2): 1}
