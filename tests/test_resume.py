@@ -29,6 +29,7 @@ from flwr.app import Context, RecordDict
 from fl_sparse import checkpoint, protocol
 from fl_sparse.checkpoint import CheckpointError
 from fl_sparse.clients.app import app as client_app
+from fl_sparse.compressors import torch_threads
 from fl_sparse.server_app import (
     RunConfig,
     RunInterrupted,
@@ -39,6 +40,7 @@ from fl_sparse.server_app import (
     stop_requested,
     strategy_from_config,
 )
+from fl_sparse.simulations.reference import client_threads
 from inprocess import InProcessGrid
 
 BASE = RunConfig(
@@ -528,7 +530,8 @@ def test_cli_resume_through_ray_continues_the_run(tmp_path, capsys, monkeypatch)
 
     cfg = RunConfig(strategy="bidirectional-topk", clients=3, local_steps=2, ratio=0.02, seed=5, quiet=True,
                     partition="dirichlet", fraction=1.0, rounds=4, out=str(tmp_path / "one-go"))
-    run_server(InProcessGrid(client_app, 3), cfg)
+    with torch_threads(client_threads(cfg.num_cpus)):  # a Ray client's threads: results may depend on them
+        run_server(InProcessGrid(client_app, 3), cfg)
     ours, theirs = _model(out), _model(tmp_path / "one-go")
     for k in ours:
         torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=1e-6)
