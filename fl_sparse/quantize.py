@@ -309,13 +309,18 @@ def _log(x: float) -> float:
     return float(torch.log(torch.tensor(x, dtype=torch.float64)))
 
 
+_SMALLEST_SUBNORMAL = float(np.finfo(np.float32).smallest_subnormal)
+
+
 class ScaledSign:
     r"""Scaled sign: :math:`Q(v) = \lVert v \rVert_1 / d \cdot \operatorname{sign}(v)`.
 
     ``encode`` returns ``(negative, scale)``: a bool tensor, True where the
     value is negative, and a float32 0-d tensor ``||v||_1 / d`` (computed in
     float64). One bit cannot express ``sign(0) = 0``, so zeros are sent as
-    positive and come back as ``+scale``; this keeps ``||Q(v)||_1 = ||v||_1``.
+    positive and come back as ``+scale``; this keeps ``||Q(v)||_1 = ||v||_1``
+    (but for a vector so small that its mean magnitude is below float32's
+    smallest subnormal: the scale is then that subnormal, so the signs survive).
     Empty input gives an empty mask and scale 0.
     """
 
@@ -328,7 +333,10 @@ class ScaledSign:
         v = _as_finite_float32(values)
         if v.numel() == 0:
             return torch.zeros(0, dtype=torch.bool, device=v.device), v.new_zeros(())
-        scale = (v.abs().sum(dtype=torch.float64) / v.numel()).to(torch.float32)
+        l1 = v.abs().sum(dtype=torch.float64)
+        scale = (l1 / v.numel()).to(torch.float32)
+        if bool(l1 > 0):  # ||v||_1 / d can round to 0 in float32 (subnormal v): keep the signs, 1 ulp
+            scale = scale.clamp_min(_SMALLEST_SUBNORMAL)
         return v < 0, scale
 
     def decode(self, negative: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -286,6 +286,15 @@ def test_scaled_sign_properties(v):
         assert recon.size == 0 and float(scale) == 0
 
 
+def test_scaled_sign_keeps_the_signs_of_a_vector_whose_mean_magnitude_rounds_to_zero():
+    """||v||_1 / d of [1e-45, 0] is below float32's smallest subnormal: the scale would be 0 and the sign
+    of the non-zero entry lost (hypothesis found it)."""
+    negative, scale = ScaledSign().encode(torch.tensor([1e-45, 0.0, -0.0]))
+    assert float(scale) == np.finfo(np.float32).smallest_subnormal
+    assert ScaledSign()(torch.tensor([-1e-45, 0.0])).tolist()[0] < 0
+    assert float(ScaledSign().encode(torch.zeros(3))[1]) == 0.0
+
+
 def test_scaled_sign_rejects_nan_and_bad_scale():
     with pytest.raises(ValueError, match="NaN or Inf"):
         ScaledSign().encode(torch.tensor([1.0, float("nan")]))
