@@ -102,7 +102,8 @@ def build_parser(*, _explicit_only: bool = False) -> argparse.ArgumentParser:
     sim.add_argument("--value-bits", type=int, default=d.value_bits, help="q-bit value quantization; 32 = none")
     sim.add_argument("--add-drop-ratio", type=float, default=d.add_drop_ratio, help="phi_ad of ssgd-mv-ad only")
     sim.add_argument("--positions", choices=("raw", "block", "rice"), default=d.positions,
-                     help="position code: raw int32, the majority-voting (SSGD-MV) paper's block code, or Golomb-Rice (smallest)")
+                     help="position code: raw int32, the majority-voting (SSGD-MV) paper's block code, "
+                          "or Golomb-Rice (smallest)")
     sim.add_argument("--no-error-feedback", dest="error_feedback", action="store_false", default=d.error_feedback,
                      help="plain sparsification: clients keep no error memory (without the flag they do)")
     sim.add_argument("--error-memory-dtype", choices=("float32", "float16", "bfloat16"), default=d.error_memory_dtype,

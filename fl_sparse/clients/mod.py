@@ -25,7 +25,8 @@ fl-sparse strategy (:mod:`fl_sparse.protocol` for the records)::
     the user trains: returns w' (and metrics)
     on the way out:  Δ = w − w'                        (float arrays, as one flat vector)
                      a = e + Δ;  s = Q(C_t(a));  e ← a − s      C_t: the round's uplink spec
-                     store (w, e) atomically (fsynced unless the server's folder is throw-away); reply encode(s), the exact arrays, the user's metrics
+                     store (w, e) atomically (fsynced unless the server's folder is throw-away)
+                     reply encode(s), the exact arrays, the user's metrics
 
 SSGD-MV's two phases (:mod:`fl_sparse.strategies.ssgd_mv`) are train messages
 too: the vote phase calls the train function once and replies with the top-K
@@ -56,8 +57,8 @@ State between rounds (model copy, error memory, SSGD-MV votes) lives in a
 in ``context.state``: see that module for why. The folder is, in order: the
 ``state_dir`` given to the mod, the SuperNode's ``--node-config
 state-dir=...``, ``$FL_SPARSE_STATE_DIR``, the server's hint (a
-simulation's ``--out``/``--state-dir`` folder or its temporary one), ``$XDG_CACHE_HOME/fl-sparse/state`` (else
-``~/.cache/fl-sparse/state``). Inside it each strategy run has its own
+simulation's ``--out``/``--state-dir`` folder or its temporary one),
+``$XDG_CACHE_HOME/fl-sparse/state`` (else ``~/.cache/fl-sparse/state``). Inside it each strategy run has its own
 sub-folder (:func:`state_folder_name`), kept after the run so that a resumed
 run finds its clients' memory: remove the ones of runs you will not resume. A corrupt state
 file is moved aside and the client starts empty: a message whose sync is dense

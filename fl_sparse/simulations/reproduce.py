@@ -690,7 +690,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``fl-sparse reproduce`` arguments."""
     parser.description = (
         "Run one paper's comparison from its preset (settings x seeds in Flower's simulation engine), then write "
-        "results.md (a markdown table, the command, the machine, the date) and accuracy.png in OUT/NAME[-full][-non-iid]/. "
+        "results.md (a markdown table, the command, the machine, the date) and accuracy.png in "
+        "OUT/NAME[-full][-non-iid]/. "
         "Running the same command again skips finished runs and continues an interrupted one."
     )
     parser.add_argument("name", nargs="?", metavar="NAME",
