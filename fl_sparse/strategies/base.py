@@ -1333,7 +1333,7 @@ def _warn_tied_arrays(layout: FlatLayout, model: torch.Tensor) -> None:
     """Name arrays of w_0 that are equal and not constant: likely one tensor under two keys (tied
     weights), which fl-sparse compresses as two arrays whose copies then drift apart. Constant ones
     (zero-initialised biases) are alike by chance and not named."""
-    flat, offset, by_shape = model.numpy(), 0, {}
+    flat, offset, by_shape = model.detach().cpu().numpy(), 0, {}
     for name, shape in zip(layout.names, layout.shapes):
         size = math.prod(shape)
         by_shape.setdefault(shape, []).append((name, flat[offset:offset + size]))
