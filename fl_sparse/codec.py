@@ -155,7 +155,8 @@ segmented rice (layout-aware; what ``"rice"`` sends when it is shorter)
     CPU time: at MLP size (8 segments) ``encode_positions`` takes about 0.33
     ms instead of 0.10 and ``decode_positions`` 0.16 instead of 0.05 (0.1 %;
     0.46 / 0.24 ms at 1 %), at ResNet-18 size (d = 11.2 M as 60 synthetic
-    layers; the real model has 102 segments, 1 %) encode + decode 7-9 ms instead of 5 (one thread of this 2-core machine). Small
+    layers; the real model has 102 segments, 1 %) encode + decode 7-9 ms
+    instead of 5 (one thread of this 2-core machine). Small
     supports try every useful ``r`` of every segment at once (a few numpy
     calls in all); large ones descend per segment.
 

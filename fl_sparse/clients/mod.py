@@ -58,9 +58,10 @@ in ``context.state``: see that module for why. The folder is, in order: the
 ``state_dir`` given to the mod, the SuperNode's ``--node-config
 state-dir=...``, ``$FL_SPARSE_STATE_DIR``, the server's hint (a
 simulation's ``--out``/``--state-dir`` folder or its temporary one),
-``$XDG_CACHE_HOME/fl-sparse/state`` (else ``~/.cache/fl-sparse/state``). Inside it each strategy run has its own
-sub-folder (:func:`state_folder_name`), kept after the run so that a resumed
-run finds its clients' memory: remove the ones of runs you will not resume. A corrupt state
+``$XDG_CACHE_HOME/fl-sparse/state`` (else ``~/.cache/fl-sparse/state``).
+Inside it each strategy run has its own sub-folder (:func:`state_folder_name`),
+kept after the run so that a resumed run finds its clients' memory: remove the
+ones of runs you will not resume. A corrupt state
 file is moved aside and the client starts empty: a message whose sync is dense
 trains as usual; any other fails with :class:`SyncError` ("client state was
 corrupt and has been reset; the server must send a dense sync"), the server
@@ -150,8 +151,8 @@ def _partition_id(context: Context) -> int:
 
 def _random_stream(context: Context) -> int:
     """Whose random draws: the partition id, else the node id (nodes without one must not share draws)."""
-    pid = context.node_config.get("partition-id")
-    return int(pid) if pid is not None else int(context.node_id)
+    pid = _partition_id(context)
+    return pid if pid >= 0 else int(context.node_id)
 
 
 def client_generator_seed(seed: int, server_round: int, partition_id: int) -> int:

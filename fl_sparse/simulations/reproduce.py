@@ -105,7 +105,7 @@ _CONFIG_FIELDS = {f.name for f in fields(RunConfig)}
 # Set by reproduce itself, never by a preset.
 _RESERVED = {"seed", "out", "resume", "state_dir"}
 # How a run ran, not what it computed: a finished run that differs only in these is the same run.
-_HOW_IT_RAN = NOT_A_SETTING - {"seed"}  # how a run ran, not what it computed
+_HOW_IT_RAN = NOT_A_SETTING - {"seed"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

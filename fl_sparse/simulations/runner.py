@@ -184,10 +184,9 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
             f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}; is a head node running there "
             f"(ray start --head --port={port}) and is the port open from this machine?"
         ) from None
-    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
-        connection.close()  # a TLS port answers plain HTTP/2 with an alert: no test here
-        return
     with connection:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return  # a TLS port answers plain HTTP/2 with an alert: no test here
         answer = _http2_answer(connection)
     if answer is not None and answer[:1] not in (b"\x15", b"\x16") and not _is_http2_settings(answer):
         # Ray would retry such a port for minutes with GCS warnings before giving up.

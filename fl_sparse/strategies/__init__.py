@@ -115,8 +115,8 @@ def build_strategy(
         return HardThresholdSGD(threshold=threshold, ratio=ratio, **wire, **sparse)
     if name in ADAPTIVE_NAMES:
         return AdaptiveTopKSGD(
-            ratio=ratio, num_rounds=num_rounds, error_feedback=error_feedback and name == "adaptive-topk", lr=lr, t_hat=t_hat,
-            **wire, **common,
+            ratio=ratio, num_rounds=num_rounds, error_feedback=error_feedback and name == "adaptive-topk", lr=lr,
+            t_hat=t_hat, **wire, **common,
         )
     from fl_sparse.strategies.ssgd_mv import build_ssgd_mv
 

@@ -1341,7 +1341,9 @@ def _warn_tied_arrays(layout: FlatLayout, model: torch.Tensor) -> None:
     seen: dict[tuple, tuple[str, np.ndarray]] = {}
     tied = []
     for shape, group in by_shape.items():
-        for name, values in group if len(group) > 1 else ():
+        if len(group) < 2:
+            continue
+        for name, values in group:
             if values.size < 2 or values.min() == values.max():
                 continue
             key = (shape, xxhash.xxh3_64_intdigest(memoryview(values).cast("B")))  # one pass, not pairwise
