@@ -405,7 +405,7 @@ def _decode(buf) -> tuple[ClientState, _ModelRef | None]:
         if not isinstance(casts, dict) or set(casts) - {"error"}:
             raise TypeError(f"bad casts {casts!r}")
         cast_error = _DTYPES[casts["error"]] if "error" in casts else None
-    except (ValueError, KeyError, TypeError, OverflowError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, AttributeError, RecursionError) as exc:  # deep JSON
         raise ValueError(f"unreadable header: {exc!r}") from None
     data = pos + header_len
     if len(view) - trailer - data != data_bytes:
@@ -591,6 +591,11 @@ def _claim_spare(spare: str, path: Path) -> tuple[int | None, str | None]:
     except OSError:  # no spare (the first saves), or another save took it
         return None, None
     try:
+        # Ours alone only while our name is its only one (then no one can give it another):
+        # saves of one client racing can leave a spare that another name holds, even the
+        # state file's, and writing it in place would tear that file.
+        if os.stat(tmp).st_nlink != 1:
+            raise OSError(errno.EBUSY, "the spare has another name", tmp)
         return os.open(tmp, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)), tmp
     except OSError:
         try:
@@ -623,6 +628,20 @@ def _cached_state(path: Path, stat: os.stat_result) -> "_Stored | None":
         _CACHE.drop(path)
         return None
     return stored
+
+
+def _read_all(fh, buf: np.ndarray) -> int:
+    """Fill the uint8 array ``buf`` from ``fh``; the bytes read (fewer only at the end of the file).
+
+    One ``read`` returns at most 2 GiB - 4 kB on Linux, whatever was asked for.
+    """
+    got = fh.readinto(buf) or 0
+    while 0 < got < len(buf):
+        n = fh.readinto(memoryview(buf)[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def _write_all(fd: int, chunks: list) -> None:
@@ -753,14 +772,17 @@ class ClientStateStore:
             return ClientState()
         stored = _cached_state(path, stat)
         fresh, read_stat, reason, bad_model = False, None, None, None
-        if stored is None:
+        # A file that does not decode is read once more before it is judged: a read that
+        # overlapped two saves of this client by other processes saw the file it had open
+        # rewritten in place (it had become the spare, then was claimed).
+        for _ in range(2 if stored is None else 0):
             try:
                 with open(path, "rb", buffering=0) as fh:
                     read_stat = os.fstat(fh.fileno())  # of the very file read, even if replaced meanwhile
                     buf = np.empty(read_stat.st_size, dtype=np.uint8)  # not zero-filled, unlike bytearray(n)
-                    got = fh.readinto(buf)
+                    got = _read_all(fh, buf)
                     if got != read_stat.st_size:
-                        raise OSError(f"short read ({got} of {read_stat.st_size} bytes)")
+                        raise ValueError(f"short read ({got} of {read_stat.st_size} bytes)")
                 state, ref = _decode(buf)
             except FileNotFoundError:
                 _CACHE.drop(path)
@@ -769,11 +791,13 @@ class ClientStateStore:
                 if exc.errno in _TRANSIENT:
                     raise
                 reason = f"cannot read it: {exc}"
+                break
             except ValueError as exc:  # torn, bit-flipped or foreign file
                 reason = str(exc)
             else:
                 # Not cached: a handler saves what it loaded, and the save caches that.
-                stored, fresh = _Stored(state, ref, None), True
+                stored, fresh, reason = _Stored(state, ref, None), True, None
+                break
         model = None
         if reason is None and stored.ref is not None:
             try:
@@ -1095,7 +1119,7 @@ class ClientStateStore:
                     return None
                 header = json.loads(fh.read(header_len))
             return _ModelRef.from_json(header["model_ref"]).hash if "model_ref" in header else None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None
 
     def _link(self, key: str, digest: str, model: torch.Tensor) -> bool:
@@ -1221,7 +1245,7 @@ class ClientStateStore:
             if size != ref.nbytes:
                 raise _BadModel(path, f"model file {MODELS}/{path.name} is {size} bytes, the state says {ref.nbytes}")
             buf = np.empty(size, dtype=np.uint8)
-            got = fh.readinto(buf)
+            got = _read_all(fh, buf)
             if got != size:
                 raise OSError(f"short read of {path} ({got} of {size} bytes)")
         digest = vector_hash(torch.from_numpy(buf).view(torch.float32))
