@@ -256,6 +256,8 @@ class FlatLayout:
             nd = array_to_numpy(record[name])
             if tuple(nd.shape) != shape:
                 raise ValueError(f"array {name!r} has shape {nd.shape}, expected {shape}")
+            if nd.dtype.kind not in "biuf":  # complex, objects: numpy's cast error would not name the array
+                raise ValueError(f"array {name!r} is {nd.dtype}, expected a real (float) array")
             yield offset, offset + nd.size, nd
             offset += nd.size
 

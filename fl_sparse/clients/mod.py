@@ -76,6 +76,7 @@ from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
@@ -92,7 +93,7 @@ from fl_sparse.compressors import (
     magnitude_topk_indices,
     torch_threads as _torch_threads,
 )
-from fl_sparse.flat import FlatLayout, all_finite, vector_hash
+from fl_sparse.flat import FlatLayout, all_finite, array_to_numpy, vector_hash
 from fl_sparse.memory import ErrorFeedback
 from fl_sparse.protocol import Instruction, Report, UplinkMetrics
 from fl_sparse.records import record_dict
@@ -510,6 +511,10 @@ class SparseMod:
                     raise ValueError(
                         f"the train function returned non-finite values in array {layout.name_at(first)!r}"
                     )
+                for name in layout.exact_names:  # sent whole: the server would drop the reply for them
+                    nd = array_to_numpy(exact_after[name])
+                    if nd.dtype.kind == "f" and not np.isfinite(nd).all():
+                        raise ValueError(f"the train function returned non-finite values in array {name!r}")
 
                 # The reply's records, as a plain dict until the Message is built (records.record_dict).
                 # Without the trained model: it goes up compressed, never whole (whatever key it came under).

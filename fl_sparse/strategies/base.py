@@ -66,7 +66,9 @@ the trained model (the client needs :class:`~fl_sparse.clients.SparseMod`),
 and a bad reply is dropped and logged instead of raising. ``start`` asks
 every connected node once for its stable key (a small ``identify`` train
 message the mod answers) so that sampling with a fixed ``seed`` is
-reproducible; ``configure_train`` itself does no network I/O. A round with
+reproducible; ``configure_train`` itself does no network I/O (but in a
+continued run, to identify a node that connected after ``start`` while saved
+clients are still missing, see :meth:`sample`). A round with
 no valid reply returns ``(None, None)``, as FedAvg does. The train
 MetricRecord of each round (``Result.train_metrics_clientapp``) holds the
 aggregated client metrics plus ``uplink_bytes``, ``downlink_bytes`` and the
@@ -698,6 +700,12 @@ class SparseFedAvg(FedAvg):
         while len(nodes := list(grid.get_node_ids())) < need:
             log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).", len(nodes), need)
             time.sleep(1)
+        if self._pending_keys and any(n not in self.node_keys for n in nodes):
+            # A continued run whose saved clients are not all back: a node that connected after
+            # start's identify may be one of them under a new node id. Identified now, before its
+            # message is built, it gets that client's state (model version, accepted round: told
+            # "nothing accepted", the client would put an update the server took back into its error).
+            self.identify(grid)
         # The fraction applies to the nodes connected once the wait is over (FedAvg takes it
         # from the count before waiting, which samples too few when nodes are still joining).
         size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
@@ -1139,6 +1147,53 @@ class SparseFedAvg(FedAvg):
             merged[k] = v
         return merged
 
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """FedAvg's, except that a malformed reply is dropped and logged, naming the node (FedAvg raises,
+        which ended the run: a reply is untrusted input here).
+
+        Kept, as FedAvg requires of every reply: one MetricRecord holding a weight (a number, 0 allowed
+        as in FedAvg); of those, the ones whose record name, metric names and list lengths are the most
+        common (FedAvg refuses a round whose replies differ in them).
+        """
+        kept: list[Message] = []
+        for msg in replies:
+            if not msg.has_error():
+                try:
+                    records = list(msg.content.metric_records.values())
+                    if len(records) != 1:
+                        raise protocol.ProtocolError("an evaluate reply must carry exactly one MetricRecord")
+                    weight = records[0].get(self.weighted_by_key)
+                    # 0 too, unlike a train reply's: FedAvg takes a client with an empty test set
+                    number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+                    if not (number and 0 <= weight <= MAX_WEIGHT):
+                        raise protocol.ProtocolError(
+                            f"weight {self.weighted_by_key!r} must be a number in [0, 2**53], got {weight!r}"
+                        )
+                except protocol.ProtocolError as exc:
+                    log(WARNING, "round %d: rejected evaluate reply from client %d: %s", server_round,
+                        msg.metadata.src_node_id, exc)
+                    continue
+            kept.append(msg)
+
+        def names(msg: Message) -> tuple[str, frozenset]:
+            name, record = next(iter(msg.content.metric_records.items()))
+            return name, frozenset((k, len(v) if isinstance(v, list) else None) for k, v in record.items())
+
+        shapes = [names(m) for m in kept if not m.has_error()]
+        if shapes:
+            common = max(shapes, key=shapes.count)
+            odd = [m for m in kept if not m.has_error() and names(m) != common]
+            for msg in odd:
+                log(WARNING, "round %d: rejected evaluate reply from client %d: its metrics %s differ from the "
+                    "other clients' %s", server_round, msg.metadata.src_node_id, _metric_names(names(msg)),
+                    _metric_names(common))
+            kept = [m for m in kept if not any(m is o for o in odd)]
+        try:
+            return super().aggregate_evaluate(server_round, kept)
+        except Exception as exc:  # noqa: BLE001 - clients' metrics are untrusted input (see train_metrics)
+            log(WARNING, "round %d: evaluate metrics not aggregated: %s", server_round, exception_reason(exc))
+            return None
+
     # ---------------------------------------------------------------- helpers
     def drop_reply(self, server_round: int, why: str, node: int, *args: Any) -> None:
         """Log why ``node``'s reply was not used and forget which model it holds.
@@ -1368,6 +1423,12 @@ def _warn_non_finite_metrics(server_round: int, aggregated: MetricRecord, update
     })
     log(WARNING, "round %d: the clients' %s aggregated to a non-finite value; reported by node(s) %s",
         server_round, ", ".join(map(repr, bad[:5])), ", ".join(map(str, nodes[:10])) or "none (the aggregation)")
+
+
+def _metric_names(shape: tuple[str, frozenset]) -> str:
+    """A reply's MetricRecord as aggregate_evaluate compares them: its name and metrics (list lengths)."""
+    items = sorted(shape[1], key=lambda kv: kv[0])
+    return f"{shape[0]!r}: " + ", ".join(k if n is None else f"{k}[{n}]" for k, n in items)
 
 
 def exception_reason(exc: BaseException) -> str:
