@@ -706,6 +706,7 @@ class ClientStateStore:
         self._models_key = str(self.models)
         # Names per client key, built once: pathlib joins cost ~10 us each, three per message.
         self._paths: dict[str, Path] = {}
+        _CACHE.limit()  # a bad FL_SPARSE_STATE_CACHE_MB is refused here, not after a save's write
         self.sweep_if_due()
 
     def sweep_if_due(self) -> None:
@@ -1382,7 +1383,14 @@ class _StateCache:
 
     @staticmethod
     def limit() -> int:
-        return int(float(os.environ.get("FL_SPARSE_STATE_CACHE_MB", "512")) * 2**20)
+        text = os.environ.get("FL_SPARSE_STATE_CACHE_MB", "512")
+        try:
+            megabytes = float(text)
+        except ValueError:
+            megabytes = math.nan
+        if not (math.isfinite(megabytes) and megabytes >= 0):
+            raise ValueError(f"FL_SPARSE_STATE_CACHE_MB must be a number of megabytes >= 0, got {text!r}")
+        return int(megabytes * 2**20)
 
     def get(self, key, signature: tuple | None):
         with self._lock:

@@ -217,3 +217,18 @@ def test_a_deeply_nested_header_is_a_value_error_a_reset_and_no_obstacle_to_save
             store.model_path("c", state_module.model_hash(torch.ones(8))))
     store.path("c").write_bytes(data)
     store.remove_stale_temp_files()
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "nan", "inf"])
+def test_a_bad_state_cache_size_is_refused_by_name_before_anything_is_written(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("FL_SPARSE_STATE_CACHE_MB", value)
+    with pytest.raises(ValueError, match=r"FL_SPARSE_STATE_CACHE_MB must be a number of megabytes >= 0, got"):
+        ClientStateStore(tmp_path / "states")
+    assert not (tmp_path / "states").exists() or not any((tmp_path / "states").iterdir())
+
+
+def test_a_state_cache_size_of_zero_still_saves_and_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("FL_SPARSE_STATE_CACHE_MB", "0")
+    store = ClientStateStore(tmp_path / "states")
+    store.save("c", ClientState(error=torch.arange(4.0)))
+    assert torch.equal(ClientStateStore(tmp_path / "states").load("c").error, torch.arange(4.0))
