@@ -114,9 +114,10 @@ can do is leave one client on a private copy of a version (a version file
 removed just after another client linked it), which is freed as usual when
 that client moves on. In practice the two do not meet: clients move *to* the
 server's current version and release *older* ones. Where hard links are not
-supported (``os.link`` raises, e.g. ``EPERM``/``EXDEV``), the process keeps
-models inline in that folder, as without the model store (a WARNING says so
-once).
+supported (``os.link`` raises ``EPERM``, ``EXDEV``, ``ENOTSUP``, ``ENOSYS`` or
+``EACCES``), the process keeps models inline in that folder, as without the
+model store (a WARNING says so once); any other link error (a full disk, an
+I/O error) keeps only that save's model inline, with a WARNING.
 
 A version file is verified on every read from disk (size and hash of its
 bytes against the state's ``model_ref``); a mismatch or a missing file is a
@@ -1182,7 +1183,14 @@ class ClientStateStore:
                 pass
 
     def _links_unsupported(self, exc: OSError):
-        if exc.errno != errno.EMLINK:  # too many links to one file: only this version, only now
+        if exc.errno not in _NO_LINKS_ERRNOS:
+            # Too many links to one file (EMLINK: only this version, only now), or a passing
+            # failure (a full disk, a quota, an I/O error): this save keeps the model inline,
+            # and the next one tries the store again.
+            if exc.errno != errno.EMLINK:
+                log(WARNING, "model store %s: cannot link a model version (%s); this save keeps its "
+                    "model in the client's state file", self.models, exc)
+        else:
             with _swept_lock:
                 first = self._models_key not in _no_links
                 _no_links.add(self._models_key)
@@ -1436,3 +1444,10 @@ class _StateCache:
 
 
 _CACHE = _StateCache()
+
+# link(2) errors that say hard links do not work in this folder at all: the model store is off
+# for it for the rest of the process. Any other error costs only the save that met it.
+_NO_LINKS_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("EPERM", "EXDEV", "ENOTSUP", "EOPNOTSUPP", "ENOSYS", "EACCES")
+    if hasattr(errno, name)
+)

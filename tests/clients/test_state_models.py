@@ -390,6 +390,31 @@ def test_too_many_links_to_one_file_stores_that_save_inline_only(tmp_path, monke
     assert _canonical(store)[model_hash(_model(1))].st_nlink == 3
 
 
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO, errno.EDQUOT])
+def test_a_passing_link_failure_stores_that_save_inline_only_and_says_so(tmp_path, monkeypatch, caplog, code):
+    real = os.link
+    calls = {"n": 0}
+
+    def fails_once(src, dst, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(code, os.strerror(code))
+        return real(src, dst, *a, **k)
+
+    store = _store(tmp_path)
+    store.save("client-0", _state(1))
+    monkeypatch.setattr(os, "link", fails_once)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        store.save("client-1", _state(1))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("cannot link a model version" in m and "this save keeps its model" in m for m in messages)
+    assert not any("hard links do not work" in m for m in messages)
+    assert decode_state(bytearray(store.path("client-1").read_bytes())).model is not None
+    store.save("client-2", _state(1))  # the store is still on: later saves link again
+    assert decode_state(bytearray(store.path("client-2").read_bytes())).model is None
+    assert _canonical(store)[model_hash(_model(1))].st_nlink == 3
+
+
 # ====================================================================== races
 @pytest.mark.parametrize("times", [1, 1000])
 def test_a_version_removed_while_linking_is_written_again(tmp_path, monkeypatch, times):
