@@ -116,6 +116,22 @@ def test_a_spare_that_is_also_the_state_file_is_never_written_in_place(tmp_path,
     assert got.model_version == 1 and torch.equal(got.error, _state(1).error)
 
 
+class _FileWrapper:
+    """An open file whose ``readinto`` a test replaces (the store reads through ``open``)."""
+
+    def __init__(self, fh):
+        self.fh = fh
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+    def fileno(self):
+        return self.fh.fileno()
+
+
 def test_a_load_overlapping_two_saves_of_its_client_is_not_taken_for_corruption(tmp_path, monkeypatch):
     """A load has the state file open; meanwhile another process saves the client twice, and the
     second save rewrites that file in place (it became the spare, then was claimed) and renames it
@@ -128,19 +144,7 @@ def test_a_load_overlapping_two_saves_of_its_client_is_not_taken_for_corruption(
     other = ClientStateStore(tmp_path, durable=False)
     reads = []
 
-    class SlowFile:
-        def __init__(self, fh):
-            self.fh = fh
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.fh.close()
-
-        def fileno(self):
-            return self.fh.fileno()
-
+    class SlowFile(_FileWrapper):
         def readinto(self, buf):
             view = memoryview(buf).cast("B")
             if reads:  # later reads: as they are
@@ -170,19 +174,7 @@ def test_reads_resume_after_short_reads(tmp_path, monkeypatch, share_models):
     store.save("c", state)
     state_module._CACHE.clear()
 
-    class ShortReads:
-        def __init__(self, fh):
-            self.fh = fh
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.fh.close()
-
-        def fileno(self):
-            return self.fh.fileno()
-
+    class ShortReads(_FileWrapper):
         def readinto(self, buf):
             return self.fh.readinto(memoryview(buf).cast("B")[:4096])
 
