@@ -590,6 +590,8 @@ def _decode_rice(bits: np.ndarray, nnz: int, r: int, numel: int) -> np.ndarray:
     gaps = (quotients << r) | remainders
     if nnz and int(gaps.max()) >= numel:
         raise PayloadError("rice stream encodes a gap beyond the vector length")
+    # The running sums can wrap around int64 only for numel >= 2**61: _decode_positions_from's order check
+    # (a comparison, which cannot wrap) refuses that.
     return np.cumsum(gaps + 1) - 1
 
 
@@ -976,8 +978,9 @@ def _decode_segmented(packed: np.ndarray, bits: np.ndarray, nnz: int, lengths: n
 
     # Positions within each coded segment: running sums of the steps, restarted per segment.
     ends = np.cumsum(steps)
-    if total and total * int(lengths.max()) >= 2**62 and not (np.diff(ends) > 0).all():
-        # Only a hostile stream gets here: with every step < 2**63, an int64 wrap-around shows as a decrease.
+    if total and total * int(lengths.max()) >= 2**62 and not (ends[1:] > ends[:-1]).all():
+        # Only a hostile stream gets here: with every step < 2**63, an int64 wrap-around shows as a
+        # decrease (compared, not subtracted: np.diff would wrap around too and read as an increase).
         raise PayloadError("segmented position stream encodes positions beyond the end of their segments")
     firsts = np.cumsum(coded_counts) - coded_counts
     lasts = firsts + coded_counts - 1
@@ -1387,7 +1390,9 @@ def _decode_positions_from(record: Mapping, header: _Header, lengths: np.ndarray
     if idx.size:
         if idx[0] < 0 or idx[-1] >= numel:
             raise PayloadError(f"positions outside [0, {numel})")
-        if idx.size > 1 and not (np.diff(idx) > 0).all():
+        # Compared, not subtracted: np.diff wraps around int64, so positions far outside [0, numel)
+        # between in-range ends (raw int64 ones, or gap sums that wrapped) could read as increasing.
+        if idx.size > 1 and not (idx[1:] > idx[:-1]).all():
             raise PayloadError("positions are not strictly increasing (unsorted or duplicated)")
     return idx
 
