@@ -148,6 +148,8 @@ def test_the_hand_written_records_are_valid():
      "segmented positions: segment count 0 outside [1, 2147483647]"),
     (record(header(pcode=P_SEGMENTED, pparam=-(1 << 32) | 5, pbits=8)),
      "segmented positions: segment count -1 outside [1, 2147483647]"),
+    (record(header(pcode=P_SEGMENTED, pparam=-(2 << 32), pbits=8)),
+     "segmented positions: segment count -2 outside [1, 2147483647]"),
     (record(header(pcode=5)), "unknown position code id 5"),
     (record(header(pcode=-1)), "unknown position code id -1"),
     # exact [min, max] bit lengths of each position code
@@ -620,9 +622,10 @@ def test_the_callers_segments_are_checked_with_their_reason():
                      lambda: encode_positions(sp.indices, 10, "rice", segments=segments),
                      lambda: decode_positions(GOOD, 10, segments=segments),
                      lambda: decode(encode(sp), 10, segments=segments)):
-            with pytest.raises(error, match=re.escape(reason)) as info:
+            with pytest.raises(error) as info:
                 call()
             assert not isinstance(info.value, PayloadError)
+            assert str(info.value).startswith(reason) or str(info.value).endswith(reason), (str(info.value), reason)
     # empty segments are allowed; a list, a tuple, numpy ints: the same
     for segments in ([0, 10, 0], (0, 10, 0), [np.int64(0), np.int32(10), 0], (10,)):
         assert decode_positions(GOOD, 10, segments=segments).tolist() == [3, 7]
