@@ -106,7 +106,7 @@ import random
 import secrets
 import statistics
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -1179,15 +1179,16 @@ class SparseFedAvg(FedAvg):
             name, record = next(iter(msg.content.metric_records.items()))
             return name, frozenset((k, len(v) if isinstance(v, list) else None) for k, v in record.items())
 
-        shapes = [names(m) for m in kept if not m.has_error()]
+        shapes = {id(m): names(m) for m in kept if not m.has_error()}
         if shapes:
-            common = max(shapes, key=shapes.count)
-            odd = [m for m in kept if not m.has_error() and names(m) != common]
-            for msg in odd:
-                log(WARNING, "round %d: rejected evaluate reply from client %d: its metrics %s differ from the "
-                    "other clients' %s", server_round, msg.metadata.src_node_id, _metric_names(names(msg)),
-                    _metric_names(common))
-            kept = [m for m in kept if not any(m is o for o in odd)]
+            counts = Counter(shapes.values())
+            common = max(counts, key=counts.__getitem__)  # the first most common, as max over the list gave
+            for msg in kept:
+                if shapes.get(id(msg), common) != common:
+                    log(WARNING, "round %d: rejected evaluate reply from client %d: its metrics %s differ from "
+                        "the other clients' %s", server_round, msg.metadata.src_node_id,
+                        _metric_names(shapes[id(msg)]), _metric_names(common))
+            kept = [m for m in kept if shapes.get(id(m), common) == common]
         try:
             return super().aggregate_evaluate(server_round, kept)
         except Exception as exc:  # noqa: BLE001 - clients' metrics are untrusted input (see train_metrics)
