@@ -856,19 +856,19 @@ class ClientStateStore:
                 pass
             else:
                 ref = _ModelRef(digest, model.dtype, tuple(model.shape))
-        error, error_from = self._narrow(state.error)
-        casts = {"error": str(error_from).removeprefix("torch.")} if error_from is not None else None
-        body = ClientState(None if ref else model, state.model_version, error, state.steps_done, dict(state.extra))
-        chunks = encode_state(body, model_ref=ref, casts=casts)
-        size = sum(map(len, chunks))  # bytes and byte-format memoryviews: len is the byte count
-        spare = self._spare_path(key) if size <= SPARE_MAX_BYTES and os.name == "posix" else None
         try:
+            error, error_from = self._narrow(state.error)
+            casts = {"error": str(error_from).removeprefix("torch.")} if error_from is not None else None
+            body = ClientState(None if ref else model, state.model_version, error, state.steps_done, dict(state.extra))
+            chunks = encode_state(body, model_ref=ref, casts=casts)  # TypeError for a dtype it cannot store
+            size = sum(map(len, chunks))  # bytes and byte-format memoryviews: len is the byte count
+            spare = self._spare_path(key) if size <= SPARE_MAX_BYTES and os.name == "posix" else None
             try:
                 written = self._write_file(path, spare, chunks, size)
             except _SpareLost:  # swept away while we wrote it: once more in a new file
                 written = self._write_file(path, None, chunks, size)
         except BaseException:
-            if linked:  # no state file names the new link
+            if linked:  # no state file names the new link (nor, if it was the only one, the version)
                 self._release(key, ref.hash)
             raise
         if held is not None and (ref is None or ref.hash != held):

@@ -224,3 +224,20 @@ def test_a_state_cache_size_of_zero_still_saves_and_loads(tmp_path, monkeypatch)
     store = ClientStateStore(tmp_path / "states")
     store.save("c", ClientState(error=torch.arange(4.0)))
     assert torch.equal(ClientStateStore(tmp_path / "states").load("c").error, torch.arange(4.0))
+
+
+def test_a_save_that_cannot_encode_its_state_leaves_no_link_to_the_new_model_version(tmp_path):
+    """The model version is linked before the state is encoded; a state the file format cannot hold
+    (a complex tensor among the extras) must not leave the new version linked (and stored) by no state
+    file, and the client's previous state must still load."""
+    store = ClientStateStore(tmp_path, durable=False, share_models=True)
+    store.save("c", ClientState(model=torch.zeros(64), model_version=1, error=torch.ones(64)))
+    before = sorted(os.listdir(store.models))
+    bad = ClientState(model=torch.full((64,), 2.0), model_version=2, error=torch.ones(64),
+                      extra={"z": torch.zeros(3, dtype=torch.complex64)})
+    with pytest.raises(TypeError, match="'extra/z'.*complex64"):
+        store.save("c", bad)
+    assert sorted(os.listdir(store.models)) == before  # neither the client's link nor the version file
+    state_module._CACHE.clear()
+    loaded = store.load("c")
+    assert loaded.model_version == 1 and torch.equal(loaded.model, torch.zeros(64))
