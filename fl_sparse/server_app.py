@@ -175,6 +175,8 @@ class RunConfig:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGY_NAMES)}")
         checks = [
             (self.clients >= 1, "clients must be >= 1"),
+            # The seed travels in int64 fields (the clients' train config, the batch order's hash).
+            (0 <= self.seed < 2**63, f"seed must be an integer in [0, 2**63), got {self.seed}"),
             (0.0 < self.fraction <= 1.0, "fraction must be in (0, 1]"),
             (self.rounds >= 1, "rounds must be >= 1"),
             (self.local_steps >= 1, "local-steps must be >= 1"),
@@ -879,8 +881,7 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
         if cfg.out:
             _write_metrics_json(rows, cfg.out)
             if strategy.state.model is not None:
-                final = layout.to_state_dict(strategy.state.model.clone())
-                torch.save(dict(final), Path(cfg.out) / "model.pt")
+                _save_model(strategy.current_arrays(), cfg.out)
     accepted = sum(int(r.get("accepted") or 0) for r in rows)
     if stopped == "interrupted":
         raise RunInterrupted(f"interrupted after round {len(rows)} of {cfg.rounds}")
@@ -893,6 +894,19 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
 
 class _Stop(Exception):
     """Raised from the per-round callback to end Flower's round loop early."""
+
+
+def _save_model(arrays: ArrayRecord, out: str | Path) -> None:
+    """``out/model.pt``: the global model as a torch state_dict, every array (exact ones too), atomically.
+
+    From the strategy's record, not from the initial model's layout: that one
+    holds the integer arrays (BatchNorm's ``num_batches_tracked``) of round 0
+    and puts a strategy's exact float arrays in the flat vector.
+    """
+    out = Path(out)
+    tmp = out / "model.pt.tmp"
+    torch.save(dict(arrays.to_torch_state_dict()), tmp)
+    tmp.replace(out / "model.pt")
 
 
 def _mb(num_bytes: float) -> str:

@@ -1,0 +1,101 @@
+"""Run-level review: the run folder's files, the settings checked before a run starts.
+
+Each test here proved a bug (it failed before the fix that came with it). The
+runs are tiny (2 clients, 1-2 rounds, 1-2 local steps) on the in-process grid
+with the built-in ClientApp, so each test takes seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fl_sparse import checkpoint
+from fl_sparse.clients.app import app as builtin_app
+from fl_sparse.server_app import RunConfig, preflight, run_server, strategy_from_config
+from inprocess import InProcessGrid
+
+# cnn-fmnist has BatchNorm: integer buffers (num_batches_tracked) travel as exact arrays.
+BN = RunConfig(model="cnn-fmnist", clients=2, rounds=2, local_steps=2, batch_size=8, lr=0.02, seed=1, quiet=True)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_flower():
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    yield
+    logger.setLevel(level)
+
+
+def _saved_global_model(out: Path, cfg: RunConfig, strategy=None) -> dict[str, torch.Tensor]:
+    """The global model the run's checkpoint holds, every array (exact ones included)."""
+    strategy = strategy or strategy_from_config(cfg)
+    strategy.load_state_dict(checkpoint.load(out)["strategy"])
+    return strategy.current_arrays().to_torch_state_dict()
+
+
+def _assert_same_state_dict(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        assert torch.equal(got[name], want[name]), name
+
+
+# ------------------------------------------------------------------ model.pt
+def test_model_pt_holds_the_global_models_batchnorm_counters(tmp_path):
+    """model.pt is the final global model: its integer BatchNorm buffers are the aggregated ones.
+
+    It was written from the initial model's layout, whose integer arrays are
+    the values of round 0: ``num_batches_tracked`` stayed 0 in model.pt while
+    the global model (and the checkpoint) counted the clients' local steps.
+    """
+    cfg = replace(BN, out=str(tmp_path))
+    run_server(InProcessGrid(builtin_app, cfg.clients), cfg)
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    want = _saved_global_model(tmp_path, cfg)
+    counters = [name for name in want if name.endswith("num_batches_tracked")]
+    assert counters and all(int(want[name]) > 0 for name in counters)  # the clients' steps were counted
+    _assert_same_state_dict(saved, want)
+
+
+def test_a_strategy_with_exact_float_arrays_ends_with_its_model_saved(tmp_path):
+    """A strategy of one's own (``strategy=``) that keeps float arrays exact: the run ends and saves its model.
+
+    The final model.pt was unpacked with the initial model's layout, which
+    has those arrays in the flat vector: the strategy's shorter vector did not
+    fit it and the run failed with "vector has shape ..." after its last round.
+    """
+    from fl_sparse.strategies import BidirectionalTopKSGD
+
+    cfg = replace(BN, out=str(tmp_path), rounds=1)
+
+    def strategy():
+        return BidirectionalTopKSGD(ratio=0.01, fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1,
+                                    seed=cfg.seed, exact_arrays=("*.running_var",))
+
+    rows = run_server(InProcessGrid(builtin_app, cfg.clients), cfg, strategy())
+    assert [r["round"] for r in rows] == [1] and rows[0]["accepted"] == cfg.clients
+    _assert_same_state_dict(torch.load(tmp_path / "model.pt", weights_only=True),
+                            _saved_global_model(tmp_path, cfg, strategy()))
+
+
+# ------------------------------------------------------------------ settings
+@pytest.mark.parametrize("seed", [2**63, 2**64])
+def test_a_seed_the_clients_cannot_use_is_refused_before_the_run(seed):
+    """Seeds reach int64 fields (the train config, the batch order's hash): larger ones are named up front.
+
+    2**63 passed every check and then failed in every client ("int too large
+    to convert"), rounds into the run; 2**64 failed in torch.manual_seed.
+    """
+    cfg = replace(BN, model="mlp-784-64-10", seed=seed)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        cfg.validate()
+    with pytest.raises(ValueError, match="seed must be"):
+        preflight(cfg)
+    assert replace(cfg, seed=2**63 - 1).validate().seed == 2**63 - 1
