@@ -67,8 +67,8 @@ and a bad reply is dropped and logged instead of raising. ``start`` asks
 every connected node once for its stable key (a small ``identify`` train
 message the mod answers) so that sampling with a fixed ``seed`` is
 reproducible; ``configure_train`` itself does no network I/O (but in a
-continued run, to identify a node that connected after ``start`` while saved
-clients are still missing, see :meth:`sample`). A round with
+continued run, or once a known client's node is gone, to identify a node that
+connected after ``start`` before its message is built, see :meth:`sample`). A round with
 no valid reply returns ``(None, None)``, as FedAvg does. The train
 MetricRecord of each round (``Result.train_metrics_clientapp``) holds the
 aggregated client metrics plus ``uplink_bytes``, ``downlink_bytes`` and the
@@ -341,7 +341,7 @@ class SparseFedAvg(FedAvg):
         self.first_error: str | None = None  # why the first dropped reply was dropped (for a run's summary)
         self.state = ServerState()
         self.node_keys: dict[int, tuple[int, int]] = {}
-        self._pending_keys: dict[int, int] = {}  # partition id -> node id of a continued run's absent client
+        self._pending_keys: dict[int, int] = {}  # partition id -> node id of an absent client (_await_gone_clients)
         self._round_compressor = None
         self._sync_cache: dict[int | None, tuple[str, ArrayRecord | None]] = {}
         self._returned: ArrayRecord | None = None  # the arrays aggregate_train last returned
@@ -682,6 +682,17 @@ class SparseFedAvg(FedAvg):
                 self.move_clients({old: node})
             self.node_keys[node] = (report.partition_id, node)
 
+    def _await_gone_clients(self, connected: list[int]) -> None:
+        """Known clients whose node is no longer connected wait for their partition id, as a
+        continued run's saved clients do (:meth:`reidentify`): a node that reports it inherits
+        their state (:meth:`_learn_key`). Not where a connected node already claims the id."""
+        claimed = {self.node_keys[n][0] for n in connected if n in self.node_keys}
+        gone = set(self.node_keys) - set(connected)
+        for old in sorted(gone):
+            pid = self.node_keys[old][0]
+            if pid >= 0 and pid not in claimed:
+                self._pending_keys.setdefault(pid, old)
+
     def _order(self, node: int) -> tuple[int, int]:
         """Nodes in a fixed order (by stable client key): reproducible sampling and float sums."""
         return self.node_keys.get(node, (_UNKNOWN_KEY, node))
@@ -693,19 +704,24 @@ class SparseFedAvg(FedAvg):
         Waits, as FedAvg does, until ``max(min_available_nodes, sample
         size)`` nodes are connected, then samples ``fraction_train`` of the
         nodes connected by then; nodes are ordered by their stable key and
-        drawn with an RNG seeded by (seed, round).
+        drawn with an RNG seeded by (seed, round). Where a known client's node
+        is gone, a node not yet identified is asked for its key first: it may
+        be that client back under a new node id, and inherits its state.
         """
         size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
         need = max(self.min_available_nodes, size)
         while len(nodes := list(grid.get_node_ids())) < need:
             log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).", len(nodes), need)
             time.sleep(1)
-        if self._pending_keys and any(n not in self.node_keys for n in nodes):
-            # A continued run whose saved clients are not all back: a node that connected after
-            # start's identify may be one of them under a new node id. Identified now, before its
-            # message is built, it gets that client's state (model version, accepted round: told
-            # "nothing accepted", the client would put an update the server took back into its error).
-            self.identify(grid)
+        if any(n not in self.node_keys for n in nodes):
+            self._await_gone_clients(nodes)
+            if self._pending_keys:
+                # A client whose node is gone (a continued run's saved client, or a SuperNode that
+                # restarted mid-run: without fixed keys it registers anew) may be back under a new
+                # node id. Identified now, before its message is built, it gets that client's state
+                # (model version, accepted round: told "nothing accepted", the client would put an
+                # update the server took back into its error memory and send it a second time).
+                self.identify(grid)
         # The fraction applies to the nodes connected once the wait is over (FedAvg takes it
         # from the count before waiting, which samples too few when nodes are still joining).
         size = max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
