@@ -127,3 +127,26 @@ def test_a_new_node_while_every_known_node_is_connected_costs_no_message(tmp_pat
     before = len(grid.sent)
     messages = list(strategy.configure_train(2, arrays, ConfigRecord(), grid))
     assert len(grid.sent) == before and len(messages) == len(WEIGHTS)
+
+
+# ====================================================================== the user's metric aggregation
+def test_a_train_metrics_aggr_fn_that_returns_none_does_not_stop_the_run(tmp_path):
+    """Bug: a user's ``train_metrics_aggr_fn`` returning None (FedAvg takes it: the round then has no
+    client metrics) raised AttributeError in ``aggregate_train`` and ended the run after the model was
+    already updated. Now the round's metrics are fl-sparse's own numbers only, and the run goes on."""
+    def no_metrics(records, weighted_by_key):
+        return None
+
+    arrays = initial_arrays()
+    control = FedAvg(fraction_evaluate=0.0, min_available_nodes=len(WEIGHTS), train_metrics_aggr_fn=no_metrics)
+    control_result = control.start(bench(tmp_path / "fedavg"), arrays, num_rounds=2)
+    assert control_result.train_metrics_clientapp == {}  # FedAvg: rounds without client metrics
+
+    strategy = DenseFedAvg(fraction_evaluate=0.0, min_available_nodes=len(WEIGHTS), train_metrics_aggr_fn=no_metrics)
+    result = strategy.start(bench(tmp_path / "ours"), arrays, num_rounds=2)
+    for name in SHAPES:
+        np.testing.assert_allclose(result.arrays[name].numpy(), control_result.arrays[name].numpy(), rtol=1e-5,
+                                   atol=1e-5, err_msg=name)
+    for server_round in (1, 2):
+        metrics = result.train_metrics_clientapp[server_round]
+        assert metrics["accepted"] == len(WEIGHTS) and "num-examples" not in metrics

@@ -1152,6 +1152,8 @@ class SparseFedAvg(FedAvg):
         except Exception as exc:  # noqa: BLE001 - clients' metrics are untrusted input too
             log(WARNING, "round %d: client metrics not aggregated: %s", server_round, exception_reason(exc))
             user = MetricRecord()
+        if user is None:  # FedAvg passes it on (a round without client metrics): here our numbers remain
+            user = MetricRecord()
         _warn_non_finite_metrics(server_round, user, updates)
         ours = {
             k: v
