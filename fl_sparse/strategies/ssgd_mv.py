@@ -151,7 +151,12 @@ TIE_BREAKS = ("random", "index")
 
 
 def _round_generator(seed: int, server_round: int, salt: int) -> torch.Generator:
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(server_round)) * 7_919 + salt)
+    """The mask selection's generator for (``seed``, round): reproducible, for any ``seed`` >= 0.
+
+    Reduced modulo 2**64, the range ``manual_seed`` takes (a seed of 2**32 or more overflowed it, and
+    the server raised after the vote phase); seeds that fit already keep their draws.
+    """
+    return torch.Generator().manual_seed(((int(seed) * 1_000_003 + int(server_round)) * 7_919 + salt) % (1 << 64))
 
 
 @with_fedavg_signature
@@ -241,6 +246,9 @@ class SSGDMajorityVote(SparseFedAvg):
         self.mask: torch.Tensor | None = None
         self.mask_round: int = -1
         self.values_record: ArrayRecord | None = None
+        # the model version the last aggregate was applied to: what its voters hold (versions are rounds,
+        # so after a round without an update it is not version - 1)
+        self.values_base: int = -1
         self._voters: dict[int, RecordDict] = {}  # this round's accepted voters -> their user records
         self._vote_exact: dict[int, ArrayRecord | None] = {}  # ... and their exact arrays
         self._round_mask: torch.Tensor | None = None
@@ -266,7 +274,7 @@ class SSGDMajorityVote(SparseFedAvg):
         super().initialize(arrays)
         self.m_sum = torch.zeros(self.state.model.numel(), dtype=torch.int32) if self.add_drop else None
         self.votes.clear()
-        self.mask, self.mask_round, self.values_record = None, -1, None
+        self.mask, self.mask_round, self.values_record, self.values_base = None, -1, None, -1
 
     # ------------------------------------------------------------------ checkpoint
     def options(self) -> dict[str, Any]:
@@ -290,6 +298,7 @@ class SSGDMajorityVote(SparseFedAvg):
                 "mask": None if self.mask is None else self.mask.clone(),
                 "mask_round": int(self.mask_round),
                 "values_record": record_to_state(self.values_record),
+                "values_base": int(self.values_base),
             },
         }
 
@@ -306,6 +315,8 @@ class SSGDMajorityVote(SparseFedAvg):
             self.mask = None if extra["mask"] is None else extra["mask"].clone()
             self.mask_round = int(extra["mask_round"])
             self.values_record = record_from_state(extra["values_record"])
+            # a checkpoint written before this field: the base its values sync assumed
+            self.values_base = int(extra.get("values_base", self.mask_round - 1))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"not a complete SSGD-MV state: {type(exc).__name__}: {exc}") from None
         if self.add_drop != (self.m_sum is not None) or (self.m_sum is not None and self.m_sum.numel() != self.state.model.numel()):
@@ -388,12 +399,16 @@ class SSGDMajorityVote(SparseFedAvg):
         return messages
 
     def sync_for(self, node: int) -> tuple[str, ArrayRecord | None]:
-        """``"values"`` (the last aggregate's values on the last mask) for a client of the last round, else the base's sync."""
+        """``"values"`` (the last aggregate's values on the last mask) for a client of the last round, else the base's sync.
+
+        A client of the last round holds the version that round voted on, ``values_base``: not
+        ``version - 1`` after a round without an update (versions are rounds).
+        """
         st = self.state
         have = st.client_versions.get(node)
         if (
             have is not None
-            and have == st.version - 1
+            and have == self.values_base
             and st.accepted.get(node) == st.version
             and self.mask_round == st.version
             and self.values_record is not None
@@ -546,9 +561,18 @@ class SSGDMajorityVote(SparseFedAvg):
         )
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        """The base's aggregation of the values replies; then the voters of this round are forgotten."""
+        """The base's aggregation of the values replies; then the voters of this round are forgotten.
+
+        A round without an update (no value reply accepted, or the aggregate rejected) skips
+        :meth:`round_metrics`: its failures and uplink bytes still count the vote phase's.
+        """
         try:
-            return super().aggregate_train(server_round, replies)
+            arrays, metrics = super().aggregate_train(server_round, replies)
+            if arrays is None:
+                rm = self.state.round_metrics.setdefault(server_round, {"round": server_round})
+                rm["failures"] = rm.get("vote_failures", 0) + rm.get("failures", 0)
+                rm["uplink_bytes"] = rm.get("uplink_bytes", 0) + rm.get("vote_uplink_bytes", 0)
+            return arrays, metrics
         finally:
             self._voters, self._vote_exact = {}, {}
 
@@ -568,8 +592,9 @@ class SSGDMajorityVote(SparseFedAvg):
 
     def apply_update(self, server_round: int, sent: SparseTensor) -> ArrayRecord:
         """The base's update, and the values-only record that clients of this round get as their sync."""
+        base = self.state.version
         record = super().apply_update(server_round, sent)
-        self.mask, self.mask_round = sent.indices, server_round
+        self.mask, self.mask_round, self.values_base = sent.indices, server_round, base
         self.values_record = codec.encode_values(sent.values, values=self.downlink_values)
         return record
 
