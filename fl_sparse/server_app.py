@@ -173,6 +173,11 @@ class RunConfig:
                 raise ValueError(f"{f.name.replace('_', '-')} {problem}")
         if self.strategy not in STRATEGY_NAMES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGY_NAMES)}")
+        from fl_sparse.tasks.data import DATASETS
+        from fl_sparse.tasks.models import MODEL_NAMES
+
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         checks = [
             (self.clients >= 1, "clients must be >= 1"),
             # The seed travels in int64 fields (the clients' train config, the batch order's hash).
@@ -184,7 +189,9 @@ class RunConfig:
             (self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), "lr must be a positive finite number"),
             (
                 self.lr is not None or self.model in MODEL_LR,
-                f"model {self.model!r} has no default learning rate; give lr",
+                f"model {self.model!r} has no default learning rate; give lr"
+                # Every built-in model has one: without it the name is most likely a typo.
+                + ("" if self.model in MODEL_NAMES else f" (it is not a built-in model: {', '.join(MODEL_NAMES)})"),
             ),
             (math.isfinite(self.momentum) and 0.0 <= self.momentum < 1.0, "momentum must be in [0, 1)"),
             (math.isfinite(self.weight_decay) and self.weight_decay >= 0.0, "weight-decay must be a finite number >= 0"),
@@ -201,7 +208,8 @@ class RunConfig:
             (self.positions in ("raw", "block", "rice"), "positions must be raw, block or rice"),
             (self.error_memory_dtype in ("float32", "float16", "bfloat16"),
              "error-memory-dtype must be float32, float16 or bfloat16"),
-            (self.alpha > 0, "alpha must be > 0"),
+            (math.isfinite(self.alpha) and self.alpha > 0, "alpha must be a finite number > 0"),
+            (math.isfinite(self.add_drop_ratio) and 0.0 < self.add_drop_ratio <= 1.0, "add-drop-ratio must be in (0, 1]"),
             (self.partition in ("iid", "dirichlet", "shards"), "partition must be iid, dirichlet or shards"),
             (2 <= self.value_bits <= 16 or self.value_bits == 32, "value-bits must be 2..16 (q-bit values) or 32 (none)"),
             (
@@ -540,7 +548,8 @@ def preflight(cfg: RunConfig, *, local_clients: bool = True) -> str:
 
     Returns one line of partition-size statistics (printed at the start of a run).
 
-    The settings themselves (:meth:`RunConfig.validate`), the output and state
+    The settings themselves (:meth:`RunConfig.validate`), the model (built: it
+    must take the dataset's images), the output and state
     folders (created and written to), the checkpoint a resumed run continues
     (readable, of this run, before the last round), the dataset (on disk), the data split (every
     partition non-empty) and, for a simulation on this machine (no Ray cluster
@@ -559,6 +568,9 @@ def preflight(cfg: RunConfig, *, local_clients: bool = True) -> str:
         raise ValueError(f"strategy {cfg.strategy}: {exc}") from None
     finally:
         flwr_logger.setLevel(level)
+    # The model as the run builds it: a model that does not take the dataset's images (an MLP on
+    # CIFAR-10) is named now, not by run_server once the simulation engine has started.
+    _initial_model(cfg)
     if cfg.resume:
         ckpt = checkpoint.load(cfg.resume, mmap=True)
         _check_resumable(cfg, ckpt)

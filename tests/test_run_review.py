@@ -99,3 +99,45 @@ def test_a_seed_the_clients_cannot_use_is_refused_before_the_run(seed):
     with pytest.raises(ValueError, match="seed must be"):
         preflight(cfg)
     assert replace(cfg, seed=2**63 - 1).validate().seed == 2**63 - 1
+
+
+def test_an_unknown_model_or_dataset_is_named_as_such():
+    """``flwr run``'s run config and the Python API reach the checks without the CLI's choices.
+
+    An unknown model was reported only as "has no default learning rate; give
+    lr", and with lr given passed preflight (the simulation engine started
+    before run_server named it); an unknown dataset passed validate().
+    """
+    with pytest.raises(ValueError, match="no default learning rate; give lr .*not a built-in model: .*resnet18"):
+        RunConfig(model="resnet-18").validate()
+    with pytest.raises(ValueError, match="unknown model 'resnet-18'"):
+        preflight(RunConfig(model="resnet-18", lr=0.1, quiet=True))
+    with pytest.raises(ValueError, match="unknown dataset 'fmnist'; choose one of .*fashion-mnist"):
+        RunConfig(dataset="fmnist").validate()
+
+
+def test_a_model_that_does_not_take_the_datasets_images_is_refused_by_preflight():
+    """An MLP of 784 inputs on CIFAR-10: named before the simulation engine starts (it failed in run_server)."""
+    with pytest.raises(ValueError, match="takes 784 input features"):
+        preflight(RunConfig(dataset="cifar10", model="mlp-784-64-10", quiet=True))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"partition": "dirichlet", "alpha": float("inf")}, "alpha must be a finite number > 0"),
+        ({"add_drop_ratio": float("nan")}, r"add-drop-ratio must be in \(0, 1\]"),
+        ({"add_drop_ratio": 0.0}, r"add-drop-ratio must be in \(0, 1\]"),
+    ],
+)
+def test_run_server_refuses_a_non_finite_setting_before_any_message(change, message, tmp_path):
+    """``flwr run`` goes to run_server without the CLI's preflight: validate() is all it checks up front.
+
+    alpha = inf passed validate() and failed in every client (3 rounds, then
+    RunFailed); add-drop-ratio = NaN passed for strategies that do not use it,
+    and a resume of that run was refused ("saved nan, given nan": NaN != NaN).
+    """
+    grid = InProcessGrid(builtin_app, 2)
+    with pytest.raises(ValueError, match=message):
+        run_server(grid, replace(BN, model="mlp-784-64-10", out=str(tmp_path), **change))
+    assert grid.sent == [] and not any(tmp_path.iterdir())
