@@ -46,7 +46,7 @@ def user_app() -> ClientApp:
 
     @app.train()
     def train(msg: Message, context) -> Message:
-        pid = int(context.node_config["partition-id"])
+        pid = int(context.node_config.get("partition-id", -1)) % len(WEIGHTS)  # none: the last partition
         step = user_step(pid, int(msg.content["config"]["server-round"]))
         arrays = msg.content["arrays"]
         trained = ArrayRecord({n: Array(arrays[n].numpy() - step[n]) for n in arrays.keys()})
@@ -128,6 +128,24 @@ def test_a_new_node_while_every_known_node_is_connected_costs_no_message(tmp_pat
     messages = list(strategy.configure_train(2, arrays, ConfigRecord(), grid))
     assert len(grid.sent) == before and len(messages) == len(WEIGHTS)
 
+
+
+def test_a_node_without_partition_id_is_asked_once_not_every_round(tmp_path):
+    """A node without a partition id has no key to learn: once it answered, the identify message that
+    a gone client's absence calls for is not sent to it again every round."""
+    grid = bench(tmp_path)
+    grid.contexts[grid.node_ids[2]].node_config.pop("partition-id")
+    strategy = DenseFedAvg(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1)
+    arrays = initial_arrays()
+    strategy.initialize(arrays)
+    strategy.identify(grid)
+    _, (arrays, _) = play(strategy, grid, 1, arrays)
+    grid.online.discard(grid.node_ids[0])  # a known client's node is gone
+    for server_round in (2, 3):
+        before = len(grid.sent)
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        assert len(grid.sent) == before and len(messages) == 2
+        arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
 
 # ====================================================================== the user's metric aggregation
 def test_a_train_metrics_aggr_fn_that_returns_none_does_not_stop_the_run(tmp_path):

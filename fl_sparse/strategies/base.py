@@ -342,6 +342,7 @@ class SparseFedAvg(FedAvg):
         self.state = ServerState()
         self.node_keys: dict[int, tuple[int, int]] = {}
         self._pending_keys: dict[int, int] = {}  # partition id -> node id of an absent client (_await_gone_clients)
+        self._keyless: set[int] = set()  # nodes that answered without a partition id: not asked again
         self._round_compressor = None
         self._sync_cache: dict[int | None, tuple[str, ArrayRecord | None]] = {}
         self._returned: ArrayRecord | None = None  # the arrays aggregate_train last returned
@@ -640,7 +641,7 @@ class SparseFedAvg(FedAvg):
         :class:`~fl_sparse.clients.SparseMod` without training. Nodes that
         join later are learned from their first reply.
         """
-        unknown = [n for n in sorted(grid.get_node_ids()) if n not in self.node_keys]
+        unknown = [n for n in sorted(grid.get_node_ids()) if n not in self.node_keys and n not in self._keyless]
         if not unknown:
             return
         instr = Instruction(server_round=0, phase=protocol.PHASE_IDENTIFY).to_record()
@@ -681,6 +682,8 @@ class SparseFedAvg(FedAvg):
                 self.node_keys.pop(old, None)
                 self.move_clients({old: node})
             self.node_keys[node] = (report.partition_id, node)
+        else:
+            self._keyless.add(node)
 
     def _await_gone_clients(self, connected: list[int]) -> None:
         """Known clients whose node is no longer connected wait for their partition id, as a
@@ -713,7 +716,7 @@ class SparseFedAvg(FedAvg):
         while len(nodes := list(grid.get_node_ids())) < need:
             log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).", len(nodes), need)
             time.sleep(1)
-        if any(n not in self.node_keys for n in nodes):
+        if any(n not in self.node_keys and n not in self._keyless for n in nodes):
             self._await_gone_clients(nodes)
             if self._pending_keys:
                 # A client whose node is gone (a continued run's saved client, or a SuperNode that
