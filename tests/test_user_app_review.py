@@ -168,3 +168,43 @@ def test_a_train_metrics_aggr_fn_that_returns_none_does_not_stop_the_run(tmp_pat
     for server_round in (1, 2):
         metrics = result.train_metrics_clientapp[server_round]
         assert metrics["accepted"] == len(WEIGHTS) and "num-examples" not in metrics
+
+
+# ====================================================================== float16 models
+def half_arrays() -> ArrayRecord:
+    return ArrayRecord({n: Array(a.numpy().astype(np.float16)) for n, a in initial_arrays().items()})
+
+
+def test_a_float16_model_continues_from_its_checkpoint(tmp_path):
+    """Bug: ``start(first_round=k+1, initial_arrays=strategy.current_arrays())`` refused a float16 model
+    ("initial_arrays must be the model the strategy holds"): the strategy keeps w in float32, hands it
+    out in the arrays' own float16, and compared that rounded copy with its float32 w. A float16
+    model could not be resumed as documented."""
+    grid = bench(tmp_path)
+    first = DenseFedAvg(fraction_evaluate=0.0, min_available_nodes=len(WEIGHTS))
+    first.start(grid, half_arrays(), num_rounds=2)
+    assert not np.array_equal(first.state.model.numpy(), first.state.model.numpy().astype(np.float16))
+
+    resumed = DenseFedAvg(fraction_evaluate=0.0, min_available_nodes=len(WEIGHTS))
+    resumed.load_state_dict(first.state_dict())
+    result = resumed.start(grid, resumed.current_arrays(), num_rounds=3, first_round=3)
+    assert sorted(result.train_metrics_clientapp) == [3]
+    assert result.train_metrics_clientapp[3]["accepted"] == len(WEIGHTS)
+    sync = {Instruction.read(m.content).sync_mode for m in grid.sent[-len(WEIGHTS):]}
+    assert sync == {"delta"}  # the same run: every client holds w_1 (and its error memory), not a new one
+
+
+def test_a_float16_model_passed_back_each_round_is_not_a_new_run(tmp_path, caplog):
+    """Bug: a round loop that hands ``configure_train`` the arrays of the last round as a new record
+    (a copy, a wrapper that rebuilds it) started a new run every round for a float16 model (dense
+    model to every client, error memories dropped, a warning): the float16 copy was compared with the
+    float32 w it was rounded from."""
+    grid = bench(tmp_path)
+    strategy = DenseFedAvg(fraction_evaluate=0.0, min_available_nodes=len(WEIGHTS))
+    arrays = half_arrays()
+    with caplog.at_level(logging.WARNING):
+        for server_round in (1, 2, 3):
+            messages, (arrays, _) = play(strategy, grid, server_round, arrays)
+            arrays = ArrayRecord({n: Array(arrays[n].numpy().copy()) for n in arrays.keys()})
+    assert {Instruction.read(m.content).sync_mode for m in messages} == {"delta"}
+    assert "starting a new run" not in caplog.text

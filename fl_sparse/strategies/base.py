@@ -877,11 +877,16 @@ class SparseFedAvg(FedAvg):
         self.initialize(arrays)
 
     def _holds(self, arrays: ArrayRecord) -> bool:
+        """True if ``arrays`` are w_t: its float32 values, or w_t as the strategy hands it out (each array
+        in its own dtype: a float16 array holds w_t rounded), with the current exact arrays."""
         st = self.state
         try:
-            return torch.equal(st.layout.flatten(arrays), st.model) and all(
-                np.array_equal(arrays[n].numpy(), st.exact[n].numpy()) for n in st.layout.exact_names
+            flat = st.layout.flatten(arrays)
+            same = torch.equal(flat, st.model) or (
+                any(np.dtype(d).itemsize < 4 for d in st.layout.dtypes)
+                and torch.equal(flat, st.layout.flatten(st.layout.unflatten(st.model)))
             )
+            return same and all(np.array_equal(arrays[n].numpy(), st.exact[n].numpy()) for n in st.layout.exact_names)
         except (ValueError, KeyError):
             return False
 
