@@ -609,7 +609,7 @@ class SparseFedAvg(FedAvg):
         key (:meth:`_learn_key`).
         """
         saved = self.node_keys
-        self.node_keys = {}
+        self.node_keys, self._keyless = {}, set()
         self.identify(grid)
         claims: dict[int, list[int]] = {}
         for node, key in self.node_keys.items():
