@@ -193,3 +193,26 @@ def checkpoint_resume(out: Path) -> RunConfig:
     from fl_sparse.server_app import resume_config
 
     return resume_config(out, rounds=KILLED.rounds)
+
+
+# ------------------------------------------------------------------ data
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_a_data_folder_that_is_not_there_is_named_before_the_run(kind, tmp_path, monkeypatch):
+    """$FL_SPARSE_DATA naming no folder (a typo): named by preflight, not searched past.
+
+    It was skipped silently: the run used whatever the system folders or the
+    cache held, or tried a download, and an offline failure only listed it
+    among the folders searched.
+    """
+    from fl_sparse.tasks import data
+
+    named = tmp_path / "fashoin-mnist"
+    if kind == "file":
+        named.write_bytes(b"")
+    monkeypatch.setenv("FL_SPARSE_DATA", str(named))
+    monkeypatch.setattr(data, "_DATASET_CACHE", {})
+    reason = "is a file, not a folder" if kind == "file" else "does not exist"
+    with pytest.raises(ValueError, match=rf"data folder {named} \(\$FL_SPARSE_DATA\) {reason}"):
+        preflight(replace(BN, model="mlp-784-64-10"))
+    with pytest.raises(data.DatasetUnavailableError, match=rf"data folder {named} \(the root argument\) {reason}"):
+        data.load_dataset("fashion-mnist", root=named)

@@ -25,7 +25,9 @@ tried as is, under ``<base>/<name>/`` and under torchvision's
 cache directory (``$FL_SPARSE_CACHE``, else ``$XDG_CACHE_HOME/fl-sparse``, else
 ``~/.cache/fl-sparse``). CIFAR-10 is looked up the same way as torchvision's
 ``cifar-10-batches-py`` folder and otherwise downloaded. When nothing works a
-:class:`DatasetUnavailableError` says how to get the data.
+:class:`DatasetUnavailableError` says how to get the data. A ``root`` or
+``$FL_SPARSE_DATA`` that names no folder is one too, at once: a mistyped path
+is named, not searched past (on to other data, or a download).
 
 No data augmentation is applied: the tensors are fixed, so a minibatch is
 fully determined by its indices.
@@ -290,13 +292,25 @@ _DATASET_CACHE: dict[tuple[str, str | None], tuple[TensorPair, TensorPair]] = {}
 _LOAD_LOCK = threading.Lock()
 
 
+def _named_folder(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a folder to search, or :class:`DatasetUnavailableError` when there is no folder there."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        state = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise DatasetUnavailableError(
+            f"the data folder {folder} ({what}) {state}: give the folder that holds the data, or leave "
+            f"{what} unset to search the system folders and the cache directory"
+        )
+    return folder
+
+
 def _search_bases(name: str, root: str | os.PathLike | None) -> list[Path]:
     bases: list[Path] = []
     if root is not None:
-        bases.append(Path(root).expanduser())
+        bases.append(_named_folder(root, "the root argument"))
     env = os.environ.get("FL_SPARSE_DATA")
     if env:
-        bases.append(Path(env).expanduser())
+        bases.append(_named_folder(env, "$FL_SPARSE_DATA"))
     bases.extend(Path(p) for p in SYSTEM_DATA_DIRS.get(name, ()))
     bases.append(default_cache_dir())
     return bases
