@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             print(f"fl-sparse: data: {split}", file=sys.stderr, flush=True)
+        from fl_sparse.server_app import stop_requested
+
+        stop_requested.clear()  # a request left by an earlier command in this process is not this run's
         previous = signal.signal(signal.SIGINT, _interrupt)
         try:
             rows = simulate(cfg)

@@ -216,3 +216,65 @@ def test_a_data_folder_that_is_not_there_is_named_before_the_run(kind, tmp_path,
         preflight(replace(BN, model="mlp-784-64-10"))
     with pytest.raises(data.DatasetUnavailableError, match=rf"data folder {named} \(the root argument\) {reason}"):
         data.load_dataset("fashion-mnist", root=named)
+
+
+# ------------------------------------------------------------------ Ctrl-C between runs
+@pytest.fixture
+def _no_stop_left_behind():
+    from fl_sparse.server_app import stop_requested
+
+    stop_requested.clear()
+    yield stop_requested
+    stop_requested.clear()
+
+
+def test_a_stop_requested_in_a_plans_last_round_of_a_run_starts_no_further_run(tmp_path, _no_stop_left_behind):
+    """``fl-sparse reproduce``: Ctrl-C while a run's last round runs ends the plan after that (complete) run.
+
+    The run ends normally (a stop request acts between rounds); the request
+    stayed set and the next planned run was started, ran one round and
+    stopped, leaving a folder to continue for nothing.
+    """
+    from fl_sparse import protocol
+    from fl_sparse.simulations.reproduce import expand, run_plan, run_status
+
+    stop_requested = _no_stop_left_behind
+    plan = expand("tiny", out=tmp_path, overrides={"quiet": True})
+    assert len(plan) == 2
+    started = []
+
+    def runner(cfg):
+        started.append(cfg.out)
+
+        def ctrl_c_in_the_last_round(node, reply):
+            if not reply.has_error() and protocol.Report.read(reply.content).server_round == cfg.rounds:
+                stop_requested.set()
+            return reply
+
+        preflight(cfg)
+        return run_server(InProcessGrid(builtin_app, cfg.clients, tamper=ctrl_c_in_the_last_round), cfg)
+
+    outcome = run_plan(plan, runner=runner, log=lambda m: None)
+    assert started == [str(plan[0].path)] and outcome.ran == [plan[0]]
+    assert run_status(plan[0])[0] == "complete"
+    assert outcome.interrupted == plan[1] and not plan[1].path.exists()
+
+
+def test_a_stop_request_left_by_an_earlier_command_does_not_stop_the_next(tmp_path, monkeypatch, _no_stop_left_behind):
+    """``fl_sparse.cli.main`` called again in one process (a script, a notebook) after a Ctrl-C in a run's
+    last round: the request was never cleared, so the next run stopped after its first round."""
+    from fl_sparse import cli
+    from fl_sparse.simulations import runner
+
+    stop_requested = _no_stop_left_behind
+    seen = []
+
+    def fake_simulate(cfg):  # what run_server would see: a set request stops the run after round 1
+        seen.append(stop_requested.is_set())
+        stop_requested.set()  # Ctrl-C during this run's last round
+        return [{"round": r, "test_accuracy": 0.5} for r in range(1, cfg.rounds + 1)]
+
+    monkeypatch.setattr(runner, "simulate", fake_simulate)
+    argv = ["simulate", "--model", "logreg-784-10", "--clients", "2", "--rounds", "2", "--quiet"]
+    assert cli.main(argv) == 0 and cli.main(argv) == 0
+    assert seen == [False, False]

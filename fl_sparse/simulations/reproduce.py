@@ -73,7 +73,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from fl_sparse.server_app import RUN_FILES, RunConfig, RunFailed, RunInterrupted
+from fl_sparse.server_app import RUN_FILES, RunConfig, RunFailed, RunInterrupted, stop_requested
 from fl_sparse.simulations.compare import NOT_A_SETTING
 
 __all__ = [
@@ -479,6 +479,12 @@ def run_plan(
             log(f"{head}: FAILED: {why}")
             outcome.failed.append((planned, why))
             continue
+        if stop_requested.is_set():
+            # Ctrl-C in the last round of the run before: that run ended complete; the plan ends here,
+            # before this run starts (it would stop after its first round, a folder to continue for nothing).
+            log(f"{head}: not started: stop requested; run the same command again to continue")
+            outcome.interrupted = planned
+            break
         try:
             if status == "resume":
                 from fl_sparse.server_app import resume_config
@@ -775,6 +781,7 @@ def run(args: argparse.Namespace, *, runner: Callable[[RunConfig], list[dict[str
         return 0
     _log(f"fl-sparse reproduce: {preset.title}: {len(plan)} runs ({len(plan) // max(seeds, 1)} settings x "
          f"{seeds} seeds, {args.budget} budget{', non-IID' if args.non_iid else ''}) into {folder}/")
+    stop_requested.clear()  # a request left by an earlier command in this process is not this one's
     previous = signal.signal(signal.SIGINT, _interrupt) if runner is None else None
     try:
         outcome = run_plan(plan, runner=runner)
