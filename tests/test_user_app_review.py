@@ -7,6 +7,7 @@ strategy on the in-process grid, with plain FedAvg's behaviour as the control.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -146,6 +147,38 @@ def test_a_node_without_partition_id_is_asked_once_not_every_round(tmp_path):
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
         assert len(grid.sent) == before and len(messages) == 2
         arrays, _ = strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+
+
+def add_node(grid: InProcessGrid, node: int, partition_id: int) -> None:
+    """A node joins with its own context (same state folder as the others)."""
+    context = copy.deepcopy(grid.contexts[grid.node_ids[0]])
+    context.node_id = node
+    context.node_config["partition-id"] = partition_id
+    grid.node_ids.append(node)
+    grid.contexts[node] = context
+    grid.online.add(node)
+
+
+def test_a_client_back_under_its_own_node_id_keeps_its_state(tmp_path):
+    """A client whose node was gone for a while and came back under its own node id stays the owner
+    of its state: a node that later claims the same partition id (a misconfigured one) does not take
+    it (the absent client's claim is dropped once its node is back)."""
+    grid = bench(tmp_path)
+    strategy = DenseFedAvg(fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1)
+    arrays = initial_arrays()
+    strategy.initialize(arrays)
+    strategy.identify(grid)
+    _, (arrays, _) = play(strategy, grid, 1, arrays)
+    away = grid.node_ids[1]
+    grid.online.discard(away)
+    add_node(grid, 8001, partition_id=3)  # a new client joins while partition 1 is away
+    _, (arrays, _) = play(strategy, grid, 2, arrays)
+    grid.online.add(away)  # partition 1 is back, same node id, and a node claiming it joins
+    add_node(grid, 8002, partition_id=1)
+    messages = list(strategy.configure_train(3, arrays, ConfigRecord(), grid))
+    assert strategy.node_keys[away][0] == 1 and strategy.state.accepted[away] == 1
+    instr = {m.metadata.dst_node_id: Instruction.read(m.content) for m in messages}
+    assert instr[away].accepted_round == 1 and instr[8002].accepted_round == -1
 
 # ====================================================================== the user's metric aggregation
 def test_a_train_metrics_aggr_fn_that_returns_none_does_not_stop_the_run(tmp_path):

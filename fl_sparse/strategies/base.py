@@ -689,9 +689,12 @@ class SparseFedAvg(FedAvg):
         """Known clients whose node is no longer connected wait for their partition id, as a
         continued run's saved clients do (:meth:`reidentify`): a node that reports it inherits
         their state (:meth:`_learn_key`). Not where a connected node already claims the id."""
-        claimed = {self.node_keys[n][0] for n in connected if n in self.node_keys}
-        gone = set(self.node_keys) - set(connected)
-        for old in sorted(gone):
+        online = set(connected)
+        for pid, old in list(self._pending_keys.items()):
+            if old in online:  # back under its own node id: nobody else inherits its state
+                del self._pending_keys[pid]
+        claimed = {self.node_keys[n][0] for n in online if n in self.node_keys}
+        for old in sorted(set(self.node_keys) - online):
             pid = self.node_keys[old][0]
             if pid >= 0 and pid not in claimed:
                 self._pending_keys.setdefault(pid, old)
