@@ -211,6 +211,9 @@ class RunConfig:
             (math.isfinite(self.alpha) and self.alpha > 0, "alpha must be a finite number > 0"),
             (math.isfinite(self.add_drop_ratio) and 0.0 < self.add_drop_ratio <= 1.0, "add-drop-ratio must be in (0, 1]"),
             (self.partition in ("iid", "dirichlet", "shards"), "partition must be iid, dirichlet or shards"),
+            (self.partition == "dirichlet" or (self.min_partition_size is None and not self.self_balancing),
+             f"min-partition-size and self-balancing are options of the dirichlet partition; leave them unset for "
+             f"{self.partition}"),
             (2 <= self.value_bits <= 16 or self.value_bits == 32, "value-bits must be 2..16 (q-bit values) or 32 (none)"),
             (
                 self.threshold is None or (math.isfinite(self.threshold) and self.threshold >= 0),

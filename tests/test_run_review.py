@@ -278,3 +278,16 @@ def test_a_stop_request_left_by_an_earlier_command_does_not_stop_the_next(tmp_pa
     argv = ["simulate", "--model", "logreg-784-10", "--clients", "2", "--rounds", "2", "--quiet"]
     assert cli.main(argv) == 0 and cli.main(argv) == 0
     assert seen == [False, False]
+
+
+@pytest.mark.parametrize("partition", ["iid", "shards"])
+@pytest.mark.parametrize("option", [{"min_partition_size": 50}, {"self_balancing": True}])
+def test_dirichlet_options_are_refused_for_the_other_partitions(partition, option):
+    """``--partition shards --min-partition-size 50`` ran with partitions of any size: the option was ignored.
+
+    An option the run would not use is refused, as the strategies' options
+    are (RunConfig.validate); the Dirichlet split takes both.
+    """
+    with pytest.raises(ValueError, match=f"options of the dirichlet partition; leave them unset for {partition}"):
+        RunConfig(partition=partition, **option).validate()
+    RunConfig(partition="dirichlet", **option).validate()
