@@ -21,7 +21,7 @@ from fl_sparse.server_app import RunConfig, preflight, run_server, strategy_from
 from inprocess import InProcessGrid
 
 # cnn-fmnist has BatchNorm: integer buffers (num_batches_tracked) travel as exact arrays.
-BN = RunConfig(model="cnn-fmnist", clients=2, rounds=2, local_steps=2, batch_size=8, lr=0.02, seed=1, quiet=True)
+BN = RunConfig(model="cnn-fmnist", clients=2, rounds=1, local_steps=2, batch_size=8, lr=0.02, seed=1, quiet=True)
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +73,7 @@ def test_a_strategy_with_exact_float_arrays_ends_with_its_model_saved(tmp_path):
     """
     from fl_sparse.strategies import BidirectionalTopKSGD
 
-    cfg = replace(BN, out=str(tmp_path), rounds=1)
+    cfg = replace(BN, out=str(tmp_path))
 
     def strategy():
         return BidirectionalTopKSGD(ratio=0.01, fraction_evaluate=0.0, min_available_nodes=1, min_train_nodes=1,
