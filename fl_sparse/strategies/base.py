@@ -691,8 +691,8 @@ class SparseFedAvg(FedAvg):
         their state (:meth:`_learn_key`). Not where a connected node already claims the id."""
         online = set(connected)
         for pid, old in list(self._pending_keys.items()):
-            if old in online:  # back under its own node id: nobody else inherits its state
-                del self._pending_keys[pid]
+            if old in online and self.node_keys.get(old, (None,))[0] == pid:
+                del self._pending_keys[pid]  # back under its own node id: nobody else inherits its state
         claimed = {self.node_keys[n][0] for n in online if n in self.node_keys}
         for old in sorted(set(self.node_keys) - online):
             pid = self.node_keys[old][0]
