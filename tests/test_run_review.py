@@ -11,13 +11,12 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from fl_sparse import checkpoint
 from fl_sparse.clients.app import app as builtin_app
-from fl_sparse.server_app import RunConfig, preflight, run_server, strategy_from_config
+from fl_sparse.server_app import RunConfig, preflight, resume_config, run_server, strategy_from_config
 from inprocess import InProcessGrid
 
 # cnn-fmnist has BatchNorm: integer buffers (num_batches_tracked) travel as exact arrays.
@@ -184,15 +183,9 @@ def test_a_run_killed_after_its_clients_trained_a_round_resumes_to_the_uninterru
         run_server(_grid_killed_after_replies_of(3), replace(KILLED, out=str(killed)))
     assert checkpoint.load(killed)["round"] == 2 and checkpoint.was_running(killed)
 
-    run_server(_grid_killed_after_replies_of(None, run_id=8), checkpoint_resume(killed))
+    run_server(_grid_killed_after_replies_of(None, run_id=8), resume_config(killed, rounds=KILLED.rounds))
     _assert_same_state_dict(torch.load(killed / "model.pt", weights_only=True),
                             torch.load(full / "model.pt", weights_only=True))
-
-
-def checkpoint_resume(out: Path) -> RunConfig:
-    from fl_sparse.server_app import resume_config
-
-    return resume_config(out, rounds=KILLED.rounds)
 
 
 # ------------------------------------------------------------------ data
