@@ -136,6 +136,8 @@ MAX_WEIGHT = float(2**53)  # the largest weight a reply may claim: exact in floa
 
 # Kinds of downlink sync, counted per round as ``downlink_<kind>_bytes`` (see messages_with_sync).
 DOWNLINK_KINDS = ("last_update", "catch_up", "first_contact")
+# The sync modes that send a known client the last update (or nothing); any other is a catch-up.
+_LAST_UPDATE_MODES = ("none", "delta", "values")
 
 
 @dataclass
@@ -798,7 +800,8 @@ class SparseFedAvg(FedAvg):
         for node in node_ids:
             have = st.client_versions.get(node)
             mode, payload = self.sync_for(node)
-            kind = "first_contact" if have is None else "last_update" if have >= st.version - 1 else "catch_up"
+            # by the payload, not by version arithmetic: versions skip rounds without an update
+            kind = "first_contact" if have is None else "last_update" if mode in _LAST_UPDATE_MODES else "catch_up"
             self._nonces[node] = secrets.token_hex(8)
             node_instr = Instruction(
                 **{
@@ -894,17 +897,26 @@ class SparseFedAvg(FedAvg):
             return False
 
     def sync_payload(self, have: int | None) -> tuple[str, ArrayRecord | None]:
-        """The cheapest exact way to bring a client from version ``have`` to now."""
+        """The cheapest exact way to bring a client from version ``have`` to now.
+
+        Versions are the rounds that made them, so a round without an update leaves a gap:
+        what a client at ``have`` lacks is every update in ``history`` after ``have``, not
+        the versions ``have + 1 .. version``. ``history`` keeps the newest updates (pruned
+        from the oldest), so it holds all of them when ``have`` is at least the version its
+        oldest entry was applied to; no version lies between that one and the entry's own,
+        so ``have >= oldest - 1`` says so for any version a client can hold (and errs only
+        towards the dense model).
+        """
         st = self.state
         if have == st.version:
             return "none", None
         if have is None or not 0 <= have < st.version:
             return "dense", codec.encode_dense(st.model)
-        if have == st.version - 1 and st.last_update_record is not None:
+        missed = [v for v in st.history if v > have] if st.history and have >= next(iter(st.history)) - 1 else None
+        if missed == [st.version] and st.last_update_record is not None:
             return "delta", st.last_update_record
         dense = codec.encode_dense(st.model)
-        missed = range(have + 1, st.version + 1)
-        if all(v in st.history for v in missed):
+        if missed:
             positions = torch.unique(torch.cat([st.history[v] for v in missed]))
             overwrite = SparseTensor(positions, st.model[positions].clone(), st.model.numel())
             record = codec.encode(

@@ -179,9 +179,6 @@ def test_values_sync_after_a_round_without_update(checkpoint):
     assert rm["downlink_bytes"] < numel * 4  # less than one dense model for all three
 
 
-@pytest.mark.xfail(strict=True, reason="base.py (not SSGD-MV's to fix): sync_payload sends a delta only to "
-                   "version - 1 and a catch-up only if every version in (have, version] is in history; versions "
-                   "are rounds, so after a round without an update every client gets the dense model")
 def test_base_delta_sync_after_a_round_without_update():
     """The same gap in :meth:`SparseFedAvg.sync_payload`: round 3's clients hold w_1, the last update is w_1 → w_3."""
     from fl_sparse.strategies.base import SparseFedAvg
