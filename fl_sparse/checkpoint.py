@@ -46,13 +46,17 @@ end (last round, Ctrl-C stop, failed-rounds stop) writes the checkpoint of its
 last round and removes the marker. A resume that finds the marker knows the
 process died after its last checkpoint, so clients may hold a newer model
 than the checkpoint: their first message of the resumed run carries the
-dense model (nothing else is redone differently; the rounds after the
-checkpoint are run again). Known gap: a client that had trained the round
-the process died in puts that round's sent update back into its error
-memory when the round comes again and then trains it again, so that round's
-update counts twice and the resumed run leaves the uninterrupted one
-(``tests/test_run_review.py``, an expected failure; the fix belongs in
-``fl_sparse.clients.mod.restore_unaccepted``). A stopped run (Ctrl-C, the
+dense model, and the rounds after the checkpoint are run again. A client
+that had trained the round the process died in recognises it when it comes
+again (its update of that round is still pending): it puts the update back
+into its error memory and compensates a zero step, so it sends what it sent
+the first time instead of taking the round's step twice
+(``fl_sparse.clients.mod.restore_unaccepted``). With a checkpoint every
+round (the default) the resumed run thus ends exactly where the
+uninterrupted one would on CPU (``tests/test_run_review.py``). A process
+that died more than one round after its checkpoint (``checkpoint_every`` >
+1) leaves the clients' error memories holding what they did in the rounds
+since: nothing is lost, but the run differs. A stopped run (Ctrl-C, the
 last round, ``max-failed-rounds``) continues exactly.
 """
 

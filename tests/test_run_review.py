@@ -147,13 +147,16 @@ class _Killed(BaseException):
     """The server process dies (not an Exception: nothing may catch it)."""
 
 
-def _grid_killed_after_replies_of(server_round: int | None, *, run_id: int = 7) -> InProcessGrid:
+def _grid_killed_after_replies_of(server_round: int | None, *, run_id: int = 7, exchange: int = 1) -> InProcessGrid:
     """The in-process grid; with ``server_round`` the process dies once that round's replies are in.
 
     The clients have trained that round and saved their state (error memory,
     the update they sent); the server has not aggregated it nor checkpointed.
+    ``exchange``: die after the round's n-th exchange (SSGD-MV's are the votes, then the values).
     """
     from fl_sparse import protocol
+
+    seen = [0]
 
     class Grid(InProcessGrid):
         def send_and_receive(self, messages, *, timeout=None):
@@ -161,7 +164,9 @@ def _grid_killed_after_replies_of(server_round: int | None, *, run_id: int = 7) 
             if server_round is not None and any(
                 not r.has_error() and protocol.Report.read(r.content).server_round == server_round for r in replies
             ):
-                raise _Killed(f"killed in round {server_round}")
+                seen[0] += 1
+                if seen[0] == exchange:
+                    raise _Killed(f"killed in round {server_round}, exchange {exchange}")
             return replies
 
     return Grid(builtin_app, KILLED.clients, run_id=run_id)
@@ -171,19 +176,28 @@ KILLED = RunConfig(model="mlp-784-64-10", clients=3, rounds=4, local_steps=1, ba
                    seed=2, quiet=True, eval_every=4)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fl_sparse/clients/mod.py restore_unaccepted: a client that trained the round the server died in is told "
-    "'last accepted: the round before' when the resumed run sends that round again, so it adds the update it "
-    "sent back into its error memory (e + sent = e_before + delta) and then trains the same round again from "
-    "the same model (+ delta): the round's update is counted twice and the run leaves the uninterrupted one"))
-def test_a_run_killed_after_its_clients_trained_a_round_resumes_to_the_uninterrupted_model(tmp_path):
+@pytest.mark.parametrize("strategy, exchange", [
+    ("bidirectional-topk", 1),
+    ("rtopk", 1),  # a random compressor: the retried round draws what the first try drew
+    ("adaptive-topk-no-ec", 1),  # no error memory: the retried round trains afresh (its step is not zeroed)
+    ("ssgd-mv", 1),  # died after the votes: the clients hold a = e + Δ as their vote-phase state
+    ("ssgd-mv-ad", 2),  # died after the values: the clients' sent values are pending
+])
+def test_a_run_killed_after_its_clients_trained_a_round_resumes_to_the_uninterrupted_model(strategy, exchange, tmp_path):
+    """The round the server died in is run again; each client that trained it already must not take its step twice.
+
+    It did: told "last accepted: the round before", a client put the update it had sent
+    back into its error memory (e_before + Δ) and then trained the same round again from
+    the same model (+ Δ), so the round counted twice and the run left the uninterrupted one.
+    """
+    cfg = replace(KILLED, strategy=strategy)
     full, killed = tmp_path / "full", tmp_path / "killed"
-    run_server(_grid_killed_after_replies_of(None), replace(KILLED, out=str(full)))
+    run_server(_grid_killed_after_replies_of(None), replace(cfg, out=str(full)))
     with pytest.raises(_Killed):
-        run_server(_grid_killed_after_replies_of(3), replace(KILLED, out=str(killed)))
+        run_server(_grid_killed_after_replies_of(3, exchange=exchange), replace(cfg, out=str(killed)))
     assert checkpoint.load(killed)["round"] == 2 and checkpoint.was_running(killed)
 
-    run_server(_grid_killed_after_replies_of(None, run_id=8), resume_config(killed, rounds=KILLED.rounds))
+    run_server(_grid_killed_after_replies_of(None, run_id=8), resume_config(killed, rounds=cfg.rounds))
     _assert_same_state_dict(torch.load(killed / "model.pt", weights_only=True),
                             torch.load(full / "model.pt", weights_only=True))
 

@@ -224,15 +224,24 @@ def _synced_elsewhere(
     return store.shared_model(instr.model_hash, numel)
 
 
-def restore_unaccepted(state: ClientState, instr: Instruction) -> None:
-    """Put last round's update back into the error if the server did not aggregate it."""
+def restore_unaccepted(state: ClientState, instr: Instruction) -> bool:
+    """Put last round's update back into the error if the server did not aggregate it.
+
+    True if that update was this very round's: the server is running the round again (it
+    was resumed from a checkpoint taken before the round, after it had died in it), and
+    the error is back to ``a = e + Δ`` of this client's first try at the round, whose step
+    it must not take twice (the mod then compensates a zero step).
+    """
     pending = state.extra.get(_PENDING_INDICES)
     if pending is None:
-        return
-    if instr.accepted_round != int(state.extra[_PENDING_ROUND].item()) and state.error is not None:
+        return False
+    pending_round = int(state.extra[_PENDING_ROUND].item())
+    restored = instr.accepted_round != pending_round and state.error is not None
+    if restored:
         state.error = state.error.index_add(0, pending, state.extra[_PENDING_VALUES])  # a new tensor: see _open
     for key in (_PENDING_INDICES, _PENDING_VALUES, _PENDING_ROUND):
         state.extra.pop(key, None)
+    return restored and pending_round == instr.server_round
 
 
 def _remember_sent(state: ClientState, sent: SparseTensor, server_round: int) -> None:
@@ -479,8 +488,9 @@ class SparseMod:
                         "model after sync does not match the server's hash "
                         "(or the server and this client run fl-sparse versions that hash models differently)"
                     )
-                restore_unaccepted(state, instr)
+                retry = restore_unaccepted(state, instr)
                 if _A in state.extra:  # a vote whose values phase never came: nothing of a was sent
+                    retry = retry or int(state.extra[_A_ROUND]) == instr.server_round
                     state.error = state.extra.pop(_A)
                     state.extra.pop(_A_ROUND, None)
 
@@ -511,6 +521,12 @@ class SparseMod:
                     raise ValueError(
                         f"the train function returned non-finite values in array {layout.name_at(first)!r}"
                     )
+                if retry and instr.error_feedback:
+                    # This round's step is in the error already (a = e + Δ of the first try):
+                    # Δ again would count the round twice. With a zero step the client sends
+                    # exactly what it sent the first time (its compressor is deterministic, or
+                    # seeded per round), and a resumed run continues as the uninterrupted one.
+                    step.zero_()
                 for name in layout.exact_names:  # sent whole: the server would drop the reply for them
                     nd = array_to_numpy(exact_after[name])
                     if nd.dtype.kind == "f" and not np.isfinite(nd).all():

@@ -503,7 +503,7 @@ def test_a_new_strategy_run_starts_with_an_empty_error_memory(server, client, sa
     a1 = client.train.last_step(server.w)
     assert float((a1 - sent_update(r1).to_dense()).abs().sum()) > 0
     # round 1's reply was never accepted: within the same run all of a_1 comes back into the error
-    r2 = client.send(server.message(1, sync_mode="dense", generation="run-a" if same_run else "run-b", uplink=IDENTITY))
+    r2 = client.send(server.message(2, sync_mode="dense", generation="run-a" if same_run else "run-b", uplink=IDENTITY))
     step = client.train.last_step(server.w)
     assert_bitwise(sent_update(r2).to_dense(), step + a1 if same_run else step)
 
@@ -514,12 +514,34 @@ def test_a_resumed_run_under_a_new_flower_run_id_keeps_the_error_memory(server, 
     a1 = client.train.last_step(server.w)
     assert (client.state_dir / "gen-g1" / f"{client_key(client.context)}.state").is_file()
     client.context.run_id = RUN_ID + 1  # the server process died; `flwr run` again with --resume
-    r2 = client.send(server.message(1, sync_mode="dense", generation="g1", uplink=IDENTITY))
+    r2 = client.send(server.message(2, sync_mode="dense", generation="g1", uplink=IDENTITY))
     step = client.train.last_step(server.w)
     # round 1's update was never accepted, so all of a_1 comes back: the memory was found
     assert_bitwise(sent_update(r2).to_dense(), step + a1)
     assert sorted(p.name for p in client.state_dir.iterdir()) == ["gen-g1"]
     del r1
+
+
+def test_a_round_sent_again_gets_the_first_tries_update_and_leaves_the_error_memory_as_one_try(server, tmp_path):
+    """A server resumed from a checkpoint taken before the round it died in sends that round again.
+
+    A client that trained it already sends the update it sent the first time (the round's
+    step is in its error memory: taking it again counted the round twice), and then goes on
+    exactly as a client that trained the round once.
+    """
+    once, twice = Client(tmp_path / "once"), Client(tmp_path / "twice")
+    r1 = once.send(server.message(1, sync_mode="dense"))
+    first = sent_update(twice.send(server.message(1, sync_mode="dense")))
+    again = twice.send(server.message(1, sync_mode="dense"))  # the resumed server: dense model, nothing accepted
+    assert twice.train.calls == 2 and again.content["metrics"] == twice.train.returned[1].content["metrics"]
+    assert torch.equal(sent_update(again).indices, first.indices)
+    assert_bitwise(sent_update(again).values, first.values)
+    delta = server.subtract(sent_update(r1))
+    r2_once = once.send(server.message(2, sync_mode="delta", sync=delta, base_version=0, accepted_round=1))
+    r2_twice = twice.send(server.message(2, sync_mode="delta", sync=delta, base_version=0, accepted_round=1))
+    assert torch.equal(sent_update(r2_twice).indices, sent_update(r2_once).indices)
+    assert_bitwise(sent_update(r2_twice).values, sent_update(r2_once).values)
+    assert_bitwise(twice.stored().error, once.stored().error)
 
 
 def test_extra_user_records_in_the_reply_pass_through(server, tmp_path):
