@@ -9,6 +9,7 @@ the module docstring specifies -- not with the encoder whose checks are under te
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 
@@ -676,3 +677,127 @@ def test_wire_size_checks_every_array_holds_bytes():
     size = wire_size(GOOD)
     assert (size.header_bytes, size.position_bytes, size.value_bytes, size.total_bytes) == (72, 8, 0, 80)
     assert (size.position_bits, size.value_bits) == (64, 0)
+
+
+# ------------------------------------------------------------------ the encoder (docs/testing.md: the encoder-side run)
+def positions_stream(rec: ArrayRecord) -> tuple[list[int], bytes]:
+    """Header fields 6-8 (position code, parameter, bits) and the positions array's bytes."""
+    fields = np.frombuffer(rec["header"].data, dtype="<i8").tolist()
+    return fields[6:], bytes(rec["positions"].data)
+
+
+def test_a_full_support_of_one_entry_sends_no_positions():
+    # nnz == numel == 1: positions implied (code 0), one fp32 value
+    hdr = header(kind=SPARSE, numel=1, nnz=1, vcode=V_FP32, vbits=32, pcode=P_NONE, pparam=0, pbits=0)
+    out = decode(record(hdr, values=wire("float32", [2.5])), 1)
+    assert out.indices.tolist() == [0] and out.values.tolist() == [2.5]
+    rec = encode(SparseTensor(torch.tensor([0]), torch.tensor([2.5]), 1), positions="rice")
+    assert np.frombuffer(rec["header"].data, dtype="<i8").tolist() == [TAG, SPARSE, 1, 1, V_FP32, 32, P_NONE, 0, 0]
+
+
+def test_an_exp_golomb_mantissa_beyond_2_to_the_53_is_written_exactly():
+    # One segment of 2**62 (count implied), a far first position then 50 adjacent ones: gaps i0, 0 x 50.
+    # Exp-Golomb at r = 0 (each further r costs 51 bits, saves at most 2): i0 + 1 = 2**60 + m, prefix 60
+    # '0's and '1', mantissa m in 60 bits; the gaps 0 are a '1' each. Side: '1' and r in bitlen(62) = 6 bits.
+    # 178 bits, where plain Rice needs about 51 * 55 bits: the segmented code is sent.
+    i0 = 2**60 + 2**59 + 12345
+    idx = torch.arange(i0, i0 + 51)
+    text = "1 000000" + "0" * 60 + "1" + "1" * 50 + format(i0 + 1 - 2**60, "060b")
+    nbits, arr = bits_of(text)
+    rec = encode_positions(idx, 2**62, "rice", segments=[2**62])
+    param = (1 << 32) | zlib.crc32(np.asarray([2**62], dtype="<i8").tobytes())
+    assert positions_stream(rec) == ([P_SEGMENTED, param, 178], bytes(arr.data))
+    assert nbits == 178
+    assert torch.equal(decode_positions(rec, 2**62, segments=[2**62]), idx)
+
+
+def count_code_bits(segments: list[int], counts: list[int]) -> int:
+    """Length of the count section, from the format: k_s - lo in exp-Golomb of order o_s unless lo == hi."""
+    bits, remaining, after = 0, sum(counts), sum(segments)
+    for length, count in zip(segments, counts):
+        after -= length
+        lo, hi = max(0, remaining - after), min(length, remaining)
+        mu = remaining * length // (length + after) if length else 0
+        order = max(0, math.floor(math.log2(mu)) - 1) if mu else 0
+        if hi > lo:
+            n = (count - lo + 2**order).bit_length() - 1 - order
+            bits += n + 1 + order + n
+        remaining -= count
+    return bits
+
+
+def best_gap_code_bits(gaps: np.ndarray, length: int) -> int:
+    """The shortest Rice or exp-Golomb stream of a segment's gaps, over every r in [0, floor(log2 L)]."""
+    costs = []
+    for r in range(length.bit_length()):
+        q = gaps >> r
+        costs.append(gaps.size * (r + 1) + int(q.sum()))  # Rice: r bits, q '0's, '1'
+        costs.append(gaps.size * (r + 1) + 2 * sum(int(v).bit_length() - 1 for v in q + 1))  # exp-Golomb
+    return min(costs)
+
+
+def test_large_supports_take_each_segments_shortest_code():
+    # Above 2**17 (position, r) pairs the encoder descends per segment instead of trying every r: the stream
+    # must still be the shortest. Segments: clustered positions, gaps 1 or 2 between rare far jumps (exp-Golomb
+    # at r = 1 wins, five below the Rice r), a full one, uniform positions (Rice wins), clustered positions
+    # with gaps 0 to 2 (exp-Golomb at r = 0), an empty one.
+    # (The exp-Golomb length need not be unimodal in r -- gaps 0..3 give 24162, 24262, 24210 bits at r = 0, 1,
+    # 2 -- where the descent may stop above the shortest; these gaps are not such a case.)
+    rng = np.random.default_rng(5)
+    segments = [2**20, 64, 2**20, 2**20, 100]
+
+    def clustered(steps: list[int]) -> np.ndarray:
+        starts = np.sort(rng.choice(2**20 - 5000, 8, replace=False))
+        return np.unique(np.concatenate([s + np.cumsum(rng.choice(steps, 1000)) for s in starts]))
+
+    parts = [clustered([2, 2, 2, 3]), np.arange(64), np.sort(rng.choice(2**20, 10_000, replace=False)),
+             clustered([1, 2, 3]), np.zeros(0, dtype=np.int64)]
+    offsets = np.cumsum(segments) - segments
+    idx = np.concatenate([part + offset for part, offset in zip(parts, offsets)])
+    expected = count_code_bits(segments, [part.size for part in parts])
+    for part, length in zip(parts, segments):
+        if 0 < part.size < length:
+            gaps = np.diff(part, prepend=-1) - 1
+            expected += 1 + (length.bit_length() - 1).bit_length() + best_gap_code_bits(gaps, length)
+    numel = sum(segments)
+    rec = encode_positions(torch.from_numpy(idx), numel, "rice", segments=segments)
+    (pcode, _, nbits), _ = positions_stream(rec)
+    assert (pcode, nbits) == (P_SEGMENTED, expected)
+    assert np.array_equal(decode_positions(rec, numel, segments=segments).numpy(), idx)
+
+
+def test_block_and_rice_encoders_write_the_streams_of_the_format():
+    # block, numel 64, positions 3 17 18 40 63: the paper's b is 4 (5 * 2**4 >= 64), 5 * 5 + (63 >> 4) = 28 bits;
+    # b = 3 costs 5 * 4 + (63 >> 3) = 27 and is sent. Offsets 011 001 010 000 111; blocks 0 2 2 5 7, so the
+    # j-th '1' sits at j + block: 0 3 4 8 11 of 12 structure symbols.
+    rec = encode_positions(torch.tensor([3, 17, 18, 40, 63]), 64, "block")
+    nbits, arr = bits_of("011 001 010 000 111" + "100110001001")
+    assert positions_stream(rec) == ([P_BLOCK, 3, nbits], bytes(arr.data)) and nbits == 27
+    # numel 64 = 4 * 2**4 exactly: the paper's b is 4 (4 * 5 + (30 >> 4) = 21 bits), b = 3 costs 4 * 4 + 3 = 19.
+    # Offsets 101 110 001 110, blocks 0 0 2 3: '1's at 0 1 4 6.
+    rec = encode_positions(torch.tensor([5, 6, 17, 30]), 64, "block")
+    nbits, arr = bits_of("101 110 001 110" + "1100101")
+    assert positions_stream(rec) == ([P_BLOCK, 3, nbits], bytes(arr.data)) and nbits == 19
+    # b - 1 is never longer than the paper's b; at equal length (here 4 * 5 + 3 = 4 * 4 + 7 = 23) b is kept.
+    # Offsets 0000 0100 1000 1111, blocks 0 1 2 3: '1's at 0 2 4 6.
+    rec = encode_positions(torch.tensor([0, 20, 40, 63]), 64, "block")
+    nbits, arr = bits_of("0000 0100 1000 1111" + "1010101")
+    assert positions_stream(rec) == ([P_BLOCK, 4, nbits], bytes(arr.data)) and nbits == 23
+    # rice, numel 16, positions 1 5 6 14: gaps 1 3 0 7; r = 0, 1, 2, 3 cost 15, 12, 13, 16 bits: r = 1.
+    # Remainders 1 1 0 1, quotients 0 1 0 3 in unary.
+    rec = encode_positions(torch.tensor([1, 5, 6, 14]), 16, "rice")
+    nbits, arr = bits_of("1101" + "1 01 1 0001")
+    assert positions_stream(rec) == ([P_RICE, 1, nbits], bytes(arr.data)) and nbits == 12
+    # The descent from floor(log2(mean gap)) goes both ways. Gaps 1 1 3 (positions 1 3 7 of 8): mean 5/3,
+    # r = 0, 1, 2 cost 8, 7, 9: r = 1, remainders 1 1 1, quotients 0 0 1.
+    rec = encode_positions(torch.tensor([1, 3, 7]), 8, "rice")
+    nbits, arr = bits_of("111" + "1 1 01")
+    assert positions_stream(rec) == ([P_RICE, 1, nbits], bytes(arr.data)) and nbits == 7
+    # Gaps 2 3 19 (positions 2 6 26 of 32): mean 8, r = 1, 2, 3 cost 17, 13, 14: r = 2, remainders 10 11 11,
+    # quotients 0 0 4.
+    rec = encode_positions(torch.tensor([2, 6, 26]), 32, "rice")
+    nbits, arr = bits_of("10 11 11" + "1 1 00001")
+    assert positions_stream(rec) == ([P_RICE, 2, nbits], bytes(arr.data)) and nbits == 13
+    # raw: int32 little-endian, 32 bits each
+    rec = encode_positions(torch.tensor([1, 5]), 16, "raw")
+    assert positions_stream(rec) == ([P_RAW, 32, 64], np.array([1, 5], "<i4").tobytes())
