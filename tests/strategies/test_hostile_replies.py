@@ -97,7 +97,16 @@ from fl_sparse.strategies import (
     TopKSGD,
 )
 
-FLOWER_LOGGER.setLevel(logging.ERROR)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_flower():
+    """Every hostile reply logs a warning: kept out of the output, for this module's tests only (a level
+    set at import stayed for every later test of the session, and those that read Flower's warnings failed)."""
+    level = FLOWER_LOGGER.level
+    FLOWER_LOGGER.setLevel(logging.ERROR)
+    yield
+    FLOWER_LOGGER.setLevel(level)
 
 # ------------------------------------------------------------------ the bench
 SHAPES = {"w": (16, 16), "b": (20,)}  # compressed
