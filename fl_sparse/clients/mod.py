@@ -494,6 +494,9 @@ class SparseMod:
                     state.error = state.extra.pop(_A)
                     state.extra.pop(_A_ROUND, None)
 
+                # Built before the user's training, which a bad uplink spec would waste (kept per spec).
+                compressor = self._compressor(instr) if instr.phase == protocol.PHASE_TRAIN else None
+
                 # The user's train function sees their own records and the dense model, nothing else.
                 user_in = protocol.user_records(msg.content)
                 exact = protocol.array_record(msg.content, protocol.EXACT) if layout.exact_names else None
@@ -539,7 +542,7 @@ class SparseMod:
                 if instr.phase == protocol.PHASE_VOTE:
                     extra = self._vote_phase(state, memory, step, instr, content, segments)
                 else:
-                    self._train_phase(state, memory, step, instr, content, _random_stream(context), segments)
+                    self._train_phase(state, memory, step, instr, content, _random_stream(context), segments, compressor)
                     extra = {}
                 if layout.exact_names:
                     content[protocol.EXACT] = exact_after
@@ -550,10 +553,10 @@ class SparseMod:
 
     # ------------------------------------------------------------ phases
     def _train_phase(
-        self, state, memory, step, instr: Instruction, content: dict, stream: int, segments: tuple[int, ...]
+        self, state, memory, step, instr: Instruction, content: dict, stream: int, segments: tuple[int, ...],
+        compressor,
     ) -> None:
-        """[ZDL] Algorithm 1/2, worker side: error-compensated compression of Δ."""
-        compressor = self._compressor(instr)
+        """[ZDL] Algorithm 1/2, worker side: error-compensated compression of Δ with the round's ``compressor``."""
         # Random compressors (rTop-k, random-k, a user's) draw from (seed, round, client): reproducible.
         # The package's deterministic ones ignore the generator: none is made for them.
         generator = (

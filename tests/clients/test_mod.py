@@ -544,6 +544,21 @@ def test_a_round_sent_again_gets_the_first_tries_update_and_leaves_the_error_mem
     assert_bitwise(twice.stored().error, once.stored().error)
 
 
+@pytest.mark.parametrize("uplink, message", [
+    ({"name": "no-such-compressor"}, "unknown compressor 'no-such-compressor'"),
+    ({"name": "topk", "ratio": 2.0}, "compressor 'topk'"),
+])
+def test_a_bad_uplink_spec_is_named_before_the_user_trains(server, client, uplink, message):
+    """The round's compressor is built before the train function runs: training for nothing is not done."""
+    client.send(server.message(1, sync_mode="dense"))
+    before = client.stored()
+    with pytest.raises(ValueError, match=message):
+        client.send(server.message(2, sync_mode="dense", uplink=uplink))
+    assert client.train.calls == 1
+    after = client.stored()
+    assert after.steps_done == before.steps_done and torch.equal(after.error, before.error)
+
+
 def test_extra_user_records_in_the_reply_pass_through(server, tmp_path):
     train = QuickstartTrain()
 
