@@ -321,6 +321,9 @@ class SSGDMajorityVote(SparseFedAvg):
             raise ValueError(f"not a complete SSGD-MV state: {type(exc).__name__}: {exc}") from None
         if self.add_drop != (self.m_sum is not None) or (self.m_sum is not None and self.m_sum.numel() != self.state.model.numel()):
             raise ValueError("the saved SSGD-MV state does not match this strategy's add-drop setting or model size")
+        numel = self.state.model.numel()
+        if self.mask is not None and self.mask.numel() and not (0 <= int(self.mask.min()) and int(self.mask.max()) < numel):
+            raise ValueError(f"inconsistent SSGD-MV state: mask positions outside [0, {numel})")
         try:
             self.check_vote_invariants()
         except AssertionError as exc:
@@ -631,6 +634,9 @@ class SSGDMajorityVote(SparseFedAvg):
         for node, (_, vote) in self.votes.items():
             assert vote.numel() == k, f"client {node}: vote of {vote.numel()} != K={k} positions"
             assert torch.unique(vote).numel() == k, f"client {node}: duplicate positions in its vote"
+            assert k == 0 or (0 <= int(vote.min()) and int(vote.max()) < numel), (
+                f"client {node}: vote positions outside [0, {numel})"
+            )
             expected.index_add_(0, vote.to(torch.int64), _ones(k, 1))
         assert torch.equal(expected, self.m_sum), "M_sum differs from the sum of the clients' votes"
 

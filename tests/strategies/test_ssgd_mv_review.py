@@ -22,7 +22,15 @@ from fl_sparse.clients import SparseMod
 from fl_sparse.protocol import Instruction
 from fl_sparse.strategies import SSGDMajorityVote
 
-FLOWER_LOGGER.setLevel(logging.WARNING)
+
+
+@pytest.fixture(autouse=True)
+def _flower_warnings():
+    """Flower's log at WARNING for this module's tests only (a level set at import stays for the session)."""
+    level = FLOWER_LOGGER.level
+    FLOWER_LOGGER.setLevel(logging.WARNING)
+    yield
+    FLOWER_LOGGER.setLevel(level)
 
 VOTE, VALUES = protocol.PHASE_VOTE, protocol.PHASE_VALUES
 
@@ -193,3 +201,32 @@ def test_base_delta_sync_after_a_round_without_update():
     assert strategy.state.version == 3 and strategy.state.round_metrics[3]["accepted"] == 3
     bench.round(4)
     assert strategy.state.round_metrics[4]["sync_modes"] == {"delta": 3}
+
+
+# ====================================================================== checkpoint
+@pytest.mark.parametrize("position", [-1, 300])
+def test_a_saved_vote_outside_the_model_is_named_on_load(position):
+    """A damaged checkpoint whose stored add-drop vote names a position outside the model: a ValueError that
+    says so (it was an IndexError from the invariant check's index_add, not a state error)."""
+    options = dict(ratio=0.05, add_drop_ratio=0.01, fraction_evaluate=0.0, seed=1)
+    strategy = SSGDMajorityVote(**options)
+    bench = Bench(strategy, numel=300, clients=2)
+    bench.round(1)
+    saved = strategy.state_dict()
+    node, (vote_round, vote) = next(iter(saved["ssgd_mv"]["votes"].items()))
+    bad = vote.clone()
+    bad[-1] = position
+    saved["ssgd_mv"]["votes"][node] = (vote_round, bad)
+    with pytest.raises(ValueError, match=rf"inconsistent SSGD-MV state: client {node}: .*outside \[0, 300\)"):
+        SSGDMajorityVote(**options).load_state_dict(saved)
+
+
+def test_a_saved_mask_outside_the_model_is_named_on_load():
+    options = dict(ratio=0.05, fraction_evaluate=0.0, seed=1)
+    strategy = SSGDMajorityVote(**options)
+    Bench(strategy, numel=300, clients=2).round(1)
+    saved = strategy.state_dict()
+    saved["ssgd_mv"]["mask"] = saved["ssgd_mv"]["mask"].clone()
+    saved["ssgd_mv"]["mask"][0] = 300
+    with pytest.raises(ValueError, match=r"inconsistent SSGD-MV state: mask positions outside \[0, 300\)"):
+        SSGDMajorityVote(**options).load_state_dict(saved)
