@@ -12,17 +12,15 @@ import logging
 import math
 
 import numpy as np
-import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp.strategy import FedAvg
 from inprocess import InProcessGrid
 
-from fl_sparse import protocol
 from fl_sparse.clients import SparseMod
 from fl_sparse.protocol import Instruction
-from fl_sparse.strategies import DenseFedAvg, TopKSGD
+from fl_sparse.strategies import DenseFedAvg
 
 FLOWER_LOGGER.setLevel(logging.WARNING)
 
