@@ -28,6 +28,8 @@ from fl_sparse.codec import (
     encode_dense,
     encode_positions,
     encode_values,
+    lossy_roundtrip,
+    lossy_values,
     wire_size,
 )
 from fl_sparse.sparse import SparseTensor
@@ -801,3 +803,63 @@ def test_block_and_rice_encoders_write_the_streams_of_the_format():
     # raw: int32 little-endian, 32 bits each
     rec = encode_positions(torch.tensor([1, 5]), 16, "raw")
     assert positions_stream(rec) == ([P_RAW, 32, 64], np.array([1, 5], "<i4").tobytes())
+
+
+def test_value_encoders_defaults_dtypes_and_messages():
+    x = torch.tensor([0.5, -2.0, 65504.0])
+    sp = SparseTensor(torch.tensor([1, 4, 9]), x, 10)
+    # the default value code is fp32: exact, and nothing but the values changes
+    out = lossy_roundtrip(sp)
+    assert out.indices is sp.indices and out.values.tolist() == [0.5, -2.0, 65504.0]
+    assert lossy_values(x).tolist() == [0.5, -2.0, 65504.0]
+    # fp16: what the receiver reconstructs is float32 (65504 is float16's largest finite value)
+    for got in (lossy_values(x, "fp16"), lossy_roundtrip(sp, "fp16").values):
+        assert got.dtype == torch.float32 and got.tolist() == [0.5, -2.0, 65504.0]
+    message = r"^values exceed the float16 range \(\|v\| >= 65520\); use 'fp32' or a quantizer$"
+    with pytest.raises(ValueError, match=message):
+        encode_values(torch.tensor([65520.0]), "fp16")
+    with pytest.raises(ValueError, match=message):
+        lossy_values(torch.tensor([-7e4]), "fp16")
+    # encode_values' default is fp32 too
+    rec = encode_values(x)
+    assert np.frombuffer(rec["header"].data, dtype="<i8").tolist() == [TAG, VALUES, 3, 3, V_FP32, 32, P_NONE, 0, 0]
+    assert bytes(rec["values"].data) == np.array([0.5, -2.0, 65504.0], "<f4").tobytes()
+
+
+def test_an_empty_vector_sends_its_empty_positions():
+    # numel 0, nnz 0: not a "full support" (that needs nnz > 0): raw positions, 32-bit, 0 bits
+    rec = encode(SparseTensor(torch.zeros(0, dtype=torch.int64), torch.zeros(0), 0))
+    assert np.frombuffer(rec["header"].data, dtype="<i8").tolist() == [TAG, SPARSE, 0, 0, V_FP32, 32, P_RAW, 32, 0]
+    out = decode(rec, 0)
+    assert out.indices.tolist() == [] and out.values.tolist() == []
+
+
+def test_encode_positions_checks_its_arguments_with_their_reason():
+    def rejected(message: str, indices, numel) -> None:
+        with pytest.raises(ValueError) as info:
+            encode_positions(indices, numel)
+        assert str(info.value) == message
+
+    for numel in (True, 2.0, -1, 2**62 + 1):
+        rejected(f"numel must be an int in [0, 2**62], got {numel!r}", torch.tensor([0]), numel)
+    rejected("indices must be a 1-D integer tensor, got torch.bool (2,)", torch.tensor([True, False]), 3)
+    rejected("indices must be a 1-D integer tensor, got torch.int64 (1, 2)", torch.tensor([[0, 1]]), 3)
+    rejected("indices must be a 1-D integer tensor, got torch.float32 (1,)", torch.tensor([0.0]), 3)
+    # a decrease after the first step, still above the first index
+    rejected("indices must be strictly increasing and within [0, 10)", torch.tensor([1, 5, 3]), 10)
+    # the ends of numel's range, and indices of another integer dtype
+    assert positions_stream(encode_positions(torch.zeros(0, dtype=torch.int64), 0)) == ([P_RAW, 32, 0], b"")
+    rec = encode_positions(torch.tensor([2**62 - 1]), 2**62)
+    assert positions_stream(rec) == ([P_RAW, 64, 64], np.array([2**62 - 1], "<i8").tobytes())
+    # (gaps 1 3: r = 0, 1, 2 cost 6, 5, 6; remainders 1 1, quotients 0 1)
+    rec = encode_positions(torch.tensor([1, 5], dtype=torch.int32), 16, "rice")
+    assert positions_stream(rec) == ([P_RICE, 1, 5], bytes(bits_of("11" + "1 01")[1].data))
+
+
+def test_the_segmented_code_is_sent_only_when_strictly_shorter():
+    # numel 15 as one segment, positions 0 1 14 (gaps 0 0 12). Plain Rice: r = 1, 2, 3 cost 12, 12, 13 (the
+    # descent from floor(log2(4)) = 2 keeps 2): remainders 00 00 00, quotients 0 0 3. Segmented: the count is
+    # implied, '1' and r in bitlen(3) = 2 bits, exp-Golomb at r = 0: '1' '1' and 13 = '0001' '101': 12 bits too.
+    rec = encode_positions(torch.tensor([0, 1, 14]), 15, "rice", segments=[15])
+    nbits, arr = bits_of("00 00 00" + "1 1 0001")
+    assert positions_stream(rec) == ([P_RICE, 2, nbits], bytes(arr.data)) and nbits == 12
