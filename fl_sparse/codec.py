@@ -550,7 +550,7 @@ def _choose_rice_bits(gaps: np.ndarray, numel: int) -> int:
     for step in (-1, 1):
         while 0 <= r + step <= max_r:
             next_cost = _rice_stream_bits(gaps, r + step)
-            if next_cost >= cost:  # ties keep the smaller r (we try downwards first)
+            if next_cost >= cost:  # a tie stops here: the r reached first is kept (not always the smaller)
                 break
             r, cost = r + step, next_cost
     return r
