@@ -636,7 +636,10 @@ def _checked_segment_lengths(segments: Sequence[int], numel: int) -> np.ndarray:
     for n in segments:
         if isinstance(n, (bool, np.bool_)):
             raise TypeError("segment lengths must be ints, got a bool")
-        lengths.append(operator.index(n))  # TypeError for floats and other non-integers
+        try:
+            lengths.append(operator.index(n))
+        except TypeError:  # floats and other non-integers: numpy's message would not say what was wrong
+            raise TypeError(f"segment lengths must be ints, got {type(n).__name__} {n!r}") from None
     if not 1 <= len(lengths) <= MAX_SEGMENTS:
         raise ValueError(f"segments must hold 1 to {MAX_SEGMENTS} lengths, got {len(lengths)}")
     if min(lengths) < 0 or sum(lengths) != numel:
