@@ -148,7 +148,10 @@ class ServerState:
     ``server_error`` is δ_t, ``generation`` a random name of this run of
     the strategy (a new ``start`` is a new generation: clients drop what they
     remember of the last one), ``exact`` the current values of the arrays sent
-    exactly, ``history`` holds the positions changed by each applied update
+    exactly, ``last_update_record`` the last applied update as sent and
+    ``update_base`` the version it was applied to (versions are the rounds
+    that made them: after a round without an update it is not ``version - 1``),
+    ``history`` holds the positions changed by each applied update
     (to build catch-up payloads), ``client_versions`` the version each client
     holds and ``accepted`` the last round whose update from that client was
     aggregated. ``round_metrics[t]`` holds the numbers of round t; ``round``
@@ -163,6 +166,7 @@ class ServerState:
     server_error: ErrorFeedback = field(default_factory=ErrorFeedback)
     exact: ArrayRecord | None = None
     last_update_record: ArrayRecord | None = None
+    update_base: int = -1
     history: "OrderedDict[int, torch.Tensor]" = field(default_factory=OrderedDict)
     client_versions: dict[int, int] = field(default_factory=dict)
     accepted: dict[int, int] = field(default_factory=dict)
@@ -507,6 +511,7 @@ class SparseFedAvg(FedAvg):
             "server_error": {"numel": error["numel"], "error": None if error["error"] is None else error["error"].clone()},
             "exact": record_to_state(st.exact),
             "last_update_record": record_to_state(st.last_update_record),
+            "update_base": st.update_base,
             "history": [(int(v), idx.clone()) for v, idx in st.history.items()],
             "client_versions": dict(st.client_versions),
             "accepted": dict(st.accepted),
@@ -559,6 +564,8 @@ class SparseFedAvg(FedAvg):
                 server_error=server_error,
                 exact=exact,
                 last_update_record=record_from_state(state["last_update_record"]),
+                # a checkpoint written before this field: the base its delta sync assumed
+                update_base=int(state.get("update_base", int(state["version"]) - 1)),
                 history=history,
                 client_versions=client_versions,
                 accepted=accepted,
@@ -863,7 +870,7 @@ class SparseFedAvg(FedAvg):
         st.round = 0
         st.generation = secrets.token_hex(8)
         st.server_error = ErrorFeedback(st.model.numel())
-        st.last_update_record = None
+        st.last_update_record, st.update_base = None, -1
         st.history.clear()
         st.client_versions.clear()
         st.accepted.clear()
@@ -900,11 +907,12 @@ class SparseFedAvg(FedAvg):
         """The cheapest exact way to bring a client from version ``have`` to now.
 
         Versions are the rounds that made them, so a round without an update leaves a gap:
-        what a client at ``have`` lacks is every update in ``history`` after ``have``, not
-        the versions ``have + 1 .. version``. ``history`` keeps the newest updates (pruned
-        from the oldest), so it holds all of them when ``have`` is at least the version its
-        oldest entry was applied to; no version lies between that one and the entry's own,
-        so ``have >= oldest - 1`` says so for any version a client can hold (and errs only
+        the last update goes to a client at ``update_base`` (not ``version - 1``), and what
+        a client further behind lacks is every update in ``history`` after ``have``, not the
+        versions ``have + 1 .. version``. ``history`` keeps the newest updates (pruned from
+        the oldest), so it holds all of them when ``have`` is at least the version its oldest
+        entry was applied to; no version lies between that one and the entry's own, so
+        ``have >= oldest - 1`` says so for any version a client can hold (and errs only
         towards the dense model).
         """
         st = self.state
@@ -912,11 +920,11 @@ class SparseFedAvg(FedAvg):
             return "none", None
         if have is None or not 0 <= have < st.version:
             return "dense", codec.encode_dense(st.model)
-        missed = [v for v in st.history if v > have] if st.history and have >= next(iter(st.history)) - 1 else None
-        if missed == [st.version] and st.last_update_record is not None:
+        if have == st.update_base and st.last_update_record is not None:
             return "delta", st.last_update_record
         dense = codec.encode_dense(st.model)
-        if missed:
+        if st.history and have >= next(iter(st.history)) - 1:
+            missed = [v for v in st.history if v > have]
             positions = torch.unique(torch.cat([st.history[v] for v in missed]))
             overwrite = SparseTensor(positions, st.model[positions].clone(), st.model.numel())
             record = codec.encode(
@@ -1117,7 +1125,7 @@ class SparseFedAvg(FedAvg):
         record = codec.encode(sent, values=self.downlink_values, positions=self.downlink_positions, segments=segments)
         decoded = codec.decode(record, st.model.numel(), segments=segments)
         decoded.add_(st.model, alpha=-1.0)
-        st.version = server_round
+        st.version, st.update_base = server_round, st.version
         st.last_update_record = record
         st.history[server_round] = decoded.indices
         self._prune_history()

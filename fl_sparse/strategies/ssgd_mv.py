@@ -246,9 +246,6 @@ class SSGDMajorityVote(SparseFedAvg):
         self.mask: torch.Tensor | None = None
         self.mask_round: int = -1
         self.values_record: ArrayRecord | None = None
-        # the model version the last aggregate was applied to: what its voters hold (versions are rounds,
-        # so after a round without an update it is not version - 1)
-        self.values_base: int = -1
         self._voters: dict[int, RecordDict] = {}  # this round's accepted voters -> their user records
         self._vote_exact: dict[int, ArrayRecord | None] = {}  # ... and their exact arrays
         self._round_mask: torch.Tensor | None = None
@@ -274,7 +271,7 @@ class SSGDMajorityVote(SparseFedAvg):
         super().initialize(arrays)
         self.m_sum = torch.zeros(self.state.model.numel(), dtype=torch.int32) if self.add_drop else None
         self.votes.clear()
-        self.mask, self.mask_round, self.values_record, self.values_base = None, -1, None, -1
+        self.mask, self.mask_round, self.values_record = None, -1, None
 
     # ------------------------------------------------------------------ checkpoint
     def options(self) -> dict[str, Any]:
@@ -298,7 +295,6 @@ class SSGDMajorityVote(SparseFedAvg):
                 "mask": None if self.mask is None else self.mask.clone(),
                 "mask_round": int(self.mask_round),
                 "values_record": record_to_state(self.values_record),
-                "values_base": int(self.values_base),
             },
         }
 
@@ -315,14 +311,12 @@ class SSGDMajorityVote(SparseFedAvg):
             self.mask = None if extra["mask"] is None else extra["mask"].clone()
             self.mask_round = int(extra["mask_round"])
             self.values_record = record_from_state(extra["values_record"])
-            # a checkpoint written before this field: the base its values sync assumed
-            self.values_base = int(extra.get("values_base", self.mask_round - 1))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"not a complete SSGD-MV state: {type(exc).__name__}: {exc}") from None
-        if self.add_drop != (self.m_sum is not None) or (self.m_sum is not None and self.m_sum.numel() != self.state.model.numel()):
-            raise ValueError("the saved SSGD-MV state does not match this strategy's add-drop setting or model size")
         numel = self.state.model.numel()
-        if self.mask is not None and self.mask.numel() and not (0 <= int(self.mask.min()) and int(self.mask.max()) < numel):
+        if self.add_drop != (self.m_sum is not None) or (self.m_sum is not None and self.m_sum.numel() != numel):
+            raise ValueError("the saved SSGD-MV state does not match this strategy's add-drop setting or model size")
+        if self.mask is not None and not _within(self.mask, numel):
             raise ValueError(f"inconsistent SSGD-MV state: mask positions outside [0, {numel})")
         try:
             self.check_vote_invariants()
@@ -404,14 +398,15 @@ class SSGDMajorityVote(SparseFedAvg):
     def sync_for(self, node: int) -> tuple[str, ArrayRecord | None]:
         """``"values"`` (the last aggregate's values on the last mask) for a client of the last round, else the base's sync.
 
-        A client of the last round holds the version that round voted on, ``values_base``: not
-        ``version - 1`` after a round without an update (versions are rounds).
+        A client of the last round holds the version that round voted on, the one the last
+        update was applied to (``state.update_base``: not ``version - 1`` after a round without
+        an update, versions are rounds).
         """
         st = self.state
         have = st.client_versions.get(node)
         if (
             have is not None
-            and have == self.values_base
+            and have == st.update_base
             and st.accepted.get(node) == st.version
             and self.mask_round == st.version
             and self.values_record is not None
@@ -595,9 +590,8 @@ class SSGDMajorityVote(SparseFedAvg):
 
     def apply_update(self, server_round: int, sent: SparseTensor) -> ArrayRecord:
         """The base's update, and the values-only record that clients of this round get as their sync."""
-        base = self.state.version
         record = super().apply_update(server_round, sent)
-        self.mask, self.mask_round, self.values_base = sent.indices, server_round, base
+        self.mask, self.mask_round = sent.indices, server_round
         self.values_record = codec.encode_values(sent.values, values=self.downlink_values)
         return record
 
@@ -634,11 +628,14 @@ class SSGDMajorityVote(SparseFedAvg):
         for node, (_, vote) in self.votes.items():
             assert vote.numel() == k, f"client {node}: vote of {vote.numel()} != K={k} positions"
             assert torch.unique(vote).numel() == k, f"client {node}: duplicate positions in its vote"
-            assert k == 0 or (0 <= int(vote.min()) and int(vote.max()) < numel), (
-                f"client {node}: vote positions outside [0, {numel})"
-            )
+            assert _within(vote, numel), f"client {node}: vote positions outside [0, {numel})"
             expected.index_add_(0, vote.to(torch.int64), _ones(k, 1))
         assert torch.equal(expected, self.m_sum), "M_sum differs from the sum of the clients' votes"
+
+
+def _within(positions: torch.Tensor, numel: int) -> bool:
+    """Every position in ``[0, numel)`` (a stored vote or mask read back from a checkpoint)."""
+    return positions.numel() == 0 or (0 <= int(positions.min()) and int(positions.max()) < numel)
 
 
 def _ones(n: int, sign: int) -> torch.Tensor:
