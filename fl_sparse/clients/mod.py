@@ -524,12 +524,6 @@ class SparseMod:
                     raise ValueError(
                         f"the train function returned non-finite values in array {layout.name_at(first)!r}"
                     )
-                if retry and instr.error_feedback:
-                    # This round's step is in the error already (a = e + Δ of the first try):
-                    # Δ again would count the round twice. With a zero step the client sends
-                    # exactly what it sent the first time (its compressor is deterministic, or
-                    # seeded per round), and a resumed run continues as the uninterrupted one.
-                    step.zero_()
                 for name in layout.exact_names:  # sent whole: the server would drop the reply for them
                     nd = array_to_numpy(exact_after[name])
                     if nd.dtype.kind == "f" and not np.isfinite(nd).all():
@@ -538,6 +532,12 @@ class SparseMod:
                 # The reply's records, as a plain dict until the Message is built (records.record_dict).
                 # Without the trained model: it goes up compressed, never whole (whatever key it came under).
                 content = {key: record for key, record in user_reply.content.items() if key != trained_key}
+                if retry and instr.error_feedback:
+                    # This round's step is in the error already (a = e + Δ of the first try):
+                    # Δ again would count the round twice. With a zero step the client sends
+                    # exactly what it sent the first time (its compressor is deterministic, or
+                    # seeded per round), and a resumed run continues as the uninterrupted one.
+                    step.zero_()
                 memory = _memory(state, numel, instr.error_feedback)
                 if instr.phase == protocol.PHASE_VOTE:
                     extra = self._vote_phase(state, memory, step, instr, content, segments)
