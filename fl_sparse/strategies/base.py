@@ -947,7 +947,8 @@ class SparseFedAvg(FedAvg):
         rm = st.round_metrics.setdefault(server_round, {"round": server_round})
         rm["accepted"] = len(updates)
         if not updates:
-            log(WARNING, "round %d: no valid update; global model unchanged", server_round)
+            if self.fraction_train != 0.0:  # fraction_train = 0 sends nothing by design: no warning, as FedAvg
+                log(WARNING, "round %d: no valid update; global model unchanged", server_round)
             rm.update(self._empty_round_metrics())
             return None, None
         total = math.fsum(u.weight for u in updates)

@@ -369,8 +369,8 @@ def test_configure_train_does_no_network_io(cls):
 
 
 @pytest.mark.parametrize("cls", CLASSES)
-def test_fraction_train_zero_skips_training(tmp_path, monkeypatch, cls):
-    """configure_train returns [] at once: it does not even wait for min_available_nodes."""
+def test_fraction_train_zero_skips_training(tmp_path, monkeypatch, caplog, cls):
+    """configure_train returns [] at once: it does not even wait for min_available_nodes; no warning per round."""
 
     def no_waiting(seconds):
         raise AssertionError("waited for nodes although training is skipped")
@@ -385,19 +385,25 @@ def test_fraction_train_zero_skips_training(tmp_path, monkeypatch, cls):
     grid.send_and_receive.assert_not_called()
     # and a whole run trains nothing
     grid = bench(tmp_path, user_app(steps({"a": (5,)}), {0: 1, 1: 1}), 2)
-    result = make(cls, fraction_train=0.0, fraction_evaluate=0.0).start(grid, ArrayRecord({"a": Array(np.ones(5, dtype=np.float32))}), num_rounds=2)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        result = make(cls, fraction_train=0.0, fraction_evaluate=0.0).start(
+            grid, ArrayRecord({"a": Array(np.ones(5, dtype=np.float32))}), num_rounds=2)
     assert result.train_metrics_clientapp == {}
+    assert "no valid update" not in caplog.text  # skipping by design is not a failed round
     assert not any(Instruction.read(m.content) is None or Instruction.read(m.content).phase == protocol.PHASE_TRAIN for m in grid.sent)
 
 
 @pytest.mark.parametrize("cls", CLASSES)
-def test_a_round_with_no_valid_reply_returns_none_none(tmp_path, cls):
+def test_a_round_with_no_valid_reply_returns_none_none(tmp_path, caplog, cls):
     grid = bench(tmp_path, user_app(steps({"a": (5,)}), {0: 1, 1: 1}, fail=True), 2)
     strategy = make(cls, fraction_evaluate=0.0)
     messages = list(strategy.configure_train(1, ArrayRecord({"a": Array(np.ones(5, dtype=np.float32))}), ConfigRecord(), grid))
     replies = list(grid.send_and_receive(messages))
     assert len(replies) == 2 and all(r.has_error() for r in replies)
-    assert strategy.aggregate_train(1, replies) == (None, None)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        assert strategy.aggregate_train(1, replies) == (None, None)
+    if cls is not FedAvg:  # ours says the round changed nothing
+        assert "round 1: no valid update; global model unchanged" in caplog.text
 
 
 # ------------------------------------------------------------ start twice
