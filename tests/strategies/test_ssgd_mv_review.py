@@ -230,3 +230,35 @@ def test_a_saved_mask_outside_the_model_is_named_on_load():
     saved["ssgd_mv"]["mask"][0] = 300
     with pytest.raises(ValueError, match=r"inconsistent SSGD-MV state: mask positions outside \[0, 300\)"):
         SSGDMajorityVote(**options).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("damage", ["vote", "mask", "m_sum"])
+def test_a_refused_state_leaves_the_strategy_as_it_was(damage):
+    """load_state_dict is all or nothing: the base's part of a damaged state was loaded before SSGD-MV's
+    checks refused the rest, leaving a strategy with one run's model and another's votes."""
+    options = dict(ratio=0.05, add_drop_ratio=0.01, fraction_evaluate=0.0, seed=1)
+    other = SSGDMajorityVote(**options)
+    Bench(other, numel=300, clients=2).round(1)
+    saved = other.state_dict()
+    if damage == "vote":
+        node, (vote_round, vote) = next(iter(saved["ssgd_mv"]["votes"].items()))
+        saved["ssgd_mv"]["votes"][node] = (vote_round, torch.full_like(vote, 300))
+    elif damage == "mask":
+        saved["ssgd_mv"]["mask"] = torch.full_like(saved["ssgd_mv"]["mask"], 300)
+    else:
+        saved["ssgd_mv"]["m_sum"] = saved["ssgd_mv"]["m_sum"] + 1
+    strategy = SSGDMajorityVote(**options)
+    bench = Bench(strategy, numel=300, clients=2)
+    bench.round(1)
+    bench.round(2)
+    before = strategy.state_dict()
+    with pytest.raises(ValueError, match="SSGD-MV state"):
+        strategy.load_state_dict(saved)
+    after = strategy.state_dict()
+    assert after["version"] == before["version"] == 2 and after["round"] == 2
+    assert torch.equal(after["model"], before["model"]) and not torch.equal(after["model"], saved["model"])
+    assert torch.equal(after["ssgd_mv"]["m_sum"], before["ssgd_mv"]["m_sum"])
+    assert torch.equal(after["ssgd_mv"]["mask"], before["ssgd_mv"]["mask"])
+    assert after["ssgd_mv"]["votes"].keys() == before["ssgd_mv"]["votes"].keys()
+    bench.round(3)  # and the run goes on from where it was
+    assert strategy.state.version == 3
