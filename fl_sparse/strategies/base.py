@@ -1177,10 +1177,23 @@ class SparseFedAvg(FedAvg):
             "round_seconds": time.perf_counter() - self._round_started,
         }
 
+    def _weighed_content(self, update: ClientUpdate) -> RecordDict:
+        """The user's records with the weight the aggregate used: a weight capped by ``max_weight_ratio``
+        counts as capped in the clients' metrics too, not as the number the client claimed."""
+        content = update.user_content
+        for name, record in content.metric_records.items():
+            if self.weighted_by_key in record:
+                if float(record[self.weighted_by_key]) == update.weight:
+                    return content
+                weighed = RecordDict(dict(content.items()))
+                weighed[name] = MetricRecord(dict(record, **{self.weighted_by_key: update.weight}))
+                return weighed
+        return content
+
     def train_metrics(self, server_round: int, updates: list[ClientUpdate]) -> MetricRecord:
         """The clients' metrics aggregated by ``train_metrics_aggr_fn``, plus this round's numbers."""
         try:
-            user = self.train_metrics_aggr_fn([u.user_content for u in updates], self.weighted_by_key)
+            user = self.train_metrics_aggr_fn([self._weighed_content(u) for u in updates], self.weighted_by_key)
         except Exception as exc:  # noqa: BLE001 - clients' metrics are untrusted input too
             log(WARNING, "round %d: client metrics not aggregated: %s", server_round, exception_reason(exc))
             user = MetricRecord()

@@ -429,3 +429,24 @@ def test_a_users_compressor_whose_k_for_is_none_is_unbounded():
         np.testing.assert_allclose(arrays["w"].numpy(), expected, rtol=1e-5, atol=1e-6)
     finally:
         COMPRESSORS.pop("test-unbounded", None)
+
+
+def test_clients_metrics_are_weighed_with_the_capped_weight():
+    """A client that claims a huge num-examples is capped in the aggregate; the user's metrics
+    aggregation (FedAvg's weighted mean here) must use the capped weight too, not the claim."""
+    from flwr.app import MetricRecord
+
+    strategy = _strategy_at(np.zeros(10, np.float32), max_weight_ratio=2.0)
+    updates = [_update(1, 10.0, [1.0]), _update(2, 10.0, [1.0]), _update(3, 1e9, [1.0])]
+    for u, loss in zip(updates, (1.0, 3.0, 10.0)):
+        u.user_content = RecordDict({"metrics": MetricRecord({"num-examples": int(u.weight), "train_loss": loss})})
+    claimed = updates[2].user_content
+    strategy.state.round_metrics[1] = {"round": 1}
+    strategy.bound_influence(1, updates)
+    assert [u.weight for u in updates] == [10.0, 10.0, 20.0]
+    metrics = strategy.train_metrics(1, updates)
+    assert metrics["train_loss"] == pytest.approx((10 * 1.0 + 10 * 3.0 + 20 * 10.0) / 40)
+    assert claimed["metrics"]["num-examples"] == 10**9  # the client's own record is not changed
+    uncapped = _strategy_at(np.zeros(10, np.float32))
+    uncapped.state.round_metrics[1] = {"round": 1}
+    assert uncapped.train_metrics(1, updates[:2])["train_loss"] == pytest.approx(2.0)
