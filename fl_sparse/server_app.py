@@ -627,6 +627,10 @@ def preflight(cfg: RunConfig, *, local_clients: bool = True) -> str:
 # What a continued run may change; every other setting is the saved run's.
 RESUME_OVERRIDES = ("rounds", "eval_every", "checkpoint_every", "max_failed_rounds", "num_cpus", "num_gpus", "quiet",
                     "ray_address")
+# What a run continued by `flwr run` takes from its own run config: the flwr run's config always holds
+# them (pyproject's defaults or --run-config), so the saved values cannot be told from a choice. The
+# simulation's resources (num_cpus, num_gpus, ray_address) belong to `fl-sparse simulate`, not to flwr run.
+FLWR_RUN_RESUME_KEYS = ("eval_every", "checkpoint_every", "max_failed_rounds", "quiet")
 # Not compared when a run continues: how far and how it runs, not what it computes.
 _NOT_COMPARED = set(RESUME_OVERRIDES) | {"out", "resume"}
 
@@ -1050,12 +1054,15 @@ def main(grid: Grid, context: Context) -> None:
 
     ``resume = "<dir>"`` continues the run checkpointed in ``<dir>`` with its
     saved settings, to ``num-rounds`` if that is later than the saved run's
-    last round (see :func:`resume_config`).
+    last round (see :func:`resume_config`). How this run goes on
+    (:data:`FLWR_RUN_RESUME_KEYS`: ``eval-every``, ``checkpoint-every``,
+    ``max-failed-rounds``, ``quiet``) is this run's config, as for any run.
     """
     cfg = RunConfig.from_run_config(dict(context.run_config))
     if cfg.resume:
         # Continue the run saved there, to num-rounds or to the saved run's last round, whichever is later.
         saved = _saved_config(checkpoint.load(cfg.resume, mmap=True))
-        cfg = resume_config(cfg.resume, rounds=max(cfg.rounds, saved.rounds))
+        how = {name: getattr(cfg, name) for name in FLWR_RUN_RESUME_KEYS}
+        cfg = resume_config(cfg.resume, rounds=max(cfg.rounds, saved.rounds), **how)
     check_new_run_folder(cfg)
     run_server(grid, cfg)

@@ -479,12 +479,17 @@ def test_server_app_main_resumes_from_the_run_config(runs):
     full_out, full_rows = runs.uninterrupted("bidirectional-topk")
     out = runs.stopped("bidirectional-topk", "interrupt")  # a T = 6 run stopped after round 3
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    run_config = {**pyproject["tool"]["flwr"]["app"]["config"], "resume": str(out), "num-rounds": 4}
+    # how the run goes on is this flwr run's config (it was dropped: the saved values were used)
+    how = {"checkpoint-every": 2, "max-failed-rounds": 7, "quiet": True}
+    run_config = {**pyproject["tool"]["flwr"]["app"]["config"], "resume": str(out), "num-rounds": 4, **how}
     assert RunConfig.from_run_config(pyproject["tool"]["flwr"]["app"]["config"]).resume is None
+    assert json.loads((out / "config.json").read_text())["checkpoint_every"] == 1
     grid = _grid(run_id=11, reverse_ids=True)
     main(grid, Context(run_id=11, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     rows = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in rows] == [1, 2, 3, 4, 5, 6]  # the saved T = 6, later than num-rounds = 4
+    resumed = json.loads((out / "config.json").read_text())
+    assert (resumed["checkpoint_every"], resumed["max_failed_rounds"], resumed["quiet"]) == (2, 7, True)
     _assert_same_model(_model(out), _model(full_out))
 
 
