@@ -373,3 +373,24 @@ def test_a_sweep_that_cannot_read_a_state_file_keeps_the_model_it_names(tmp_path
     except StateCorruptError as exc:
         pytest.fail(f"the client's state no longer loads: {exc}")
     assert _is(got, 1)
+
+
+@pytest.mark.xfail(strict=True, reason="a state file of a newer format (FLSPARSE-STATE-4) is called 'not an fl-sparse "
+                   "client state file (bad magic)', moved aside as corrupt and the client reset")
+def test_a_state_file_of_a_newer_format_is_named_as_such_and_left_in_place(tmp_path):
+    """Going back to an older fl-sparse (a SuperNode rolled back, a run resumed from ``--out`` with
+    the previous release) must not silently drop every client's error memory: the file is not
+    corrupt, this version just cannot read it. The load must say so and leave the file where the
+    newer version will find it again (moved aside, it is lost to that version too, and the
+    rotation of corrupt files deletes it after three more resets)."""
+    store = ClientStateStore(tmp_path, durable=False)
+    store.save("c", _state(1))
+    raw = store.path("c").read_bytes()
+    newer = b"FLSPARSE-STATE-4\n" + raw[len(state_module.MAGIC):]  # whatever a format 4 holds
+    store.path("c").write_bytes(newer)
+    _as_new_process()
+    got = None
+    with pytest.raises(Exception, match=r"(?i)newer|format 4|version 4"):
+        got = ClientStateStore(tmp_path, durable=False).load("c")
+    assert got is None
+    assert store.path("c").read_bytes() == newer and store.corrupt_files("c") == []
