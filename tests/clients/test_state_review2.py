@@ -423,3 +423,100 @@ def test_a_failed_save_at_the_version_the_client_holds_keeps_that_version(tmp_pa
     except StateCorruptError as exc:
         pytest.fail(f"the client's state no longer loads: {exc}")
     assert _is(got, 1)
+
+
+# ====================================================================== processes taking turns
+_ROUNDS, _CLIENTS, _PROCS = 8, 10, 2
+
+
+def _plan(r: int) -> tuple[list[int], list[int]]:
+    """Round ``r``: which process handles each client, and which clients train (a fixed draw)."""
+    import random
+
+    rnd = random.Random(r)
+    return [rnd.randrange(_PROCS) for _ in range(_CLIENTS)], [c for c in range(_CLIENTS) if rnd.random() < 0.7]
+
+
+def _last_trained(c: int, before: int) -> int:
+    return next((r for r in range(before - 1, 0, -1) if c in _plan(r)[1]), 0)
+
+
+def _client_error(c: int, r: int) -> torch.Tensor:
+    return _error(100 * c + r)
+
+
+def _turns(root, me: int, barrier, models: dict) -> list:
+    """One Ray actor: each round, load and save the clients the plan gives it, sweeping before each message."""
+    wrong = []
+    store = ClientStateStore(root, durable=False, share_models=True)
+    for r in range(1, _ROUNDS + 1):
+        owner, trained = _plan(r)
+        for c in trained:
+            if owner[c] != me:
+                continue
+            state_module._swept.clear()
+            store.sweep_if_due()
+            got = store.load(f"client-{c}", shared=True)
+            last = _last_trained(c, r)
+            if last == 0:
+                ok = got.model is None and got.reset_reason is None
+            else:
+                ok = (got.reset_reason is None and got.model_version == last and torch.equal(got.model, models[last])
+                      and torch.equal(got.error, _client_error(c, last)))
+            if not ok:
+                wrong.append((r, c, last, got.model_version, got.reset_reason))
+            store.save(f"client-{c}", ClientState(model=models[r], model_version=r, error=_client_error(c, r)))
+        barrier.wait(30)
+    return wrong
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks the second process")
+def test_clients_moving_between_processes_each_round_always_load_their_last_state(tmp_path):
+    """Two processes (Ray actors) share a folder with the model store; each round the clients
+    that train are handed to either process, so a process meets clients another one saved since
+    its own last save of them (the spare gives the file back an inode this process cached), and
+    each process sweeps the folder before every message. Every load must be the client's state
+    of the last round it trained, never an older cached one, never a reset; and in the end the
+    folder holds one version file per version still held, one link per client, no temporary file."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(_PROCS)
+    models = {r: _model(r) for r in range(1, _ROUNDS + 1)}
+    for c in range(_CLIENTS):  # errors made here: the forked child runs no random generator
+        for r in range(1, _ROUNDS + 1):
+            _client_error(c, r)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the second process
+        code = 1
+        try:
+            os.close(r)
+            state_module._CACHE.clear()
+            wrong = _turns(tmp_path, 1, barrier, models)
+            os.write(w, repr(wrong).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        wrong = _turns(tmp_path, 0, barrier, models)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        theirs = os.read(r, 1 << 16).decode()
+        os.close(r)
+    assert status == 0 and theirs == "[]" and wrong == []
+    _as_new_process()
+    store = ClientStateStore(tmp_path, durable=False, share_models=True)
+    held = {}
+    for c in range(_CLIENTS):
+        last = _last_trained(c, _ROUNDS + 1)
+        got = store.load(f"client-{c}", reset_corrupt=False)
+        assert last == 0 or (got.model_version == last and torch.equal(got.error, _client_error(c, last)))
+        if last:
+            held[c] = model_hash(models[last])
+    names = _files(tmp_path)
+    assert not [n for n in names if n.endswith(".tmp")]
+    assert {n for n in names if n.startswith("models/client-")} == {f"models/client-{c}.{h}.model" for c, h in held.items()}
+    assert {n for n in names if state_module._CANONICAL.match(n.removeprefix("models/"))} == {
+        f"models/{h}.model" for h in set(held.values())}
