@@ -520,3 +520,34 @@ def test_clients_moving_between_processes_each_round_always_load_their_last_stat
     assert {n for n in names if n.startswith("models/client-")} == {f"models/client-{c}.{h}.model" for c, h in held.items()}
     assert {n for n in names if state_module._CANONICAL.match(n.removeprefix("models/"))} == {
         f"models/{h}.model" for h in set(held.values())}
+
+
+@pytest.mark.xfail(strict=True, reason="a state file this process may not read (EACCES) is taken for a corrupt one: "
+                   "moved aside and the client reset, though its bytes are intact")
+@pytest.mark.parametrize("share", [False, True], ids=["inline", "model-store"])
+def test_a_state_file_this_process_may_not_read_is_an_error_not_a_reset(tmp_path, share):
+    """A SuperNode restarted as another user (a systemd unit after a manual run as root, a
+    container with another uid on the same volume) cannot open the client's state file (mode
+    0600) or its model version: permission denied says nothing about the file's bytes, like the
+    out-of-descriptors errors a load already raises. The load must raise it and leave the files,
+    not move the state aside and start the client empty (its error memory lost to the right
+    user too, once three more resets rotate the moved file out)."""
+    import builtins
+
+    store = ClientStateStore(tmp_path, durable=False, share_models=share)
+    store.save("c", _state(1))
+    _as_new_process()
+    denied = {"c.state"} if not share else {f"c.{model_hash(_model(1))}.model", f"{model_hash(_model(1))}.model"}
+
+    def open_(path, *args, **kwargs):
+        if os.path.basename(str(path)) in denied:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(state_module, "open", open_, raising=False)
+        with pytest.raises(PermissionError):
+            ClientStateStore(tmp_path, durable=False, share_models=share).load("c")
+    assert store.corrupt_files("c") == []
+    _as_new_process()
+    assert _is(ClientStateStore(tmp_path, durable=False, share_models=share).load("c", reset_corrupt=False), 1)
