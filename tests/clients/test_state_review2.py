@@ -551,3 +551,67 @@ def test_a_state_file_this_process_may_not_read_is_an_error_not_a_reset(tmp_path
     assert store.corrupt_files("c") == []
     _as_new_process()
     assert _is(ClientStateStore(tmp_path, durable=False, share_models=share).load("c", reset_corrupt=False), 1)
+
+
+def test_a_version_released_by_its_last_holder_and_then_held_again_is_written_again(tmp_path):
+    """Client c, version 1's last holder, moves to version 2: the version file goes. A process that
+    still caches version 1 (it saved client d there earlier, and the sweep removed d's files
+    meanwhile) saves d at version 1 again: the version file is written again from memory, both
+    clients load whole in a new process, and a later move of d releases it once more."""
+    root = tmp_path / "f"
+    store = ClientStateStore(root, durable=False, share_models=True)
+    store.save("d", _state(1))
+    store.delete("d")
+    store.save("c", _state(1))
+    store.save("c", _state(2))
+    h1 = model_hash(_model(1))
+    assert not store.canonical_model_path(h1).exists()
+    assert store.shared_model(h1, N) is None  # dropped from this process's cache with the file
+    other = ClientStateStore(root, durable=False, share_models=True)
+    other.save("d", _state(1))  # what a sync from the cache (SparseMod._synced_elsewhere) saves
+    assert store.canonical_model_path(h1).exists()
+    _as_new_process()
+    assert _is(other.load("d", reset_corrupt=False), 1) and _is(other.load("c", reset_corrupt=False), 2)
+    other.save("d", _state(3))
+    assert not store.canonical_model_path(h1).exists()
+    _as_new_process()
+    assert _is(other.load("d", reset_corrupt=False), 3)
+
+
+def test_a_client_linking_a_version_while_its_last_holder_releases_it_keeps_a_whole_copy(tmp_path):
+    """The release race between two processes: c releases version 1 and finds the version file's
+    link count 1 (no other holder); before it removes the file, d links it (another process's
+    save). d then holds the only copy under its own name: it must load whole in a new process,
+    survive sweeps, and be freed (no file left) when d moves on."""
+    root = tmp_path / "f"
+    store = ClientStateStore(root, durable=False, share_models=True)
+    other = ClientStateStore(root, durable=False, share_models=True)
+    store.save("c", _state(1))
+    h1 = model_hash(_model(1))
+    canonical = str(store.canonical_model_path(h1))
+    real_stat, raced = os.stat, []
+
+    def stat(path, *args, **kwargs):
+        result = real_stat(path, *args, **kwargs)
+        if str(path) == canonical and not raced and result.st_nlink == 1:
+            raced.append(1)  # between c's look at the link count and its unlink: d links the version
+            other.save("d", _state(1))
+        return result
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "stat", stat)
+        store.save("c", _state(2))
+    assert raced and not os.path.exists(canonical)
+    assert store.model_path("d", h1).exists()  # d's own name of the copy
+    _as_new_process()
+    assert _is(other.load("d", reset_corrupt=False), 1) and _is(other.load("c", reset_corrupt=False), 2)
+    _sweep_long_after(other)
+    _as_new_process()
+    assert _is(other.load("d", reset_corrupt=False), 1)
+    other.save("d", _state(2))
+    other.save("c", _state(2))
+    _sweep_long_after(other)
+    assert not [n for n in _files(root) if h1 in n]
+    assert {n for n in _files(root) if n.startswith("models/")} == {
+        f"models/{model_hash(_model(2))}.model", f"models/c.{model_hash(_model(2))}.model",
+        f"models/d.{model_hash(_model(2))}.model"}
