@@ -187,6 +187,10 @@ class StateCorruptError(RuntimeError):
     """A stored client state could not be read back."""
 
 
+class StateFormatError(StateCorruptError, ValueError):
+    """A state file written by a newer fl-sparse (a format this version cannot read): never reset."""
+
+
 @dataclass
 class ClientState:
     """Everything a client remembers between rounds.
@@ -385,6 +389,11 @@ def _decode(buf) -> tuple[ClientState, _ModelRef | None]:
         trailer = _CRC.size
     elif magic == MAGIC_V1:
         trailer = 0
+    elif (m := re.fullmatch(rb"FLSPARSE-STATE-(\d{1,6})\n", magic)) is not None and int(m.group(1)) > 3:
+        raise StateFormatError(
+            f"written by a newer fl-sparse (state format {int(m.group(1))}; this version reads formats 1 to 3): "
+            "run the newer fl-sparse, or move the file away to start this client from an empty state"
+        )
     else:
         raise ValueError("not an fl-sparse client state file (bad magic)")
     pos = len(MAGIC)
@@ -469,8 +478,9 @@ SPARE_MAX_BYTES = 4 << 20  # larger states get no spare: it would double their s
 SPARE_SUFFIX = ".spare"
 _TEMP_COUNTER = itertools.count(secrets.randbits(32) << 16)  # a random start: a dead process's names are not reused
 _PATHS_KEPT = 4096  # client names a store remembers its file names for (a Ray actor serves many clients)
-# Errors that say nothing about the file (this process is out of something): raised, the file kept.
-_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN}
+# Errors that say nothing about the file (this process is out of something, or may not read it):
+# raised, the file kept.
+_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN, errno.EACCES, errno.EPERM}
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:64] or "host"
 _TMP = re.compile(r"^(?P<target>.+\.(?:state|model))(?:\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)\.)?[a-z0-9_]*\.tmp$")
 MODELS = "models"  # the model store: a sub-folder of the store's folder
@@ -663,16 +673,27 @@ def _write_all(fd: int, chunks: list) -> None:
             views[0] = views[0][done:]
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make the folder's entries (a rename, a new file) durable; a no-op where folders cannot be opened."""
+# fsync errors that say a folder cannot be fsynced here at all (nothing was lost): ignored.
+_NO_DIR_FSYNC = frozenset(
+    getattr(errno, name) for name in ("EINVAL", "EBADF", "ENOTSUP", "EOPNOTSUPP") if hasattr(errno, name)
+)
+
+
+def _fsync_dir(path: Path, *, strict: bool = False) -> None:
+    """Make the folder's entries (a rename, a new file) durable; a no-op where folders cannot be opened.
+
+    ``strict``: an error that says the entries may not be on the disk (EIO, ENOSPC, ...) is
+    raised, not ignored (a save must not report a replace durable that may be lost).
+    """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return
     try:
         os.fsync(fd)
-    except OSError:  # some filesystems do not fsync folders (EINVAL)
-        pass
+    except OSError as exc:  # some filesystems do not fsync folders (EINVAL)
+        if strict and exc.errno not in _NO_DIR_FSYNC:
+            raise
     finally:
         os.close(fd)
 
@@ -786,6 +807,8 @@ class ClientStateStore:
                     if got != read_stat.st_size:
                         raise ValueError(f"short read ({got} of {read_stat.st_size} bytes)")
                 state, ref = _decode(buf)
+            except StateFormatError as exc:  # not corrupt: left where it is, whatever reset_corrupt says
+                raise StateFormatError(f"cannot read client state {path}: {exc}") from None
             except FileNotFoundError:
                 _CACHE.drop(path)
                 return ClientState()
@@ -868,7 +891,11 @@ class ClientStateStore:
             except _SpareLost:  # swept away while we wrote it: once more in a new file
                 written = self._write_file(path, None, chunks, size)
         except BaseException:
-            if linked:  # no state file names the new link (nor, if it was the only one, the version)
+            # Release the new link only if no state file names it: a save can fail after its
+            # replace (a signal during the folder's fsync, a rename NFS did but reported failed),
+            # and the file then in place names this version, as does the previous one when it
+            # held this version already (its missing link was made again just now).
+            if linked and self._held_hash(path) != ref.hash:
                 self._release(key, ref.hash)
             raise
         if held is not None and (ref is None or ref.hash != held):
@@ -933,7 +960,15 @@ class ClientStateStore:
                         pass
             raise
         if self.durable:
-            _fsync_dir(self.root)  # the rename itself survives a power cut
+            try:
+                _fsync_dir(self.root, strict=True)  # the rename itself survives a power cut
+            except OSError:
+                if old is not None:  # the replaced file may still be the state file on the disk:
+                    try:             # never rewrite it in place as the next spare
+                        os.unlink(old)
+                    except OSError:
+                        pass
+                raise
         if old is not None:
             try:
                 os.rename(old, spare)
@@ -1061,7 +1096,10 @@ class ClientStateStore:
             state_path = self.root / f"{key}.state"
             if len(held) == 1 and state_path.exists():
                 continue  # the usual case: one link, its state file there (its header is not read)
-            current = self._held_hash(state_path)
+            try:
+                current = self._held_hash(state_path, strict=True)
+            except OSError:  # cannot tell now which version it names: its links wait for the next sweep
+                continue
             for digest, entry in held:
                 # A link a save made moments ago may be one its state file is about to name.
                 if digest != current and untouched(entry) is not None:
@@ -1089,13 +1127,16 @@ class ClientStateStore:
             _fsync_dir(self.root.parent)  # the new folder's own entry
 
     # ---- the model store
-    def _held_hash(self, path: Path, *, trust_cache: bool = False) -> str | None:
+    def _held_hash(self, path: Path, *, trust_cache: bool = False, strict: bool = False) -> str | None:
         """The model version the state file at ``path`` names (held through a link), or None.
 
         ``trust_cache`` (a save): the cached entry as it is, without a ``stat`` of the file.
         The load just before the save confirmed it; an entry gone stale since (another
         process saving this client meanwhile, which the server never asks for) costs at
         most a link that the sweep removes later.
+
+        ``strict`` (the sweep): an error reading the file (other than its absence) is raised,
+        not taken to mean that the file names no version.
         """
         if trust_cache:
             stored = _CACHE.peek(path)
@@ -1103,7 +1144,11 @@ class ClientStateStore:
                 return stored.ref.hash if stored.ref is not None else None
         try:
             stat = os.stat(path)
+        except FileNotFoundError:
+            return None
         except OSError:
+            if strict:
+                raise
             return None
         # The signature alone, without _cached_state's read of the file's digest (see above).
         stored = _CACHE.get(path, _signature(stat))
@@ -1121,7 +1166,13 @@ class ClientStateStore:
                     return None
                 header = json.loads(fh.read(header_len))
             return _ModelRef.from_json(header["model_ref"]).hash if "model_ref" in header else None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        except FileNotFoundError:
+            return None
+        except OSError:
+            if strict:
+                raise
+            return None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None
 
     def _link(self, key: str, digest: str, model: torch.Tensor) -> bool:
@@ -1152,7 +1203,14 @@ class ClientStateStore:
             except OSError as exc:
                 self._links_unsupported(exc)
             if self.durable:
-                _fsync_dir(self.models)
+                try:
+                    _fsync_dir(self.models, strict=True)  # the link must be on the disk before a state names it
+                except OSError:
+                    try:
+                        os.unlink(link)
+                    except OSError:
+                        pass
+                    raise
             return True
         log(WARNING, "model store %s: version %s vanished %d times while linking it; stored inline",
             self.models, digest, _LINK_TRIES)

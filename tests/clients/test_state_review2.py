@@ -254,8 +254,6 @@ def _fsync_dir_interrupted_for(root):
     return fsync_dir
 
 
-@pytest.mark.xfail(strict=True, reason="a save that fails after its state file is in place releases the new "
-                   "model link (and version file) that file names: the client's next load resets it")
 @pytest.mark.parametrize("failure", ["interrupted-folder-fsync", "replace-reports-an-error-it-did", "folder-close-fails"])
 def test_a_save_that_fails_after_its_state_file_is_in_place_keeps_the_model_that_file_names(tmp_path, failure):
     """The save raises after ``os.replace`` put the new state file in place: a KeyboardInterrupt
@@ -310,8 +308,6 @@ def test_a_save_that_fails_after_its_state_file_is_in_place_keeps_the_model_that
     assert _is(got, 2) or _is(got, 3)
 
 
-@pytest.mark.xfail(strict=True, reason="the folder fsync's EIO is ignored (all OSErrors are, not only the EINVAL of "
-                   "folders that cannot be fsynced): a durable save reports success for a rename that may be lost")
 def test_a_durable_save_whose_folder_fsync_fails_with_an_io_error_says_so(tmp_path):
     """``durable=True`` promises the new state survives a power cut once ``save`` returns. An EIO
     from fsync of the folder means the rename may not be on the disk (and fsync reports a
@@ -340,8 +336,6 @@ def test_a_durable_save_whose_folder_fsync_fails_with_an_io_error_says_so(tmp_pa
     assert _is(got, 1) or _is(got, 2)
 
 
-@pytest.mark.xfail(strict=True, reason="the sweep takes a state file it cannot read now (EMFILE, EIO) for one that "
-                   "names no model: it removes the client's live link, then its version file")
 @pytest.mark.parametrize("code", [errno.EMFILE, errno.EIO])
 def test_a_sweep_that_cannot_read_a_state_file_keeps_the_model_it_names(tmp_path, code):
     """Client c holds version 1, which no other client holds any more (it has not trained since),
@@ -376,8 +370,6 @@ def test_a_sweep_that_cannot_read_a_state_file_keeps_the_model_it_names(tmp_path
     assert _is(got, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="a state file of a newer format (FLSPARSE-STATE-4) is called 'not an fl-sparse "
-                   "client state file (bad magic)', moved aside as corrupt and the client reset")
 def test_a_state_file_of_a_newer_format_is_named_as_such_and_left_in_place(tmp_path):
     """Going back to an older fl-sparse (a SuperNode rolled back, a run resumed from ``--out`` with
     the previous release) must not silently drop every client's error memory: the file is not
@@ -397,8 +389,6 @@ def test_a_state_file_of_a_newer_format_is_named_as_such_and_left_in_place(tmp_p
     assert store.path("c").read_bytes() == newer and store.corrupt_files("c") == []
 
 
-@pytest.mark.xfail(strict=True, reason="a failed save releases the link it made even when the state file in place "
-                   "names that version (it re-made a missing link): the version file goes, the state no longer loads")
 def test_a_failed_save_at_the_version_the_client_holds_keeps_that_version(tmp_path):
     """Client c holds version 1 alone, but its link is gone (what the sweep above removes; the
     version file is still there). c saves again at version 1 (SSGD-MV's values phase keeps the
@@ -523,8 +513,6 @@ def test_clients_moving_between_processes_each_round_always_load_their_last_stat
         f"models/{h}.model" for h in set(held.values())}
 
 
-@pytest.mark.xfail(strict=True, reason="a state file this process may not read (EACCES) is taken for a corrupt one: "
-                   "moved aside and the client reset, though its bytes are intact")
 @pytest.mark.parametrize("share", [False, True], ids=["inline", "model-store"])
 def test_a_state_file_this_process_may_not_read_is_an_error_not_a_reset(tmp_path, share):
     """A SuperNode restarted as another user (a systemd unit after a manual run as root, a
