@@ -1,8 +1,8 @@
 """CUDA checks of the accelerator-only lines of fl_sparse.compressors / fl_sparse.quantize.
 
 Written for the survivors of the GPU mutation run of 2026-11-27 (.gpumut/): each check is a
-helper taking ``device`` (so its logic also runs, and passes, on CPU) and a CUDA test calling
-it with ``"cuda"``. Every test skips without a CUDA device (the CI machine has none).
+helper taking ``device``, run on CPU everywhere and on CUDA where there is one (the CI machine
+has none: its CUDA cases skip there).
 Inputs are fixed and tie-free where a selection is compared, so the expected sets are exact.
 """
 
@@ -216,47 +216,36 @@ def check_empty_encode_dtypes_under_float64_default(device: str) -> None:
         assert torch.equal(first, ref_first) and torch.equal(second, ref_second)
 
 
-# ------------------------------------------------------------- the CUDA tests
-@needs_cuda
-def test_cuda_topk_k0_stays_on_device():
-    check_topk_k0_stays_on_device("cuda")
+def check_scaled_sign_decode_is_float32_on_the_signs_device(device: str) -> None:
+    """``decode`` gives float32 on the signs' device, whatever dtype or device the scale comes in."""
+    negative = torch.tensor([True, False, True, False]).to(device)
+    for scale in (torch.tensor(0.5, dtype=torch.float64), torch.tensor([0.5], dtype=torch.float16),
+                  torch.tensor(0.5).to(device)):
+        out = ScaledSign().decode(negative, scale)
+        assert out.dtype == torch.float32 and _same_device(out, device)
+        assert out.cpu().tolist() == [-0.5, 0.5, -0.5, 0.5]
 
 
-@needs_cuda
-def test_cuda_topk_rejects_inf_not_only_nan():
-    check_topk_rejects_inf_not_only_nan("cuda")
+# ------------------------------------------------------------- the tests: on CPU here, on CUDA where there is one
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
-@needs_cuda
-def test_cuda_topk_exact_set():
-    check_topk_exact_set("cuda")
-
-
-@needs_cuda
-def test_cuda_hard_threshold_keeps_entries_equal_to_lambda():
-    check_hard_threshold_keeps_entries_equal_to_lambda("cuda")
-
-
-@needs_cuda
-def test_cuda_randomk_full_budget_on_device():
-    check_randomk_full_budget_on_device("cuda")
+@pytest.mark.parametrize("check", [
+    check_topk_k0_stays_on_device,
+    check_topk_rejects_inf_not_only_nan,
+    check_topk_exact_set,
+    check_hard_threshold_keeps_entries_equal_to_lambda,
+    check_randomk_full_budget_on_device,
+    check_generator_override,
+    check_quantizers_reject_non_finite,
+    check_empty_encode_dtypes_under_float64_default,
+    check_scaled_sign_decode_is_float32_on_the_signs_device,
+], ids=lambda check: check.__name__.removeprefix("check_"))
+@pytest.mark.parametrize("device", DEVICES)
+def test_on_each_device(check, device):
+    check(device)
 
 
 @needs_cuda
 def test_cuda_seeded_streams_are_per_device():
     check_seeded_streams_are_per_device(["cpu", "cuda"])
-
-
-@needs_cuda
-def test_cuda_generator_override():
-    check_generator_override("cuda")
-
-
-@needs_cuda
-def test_cuda_quantizers_reject_non_finite():
-    check_quantizers_reject_non_finite("cuda")
-
-
-@needs_cuda
-def test_cuda_empty_encode_dtypes_under_float64_default():
-    check_empty_encode_dtypes_under_float64_default("cuda")
