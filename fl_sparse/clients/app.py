@@ -36,12 +36,39 @@ __all__ = ["app", "train", "evaluate", "builtin_task", "local_training"]
 app = ClientApp(mods=[SparseMod()])
 
 
+def _node_int(context: Context, key: str) -> int | None:
+    """An integer node-config entry (``3``, ``3.0`` or ``"3"``), None when absent; anything else is named."""
+    value = context.node_config.get(key)
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ValueError(
+        f"node config {key}={value!r} is not an integer; start the SuperNode with "
+        f"--node-config \"partition-id=K num-partitions=N\""
+    )
+
+
 def builtin_task(context: Context, config: ConfigRecord) -> ClientTask:
     """This node's task: its partition (node config ``partition-id``) of the configured dataset and model."""
-    pid = int(context.node_config.get("partition-id", 0))
-    spec = TaskSpec.from_config(config, pid, int(config.get("num-partitions", 1)))
-    if "num-partitions" in context.node_config:  # the node's own word wins
-        spec = replace(spec, num_partitions=int(context.node_config["num-partitions"]))
+    pid = _node_int(context, "partition-id")
+    spec = TaskSpec.from_config(config, 0 if pid is None else pid, int(config.get("num-partitions", 1)))
+    nodes = _node_int(context, "num-partitions")
+    if nodes is not None:  # the node's own word wins
+        spec = replace(spec, num_partitions=nodes)
+    if pid is None and spec.num_partitions > 1:  # every such node would train on partition 0
+        raise ValueError(
+            f"this node has no partition-id in its node config, and the data is split into "
+            f"{spec.num_partitions} partitions; start the SuperNode with "
+            f"--node-config \"partition-id=K num-partitions={spec.num_partitions}\""
+        )
     return get_task(spec)
 
 

@@ -21,7 +21,10 @@ searched, in this order, in ``root`` (when given), ``$FL_SPARSE_DATA``, the
 Debian system directory (``/usr/share/datasets/fashion-mnist``, package
 ``dataset-fashion-mnist``) and the cache directory; each base directory is
 tried as is, under ``<base>/<name>/`` and under torchvision's
-``<base>/FashionMNIST/raw/`` layout. Only then torchvision downloads into the
+``<base>/FashionMNIST/raw/`` layout. A folder holding the other dataset's files
+(MNIST and Fashion-MNIST share file names and shapes; their mean pixels tell
+them apart) is passed over, and named by an :class:`IdxFormatError` when no
+folder holds the right files. Only then torchvision downloads into the
 cache directory (``$FL_SPARSE_CACHE``, else ``$XDG_CACHE_HOME/fl-sparse``, else
 ``~/.cache/fl-sparse``). CIFAR-10 is looked up the same way as torchvision's
 ``cifar-10-batches-py`` folder and otherwise downloaded. When nothing works a
@@ -119,6 +122,9 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "shards")
+
+# How far the mean pixel of IDX files may be from the dataset's (both splits are within 0.002).
+MEAN_PIXEL_TOLERANCE = 0.03
 
 # Debian's dataset-fashion-mnist installs here. Tests monkeypatch this.
 SYSTEM_DATA_DIRS: dict[str, tuple[str, ...]] = {
@@ -230,14 +236,22 @@ def read_idx(path: str | os.PathLike, *, expected_ndim: int | None = None) -> np
     return np.frombuffer(raw, dtype=dtype, offset=header).astype(dtype.newbyteorder("=")).reshape(dims)
 
 
-def _find_idx_dir(name: str, bases: list[Path]) -> Path | None:
-    """The first directory among ``bases`` (and their usual subfolders) holding all IDX files."""
+def _idx_dirs(name: str, bases: list[Path]):
+    """The directories among ``bases`` (and their usual subfolders) holding all IDX files, in search order."""
     needed = [f for pair in _IDX_FILES.values() for f in pair]
     for base in bases:
         for cand in (base, base / name, base / _TORCHVISION_FOLDER[name] / "raw"):
             if all(_idx_file(cand, f) is not None for f in needed):
-                return cand
-    return None
+                yield cand
+
+
+def _find_idx_dir(name: str, bases: list[Path]) -> Path | None:
+    """The first directory among ``bases`` (and their usual subfolders) holding all IDX files."""
+    return next(_idx_dirs(name, bases), None)
+
+
+class _OtherDatasetError(IdxFormatError):
+    """Well-formed IDX files of another dataset (MNIST and Fashion-MNIST share file names and shapes)."""
 
 
 def _idx_file(folder: Path, stem: str) -> Path | None:
@@ -264,6 +278,14 @@ def _load_idx_split(name: str, folder: Path, split: str) -> tuple[np.ndarray, np
         raise IdxFormatError(f"{folder}/{lbl_stem}: {labels.shape[0]} labels, expected {expected_n}")
     if int(labels.max()) >= info.num_classes:
         raise IdxFormatError(f"{folder}/{lbl_stem}: label {int(labels.max())} out of range")
+    # MNIST and Fashion-MNIST have the same file names and shapes; their mean pixels differ (0.13, 0.29).
+    mean = float(np.add.reduce(images.ravel(), dtype=np.uint64)) / images.size / 255.0
+    if abs(mean - info.mean[0]) > MEAN_PIXEL_TOLERANCE:
+        other = [k for k, v in DATASETS.items() if len(v.mean) == 1 and abs(mean - v.mean[0]) <= MEAN_PIXEL_TOLERANCE]
+        raise _OtherDatasetError(
+            f"{folder}/{img_stem}: mean pixel {mean:.4f}, {name}'s is {info.mean[0]}: "
+            + (f"these are {other[0]}'s files, not {name}'s" if other else f"these are not {name}'s files")
+        )
     return images, labels
 
 
@@ -327,11 +349,17 @@ def _unavailable(name: str, bases: list[Path], exc: BaseException | None) -> Dat
 
 def _load_mnist_like(name: str, root) -> tuple[TensorPair, TensorPair]:
     bases = _search_bases(name, root)
-    folder = _find_idx_dir(name, bases)
-    if folder is not None:
-        train = _load_idx_split(name, folder, "train")
-        test = _load_idx_split(name, folder, "test")
+    other: _OtherDatasetError | None = None
+    for folder in _idx_dirs(name, bases):
+        try:
+            train = _load_idx_split(name, folder, "train")
+            test = _load_idx_split(name, folder, "test")
+        except _OtherDatasetError as exc:  # e.g. Fashion-MNIST's files in a base, MNIST's in <base>/mnist/
+            other = other or exc
+            continue
         return _pair(name, *train), _pair(name, *test)
+    if other is not None:
+        raise other
     # Fall back to torchvision's downloader (needs internet).
     cache = default_cache_dir()
     try:
