@@ -53,11 +53,13 @@ import time
 import typing
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fl_sparse import checkpoint
@@ -1063,6 +1065,15 @@ def main(grid: Grid, context: Context) -> None:
         # Continue the run saved there, to num-rounds or to the saved run's last round, whichever is later.
         saved = _saved_config(checkpoint.load(cfg.resume, mmap=True))
         how = {name: getattr(cfg, name) for name in FLWR_RUN_RESUME_KEYS}
+        given = cfg
         cfg = resume_config(cfg.resume, rounds=max(cfg.rounds, saved.rounds), **how)
+        # This run config always holds every key (pyproject's defaults at least), so a value that
+        # differs from the saved run's is said, not refused: the saved run's settings are used.
+        differ = [f.name for f in fields(RunConfig)
+                  if f.name not in _NOT_COMPARED and getattr(given, f.name) != getattr(cfg, f.name)]
+        if differ:
+            log(WARNING, "resume %s: the saved run's settings are used, not this run config's %s",
+                cfg.resume, ", ".join(f"{n.replace('_', '-')}={getattr(given, n)!r} (saved {getattr(cfg, n)!r})"
+                                      for n in differ))
     check_new_run_folder(cfg)
     run_server(grid, cfg)

@@ -14,6 +14,7 @@ through ``fl-sparse simulate`` (Ray) twice.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -470,7 +471,7 @@ def test_checkpoint_every_n_rounds(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- ServerApp (flwr run) and CLI
-def test_server_app_main_resumes_from_the_run_config(runs):
+def test_server_app_main_resumes_from_the_run_config(runs, caplog):
     """``flwr run . --run-config "resume='DIR'"``: the saved settings, to the later of num-rounds and the saved T."""
     import tomllib
 
@@ -481,11 +482,16 @@ def test_server_app_main_resumes_from_the_run_config(runs):
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     # how the run goes on is this flwr run's config (it was dropped: the saved values were used)
     how = {"checkpoint-every": 2, "max-failed-rounds": 7, "quiet": True}
-    run_config = {**pyproject["tool"]["flwr"]["app"]["config"], "resume": str(out), "num-rounds": 4, **how}
+    run_config = {**pyproject["tool"]["flwr"]["app"]["config"], "resume": str(out), "num-rounds": 4, **how,
+                  "ratio": 0.5}  # not this run's to change: said, and the saved ratio used
     assert RunConfig.from_run_config(pyproject["tool"]["flwr"]["app"]["config"]).resume is None
     assert json.loads((out / "config.json").read_text())["checkpoint_every"] == 1
     grid = _grid(run_id=11, reverse_ids=True)
-    main(grid, Context(run_id=11, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        main(grid, Context(run_id=11, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    said = [r.getMessage() for r in caplog.records if "the saved run's settings are used" in r.getMessage()]
+    assert len(said) == 1 and "ratio=0.5 (saved 0.01)" in said[0]  # with pyproject's other defaults
+    assert "checkpoint-every" not in caplog.text and "num-rounds" not in caplog.text
     rows = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in rows] == [1, 2, 3, 4, 5, 6]  # the saved T = 6, later than num-rounds = 4
     resumed = json.loads((out / "config.json").read_text())
