@@ -686,7 +686,8 @@ def check_new_run_folder(cfg: RunConfig) -> None:
     if held:
         raise ValueError(
             f"output folder {cfg.out!r} already holds a run ({', '.join(held)}): continue it with resume "
-            f"(fl-sparse simulate --resume {cfg.out}), or remove it or choose another output folder"
+            f"(fl-sparse simulate --resume {cfg.out}; under flwr run: --run-config \"resume='{cfg.out}'\"), "
+            "or remove it or choose another output folder"
         )
 
 
@@ -780,9 +781,13 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
             strategy.load_state_dict(ckpt["strategy"])
         except ValueError as exc:
             raise CheckpointError(f"cannot continue the run saved in {cfg.resume}: {exc}") from None
-        built = FlatLayout.from_arrayrecord(initial, exact=getattr(strategy, "exact_arrays", ()))
+        built = FlatLayout.from_arrayrecord(initial, exact=getattr(strategy, "exact_patterns", ()))
         if strategy.state.layout.to_json() != built.to_json():
-            raise CheckpointError(f"the checkpoint in {cfg.resume} holds another model than {cfg.model!r} as built now")
+            raise CheckpointError(
+                f"the checkpoint in {cfg.resume} holds another model than {cfg.model!r} as built now, or other "
+                "arrays sent exactly (BatchNorm's running statistics are sent exactly by default since 2026-11-27: "
+                "exact_running_stats)"
+            )
         initial = strategy.current_arrays()
         first_round = int(ckpt["round"]) + 1
         rows = add_cumulative_bytes([dict(r) for r in ckpt["rows"]])

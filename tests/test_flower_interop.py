@@ -277,3 +277,24 @@ def test_tied_weights_are_named_at_initialize_and_look_alikes_by_chance_are_not(
     with caplog.at_level(logging.WARNING):
         TopKSGD(ratio=0.1).initialize(ArrayRecord({k: Array(v) for k, v in arrays.items()}))
     assert not [r for r in caplog.records if "hold the same values" in r.getMessage()]
+
+
+def test_unavailable_nodes_are_counted_apart_from_apps_without_the_mod(tmp_path, caplog):
+    """Flower answers for a dead SuperNode itself: an error reply NODE_UNAVAILABLE whose sender is the
+    SuperLink (node id 1 here), not the node. Those were counted as one node "1" that did not answer,
+    with the hint that SparseMod may be missing from the ClientApp."""
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+
+    def dead(node, reply):
+        if node == 1007 and protocol.UPDATE not in reply.content:  # not a train reply: the identify round trip
+            gone = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"), reply_to=reply)
+            gone.metadata.__dict__["_src_node_id"] = 1  # as Flower's SuperLink writes it (no public setter)
+            return gone
+        return reply
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        _start(TopKSGD(ratio=0.1, fraction_evaluate=0.0), _app([SparseMod()]), tmp_path, rounds=1, tamper=dead)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("1 of 3 nodes were unavailable for fl-sparse's identify message" in line for line in lines), lines
+    assert not any("Is SparseMod in their ClientApp's mods?" in line for line in lines), lines

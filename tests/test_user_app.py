@@ -234,8 +234,11 @@ def _meta():
 
 
 def test_mod_path_equals_the_papers_loop_with_h1(tmp_path):
-    """H = 1, unequal partitions, 4 rounds: the mod + strategy end where Algorithm 2 ends (1e-6)."""
-    strategy = BidirectionalTopKSGD(ratio=0.05, fraction_evaluate=0.0, min_available_nodes=NUM_CLIENTS)
+    """H = 1, unequal partitions, 4 rounds: the mod + strategy end where Algorithm 2 ends (1e-6).
+
+    Algorithm 2 compresses every float entry: BatchNorm's running statistics too (not the default)."""
+    strategy = BidirectionalTopKSGD(ratio=0.05, fraction_evaluate=0.0, min_available_nodes=NUM_CLIENTS,
+                                    exact_running_stats=False)
     grid = InProcessGrid(make_client_app(str(tmp_path)), NUM_CLIENTS)
     initial = ArrayRecord(make_model().state_dict())
     result = strategy.start(grid, initial, num_rounds=4, train_config=ConfigRecord({"lr": 0.1, "local-steps": 1}))

@@ -74,3 +74,20 @@ def test_example_readme_expected_bytes_match_a_run(tmp_path: Path, monkeypatch):
     assert f"Each client sends {per_client} bytes per round" in (EXAMPLE / "README.md").read_text()
     # Accuracies are machine-dependent; the run still has to learn (chance: 0.1).
     assert results["rounds"][-1]["accuracy"] == pytest.approx(0.79, abs=0.1)
+
+
+def test_example_learns_at_a_small_ratio(tmp_path: Path, monkeypatch):
+    """README's second command (num-server-rounds=10 ratio=0.01) on the library's defaults: BatchNorm's
+    running statistics go whole, so no running variance turns negative and the model does not collapse
+    to one class (accuracy 0.1 from round 5 when they were top-K'd with error feedback)."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    grid = InProcessGrid(client_app, 3, node_config=lambda i: {"state-dir": str(tmp_path / "state")})
+    run_config = {**server_module.DEFAULT_CONFIG, "num-server-rounds": 10, "ratio": 0.01,
+                  "fraction-evaluate": 0.0, "results": str(tmp_path / "results.json")}
+    server_app(grid, Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    final = torch.load(tmp_path / "final_model.pt")
+    assert min(v.min().item() for n, v in final.items() if n.endswith("running_var")) > 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rounds"]
+    assert rows[-1]["accuracy"] > 0.5, [r["accuracy"] for r in rows]

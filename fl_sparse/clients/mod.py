@@ -47,8 +47,8 @@ Flower 1.42's ArrayRecord refuses bfloat16 tensors ("unsupported ScalarType
 BFloat16"), so a bfloat16 model travels as float32 arrays
 (``{k: v.float() for k, v in model.state_dict().items()}``) and is cast back
 by the train function. Integer arrays (BatchNorm's ``num_batches_tracked``)
-and the float arrays the server's strategy names in ``exact_arrays`` are not
-compressed: the server
+and the float arrays the server's strategy sends exactly (``exact_arrays``,
+and by default BatchNorm's running statistics) are not compressed: the server
 sends their current values with every message and the client returns the
 trained values whole.
 

@@ -116,6 +116,7 @@ import numpy as np
 import torch
 import xxhash
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -131,6 +132,8 @@ from fl_sparse.strategies.arguments import count_argument, flag_argument, is_num
 __all__ = ["SparseFedAvg", "ServerState", "ClientUpdate", "with_fedavg_signature"]
 
 _UNKNOWN_KEY = 1 << 62  # orders nodes without a known partition id after those with one
+# BatchNorm's running statistics (PyTorch's state_dict names): sent exactly by default (exact_running_stats).
+RUNNING_STATS = ("*running_mean", "*running_var")
 MAX_WEIGHT = float(2**53)  # the largest weight a reply may claim: exact in float64, sums cannot overflow
 
 
@@ -219,6 +222,14 @@ class SparseFedAvg(FedAvg):
     exact_arrays : iterable of str
         Names (fnmatch patterns) of float arrays to send exactly, never
         compressed (integer arrays always are).
+    exact_running_stats : bool
+        Send BatchNorm's running statistics (arrays named ``*running_mean``
+        and ``*running_var``) exactly too (default). Local training replaces
+        them rather than adding to them, so a client's update of a statistic
+        is the same difference round after round until it is sent; error
+        feedback would pile those copies up and, once sent, overshoot (a
+        running variance can turn negative: NaN in eval mode). They are a few
+        numbers per channel. ``False`` compresses them with the weights.
     seed : int
         Seeds client sampling and random compressors (a fixed seed gives the same run).
     diagnostics : bool
@@ -275,6 +286,7 @@ class SparseFedAvg(FedAvg):
         server_error_feedback: bool = True,
         client_error_feedback: bool = True,
         exact_arrays: Iterable[str] = (),
+        exact_running_stats: bool = True,
         seed: int = 0,
         diagnostics: bool = False,
         client_state_dir: str | None = None,
@@ -328,6 +340,7 @@ class SparseFedAvg(FedAvg):
         self.server_error_feedback = flag_argument("server_error_feedback", server_error_feedback)
         self.client_error_feedback = flag_argument("client_error_feedback", client_error_feedback)
         self.exact_arrays = names_argument("exact_arrays", exact_arrays)
+        self.exact_running_stats = flag_argument("exact_running_stats", exact_running_stats)
         self.seed = count_argument("seed", seed, minimum=0)
         self.diagnostics = flag_argument("diagnostics", diagnostics)
         self.client_state_dir = client_state_dir or ""
@@ -482,7 +495,14 @@ class SparseFedAvg(FedAvg):
             "seed": self.seed,
             "fraction_train": float(self.fraction_train),
             "weighted_by_key": self.weighted_by_key,
+            # Only when off: a checkpoint written before this option compares equal to the default.
+            **({} if self.exact_running_stats else {"exact_running_stats": False}),
         }
+
+    @property
+    def exact_patterns(self) -> tuple[str, ...]:
+        """The names of the float arrays sent exactly: ``exact_arrays`` and, by default, BatchNorm's statistics."""
+        return tuple(self.exact_arrays) + (RUNNING_STATS if self.exact_running_stats else ())
 
     def state_dict(self) -> dict[str, Any]:
         """Everything this strategy needs to continue the run: plain values and tensors (copies).
@@ -659,15 +679,23 @@ class SparseFedAvg(FedAvg):
             for n in unknown
         ]
         unanswered: dict[int, str] = {}
+        unavailable = 0  # Flower's own error replies for a dead node come from the SuperLink's id, not the node's
         for reply in grid.send_and_receive(queries, timeout=self._timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
+                if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                    unavailable += 1
+                    continue
                 unanswered[node] = f"error {reply.error.code}: {reply.error.reason}"
                 continue
             try:
                 self._learn_key(node, Report.read(reply.content))
             except protocol.ProtocolError as exc:
                 unanswered[node] = str(exc)
+        if unavailable:
+            log(WARNING, "%d of %d nodes were unavailable for fl-sparse's identify message (no heartbeat: "
+                "stopped or unreachable SuperNodes; Flower drops them after 2 heartbeat intervals)",
+                unavailable, len(unknown))
         if unanswered:
             # Nothing is wrong with the run yet (such a node is asked again by its first train
             # message); but the usual cause, a ClientApp without the mod, fails every round after.
@@ -856,7 +884,7 @@ class SparseFedAvg(FedAvg):
     def initialize(self, arrays: ArrayRecord) -> None:
         """Take w_0 from ``arrays``: a new run (every client gets a dense sync first)."""
         st = self.state
-        st.layout = FlatLayout.from_arrayrecord(arrays, exact=self.exact_arrays)
+        st.layout = FlatLayout.from_arrayrecord(arrays, exact=self.exact_patterns)
         wide = [(n, d) for n, d in zip(st.layout.names, st.layout.dtypes) if np.dtype(d).itemsize > 4]
         if wide:
             log(WARNING, "arrays %s are %s: fl-sparse keeps, sends and aggregates the model in float32 (about 7 "

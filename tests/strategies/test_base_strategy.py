@@ -622,3 +622,21 @@ def test_two_nodes_claiming_one_partition_id_on_resume_inherit_nothing(tmp_path,
     assert sync[5000] == sync[5002] == "dense" and sync[5001] != "dense"
     assert metrics["failures"] == 0 and metrics["accepted"] == len(WEIGHTS)
     assert all(np.isfinite(x).all() for x in model_of(arrays3).values())
+
+
+@pytest.mark.parametrize("exact_running_stats", [True, False])
+def test_batchnorm_running_statistics_are_sent_exactly_by_default(exact_running_stats):
+    """Local training replaces running statistics: error feedback would pile up the same difference."""
+    import torch.nn as nn
+
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    strategy = TopKSGD(ratio=0.5, exact_running_stats=exact_running_stats, exact_arrays=["0.bias"])
+    strategy.initialize(ArrayRecord(net.state_dict()))
+    layout = strategy.state.layout
+    stats = {"1.running_mean", "1.running_var"}
+    assert ("1.num_batches_tracked" in layout.exact_names) and ("0.bias" in layout.exact_names)  # always / asked
+    assert (stats <= set(layout.exact_names)) == exact_running_stats
+    assert (stats <= set(layout.names)) == (not exact_running_stats)
+    assert {"0.weight", "1.weight", "1.bias"} <= set(layout.names)
+    options = strategy.options()
+    assert ("exact_running_stats" in options) == (not exact_running_stats)  # old checkpoints: the default
