@@ -364,6 +364,20 @@ def encode_state(
     return out
 
 
+def _is_damaged_v3(view: memoryview) -> bool:
+    """Whether a file whose magic names a newer format checks out as version 3 with that magic restored.
+
+    One flipped bit can turn the ``3`` into ``7``: that file is damaged, not newer. A file of a
+    newer format has its own magic in whatever it checksums, so the version-3 XXH3 of it with
+    the magic put back to ``MAGIC`` does not match its last 8 bytes (but by a 2**-64 chance).
+    """
+    if len(view) < len(MAGIC) + 4 + _XXH.size:
+        return False
+    digest = xxhash.xxh3_64(MAGIC)
+    digest.update(view[len(MAGIC) : len(view) - _XXH.size])
+    return digest.intdigest() == _XXH.unpack_from(view, len(view) - _XXH.size)[0]
+
+
 def decode_state(buf) -> ClientState:
     """The :class:`ClientState` in ``buf`` (a whole file); ``ValueError`` says what is wrong.
 
@@ -390,6 +404,8 @@ def _decode(buf) -> tuple[ClientState, _ModelRef | None]:
     elif magic == MAGIC_V1:
         trailer = 0
     elif (m := re.fullmatch(rb"FLSPARSE-STATE-(\d{1,6})\n", magic)) is not None and int(m.group(1)) > 3:
+        if _is_damaged_v3(view):
+            raise ValueError("bad magic: a version 3 file with a damaged version number")
         raise StateFormatError(
             f"written by a newer fl-sparse (state format {int(m.group(1))}; this version reads formats 1 to 3): "
             "run the newer fl-sparse, or move the file away to start this client from an empty state"
@@ -1143,13 +1159,17 @@ class ClientStateStore:
             if stored is not None:
                 return stored.ref.hash if stored.ref is not None else None
         try:
-            stat = os.stat(path)
+            return self._read_held_hash(path)
         except FileNotFoundError:
             return None
         except OSError:
             if strict:
                 raise
             return None
+
+    def _read_held_hash(self, path: Path) -> str | None:
+        """:meth:`_held_hash` from the cache (by the file's signature) or the file's header; raises OSError."""
+        stat = os.stat(path)
         # The signature alone, without _cached_state's read of the file's digest (see above).
         stored = _CACHE.get(path, _signature(stat))
         if stored is not None:
@@ -1166,12 +1186,6 @@ class ClientStateStore:
                     return None
                 header = json.loads(fh.read(header_len))
             return _ModelRef.from_json(header["model_ref"]).hash if "model_ref" in header else None
-        except FileNotFoundError:
-            return None
-        except OSError:
-            if strict:
-                raise
-            return None
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None
 

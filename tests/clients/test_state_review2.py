@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+import xxhash
 
 from fl_sparse.clients import state as state_module
 from fl_sparse.clients.state import ClientState, ClientStateStore, StateCorruptError, model_hash
@@ -379,7 +380,8 @@ def test_a_state_file_of_a_newer_format_is_named_as_such_and_left_in_place(tmp_p
     store = ClientStateStore(tmp_path, durable=False)
     store.save("c", _state(1))
     raw = store.path("c").read_bytes()
-    newer = b"FLSPARSE-STATE-4\n" + raw[len(state_module.MAGIC):]  # whatever a format 4 holds
+    body = b"FLSPARSE-STATE-4\n" + raw[len(state_module.MAGIC):-8]  # whatever a format 4 holds,
+    newer = body + xxhash.xxh3_64_digest(body)[::-1]  # with a checksum of its own (little-endian)
     store.path("c").write_bytes(newer)
     _as_new_process()
     got = None
@@ -387,6 +389,21 @@ def test_a_state_file_of_a_newer_format_is_named_as_such_and_left_in_place(tmp_p
         got = ClientStateStore(tmp_path, durable=False).load("c")
     assert got is None
     assert store.path("c").read_bytes() == newer and store.corrupt_files("c") == []
+
+
+def test_a_version_3_file_whose_version_digit_flipped_is_corrupt_not_newer(tmp_path):
+    """One bit turns FLSPARSE-STATE-3 into -7: its checksum still holds with the 3 put back, so it is
+    a damaged file (moved aside, the client reset), not a newer format that blocks the client."""
+    store = ClientStateStore(tmp_path, durable=False)
+    store.save("c", _state(1))
+    raw = bytearray(store.path("c").read_bytes())
+    raw[len(state_module.MAGIC) - 2] ^= 0x04  # "3" -> "7"
+    assert bytes(raw[: len(state_module.MAGIC)]) == b"FLSPARSE-STATE-7\n"
+    store.path("c").write_bytes(bytes(raw))
+    _as_new_process()
+    got = ClientStateStore(tmp_path, durable=False).load("c")
+    assert got.reset_reason is not None and "damaged version number" in got.reset_reason
+    assert not store.path("c").exists() and len(store.corrupt_files("c")) == 1
 
 
 def test_a_failed_save_at_the_version_the_client_holds_keeps_that_version(tmp_path):

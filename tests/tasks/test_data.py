@@ -34,23 +34,6 @@ def fmnist():
         pytest.skip(f"Fashion-MNIST not available: {exc}")
 
 
-@pytest.fixture
-def isolated(monkeypatch, tmp_path):
-    """No system dir, no env dir, an empty cache, a fresh dataset cache, no downloads."""
-    import torchvision.datasets as tvd
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("simulated: no internet")
-
-    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", {})
-    monkeypatch.delenv("FL_SPARSE_DATA", raising=False)
-    monkeypatch.setenv("FL_SPARSE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "_DATASET_CACHE", {})
-    for name in ("FashionMNIST", "MNIST", "CIFAR10"):
-        monkeypatch.setattr(tvd, name, refuse)
-    return tmp_path
-
-
 def _idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
     header = bytes([0, 0, type_code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     return header + array.astype(">u1" if type_code == 0x08 else array.dtype).tobytes()

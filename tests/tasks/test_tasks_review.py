@@ -16,23 +16,6 @@ SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-@pytest.fixture
-def isolated(monkeypatch, tmp_path):
-    """No system dir, no env dir, an empty cache, a fresh dataset cache, no downloads."""
-    import torchvision.datasets as tvd
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError("simulated: no internet")
-
-    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", {})
-    monkeypatch.delenv("FL_SPARSE_DATA", raising=False)
-    monkeypatch.setenv("FL_SPARSE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "_DATASET_CACHE", {})
-    for name in ("FashionMNIST", "MNIST", "CIFAR10"):
-        monkeypatch.setattr(tvd, name, refuse)
-    return tmp_path
-
-
 def _link_fmnist(folder: Path) -> Path:
     folder.mkdir(parents=True)
     for stem in IDX_NAMES:
