@@ -1173,9 +1173,15 @@ def adaptive_k_t_hat(
     log_b = math.log(B)
     if beta == 0.0:
         t_hat = math.floor(-1.0 / log_b)
+    elif alpha == 0.0:
+        t_hat = 0  # Delta = 0: (-0 + 0) / (2 beta)
     else:
-        delta = alpha * alpha - 4.0 * alpha * beta / log_b
-        t_hat = math.floor((-alpha + math.sqrt(delta)) / (2.0 * beta))
+        # (-alpha + sqrt(Delta)) / (2 beta), times (alpha + sqrt(Delta)) / (alpha + sqrt(Delta)):
+        #   = (Delta - alpha^2) / (2 beta (alpha + sqrt(Delta))) = (-2 / ln B) / (1 + sqrt(1 + 4 beta / (alpha (-ln B)))).
+        # The same number without the cancellation of -alpha + sqrt(Delta) (alpha^2 >> 4 alpha beta / |ln B|
+        # gave 0 instead of about -1/ln B) and without overflow of alpha^2.
+        ratio = beta / alpha / -log_b
+        t_hat = math.floor((-2.0 / log_b) / (1.0 + math.sqrt(1.0 + 4.0 * ratio)))
     t_hat = max(0, t_hat)
     return min(t_hat, T) if T is not None else t_hat
 
