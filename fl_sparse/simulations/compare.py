@@ -70,8 +70,15 @@ def _settings(config: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
+def _same_number(value: Any) -> Any:
+    """``value`` with a whole float as an int: 1 (a TOML int, flwr run's run-config) and 1.0 (the CLI's) are one setting."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _compared(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in _settings(config).items() if k not in NOT_A_SETTING}
+    return {k: _same_number(v) for k, v in _settings(config).items() if k not in NOT_A_SETTING}
 
 
 def _format_value(value: Any) -> str:

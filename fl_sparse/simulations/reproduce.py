@@ -74,7 +74,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from fl_sparse.server_app import RUN_FILES, RunConfig, RunFailed, RunInterrupted, stop_requested
-from fl_sparse.simulations.compare import NOT_A_SETTING
+from fl_sparse.simulations.compare import NOT_A_SETTING, _compared
 
 __all__ = [
     "BUDGETS",
@@ -362,7 +362,9 @@ def expand(
             base_cfg.validate()
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{where}: {exc}") from None
-        key = repr(sorted((k, v) for k, v in asdict(base_cfg).items() if k not in _HOW_IT_RAN))
+        # The same run as compare (write_report's table) sees it: lr unset is the model's own, a -no-ec
+        # strategy runs without error feedback, 1 and 1.0 are one value; else two settings become one row.
+        key = json.dumps(_compared(asdict(base_cfg)), sort_keys=True, default=str)
         if key in seen:
             raise ValueError(f"{where} is the same run as setting {seen[key]!r}")
         if name.lower() in {v.lower() for v in seen.values()}:
