@@ -45,3 +45,52 @@ def test_t_hat_of_a_huge_or_tiny_loss_is_finite():
     kw = dict(d=10**7, k=10**4, eta=0.05, mu=0.01, L=1.0, sigma_sq=1e-3)
     assert adaptive_k_t_hat(**kw, f0=1e300) == math.floor(-1 / math.log(1 - 0.05 * 0.01 / 2))
     assert adaptive_k_t_hat(**kw, f0=1e-300) == 0
+
+
+# ====================================================================== AdapTop-K resumed with fewer rounds
+def _adaptive(T: int):
+    import torch
+    from flwr.app import ArrayRecord
+
+    from fl_sparse.strategies import AdaptiveTopKSGD
+
+    strategy = AdaptiveTopKSGD(ratio=0.01, num_rounds=T, gamma=0.5, min_available_nodes=1, min_train_nodes=1,
+                               fraction_evaluate=0.0)
+    return strategy, ArrayRecord({"w": torch.zeros(20_000)})
+
+
+def _play(strategy, rounds) -> list[int]:
+    ks = []
+    for t in rounds:
+        ks.append(strategy.uplink_spec(t, num_clients=3)["k"])
+        if t == 1:  # the round-1 loss the aggregation records: F(w_0) for the t̂ estimate
+            strategy.state.round_metrics[1] = {"round": 1, "train_loss": 2.0}
+    strategy.state.round = rounds[-1]
+    return ks
+
+
+def test_adaptive_topk_resumed_with_fewer_rounds_keeps_the_budget():
+    """num_rounds is not a saved option (a continued run may change it), but t̂ was estimated and clipped
+    to the first run's T = 10: continued with num_rounds = 6, every round raised
+    'AdapTop-K: t_hat must be an int in [0, T=6], got 10'. Clipped to the run's own T, the 6 rounds
+    spend exactly 6 k (eq. (4): sum_t k_t <= K = T k)."""
+    first, w0 = _adaptive(10)
+    first.initialize(w0)
+    ks = _play(first, [1, 2, 3])
+    assert first.t_hat == 10 and ks == [300, 300, 300]
+    resumed, _ = _adaptive(6)
+    resumed.load_state_dict(first.state_dict())
+    ks += [resumed.uplink_spec(t, num_clients=3)["k"] for t in (4, 5, 6)]
+    assert sum(ks) == 6 * 200 and all(k >= 1 for k in ks)
+
+
+def test_adaptive_topk_resumed_past_its_budget_says_so():
+    """Five rounds of a T = 10 run spent 1,500 entries; num_rounds = 6 allows 1,200: the round would
+    send k = 0 (TopK refuses it, or the t̂ error above). Said before anything is sent."""
+    first, w0 = _adaptive(10)
+    first.initialize(w0)
+    _play(first, [1, 2, 3, 4, 5])
+    resumed, _ = _adaptive(6)
+    resumed.load_state_dict(first.state_dict())
+    with pytest.raises(ValueError, match=r"a resumed run needs num_rounds >= 8"):
+        resumed.uplink_spec(6, num_clients=3)

@@ -351,6 +351,15 @@ class AdaptiveTopKSGD(SparseFedAvg):
             return {"name": "topk", "k": k}
         if t not in self.planned:  # asked twice for a round (a retried configure_train): same k_t
             spent = sum(k for r, k in self.planned.items() if r < t)
-            t_hat = self._t_hat(server_round, numel, k)
-            self.planned[t] = adaptive_k_budgeted(t, self.num_rounds, k, self.gamma, t_hat, spent, d=numel)
+            # t̂ was clipped to the num_rounds of the run that estimated it: a run resumed with
+            # fewer rounds clips it to its own (t̂ >= T: no late high phase, as when estimated so)
+            t_hat = min(self._t_hat(server_round, numel, k), self.num_rounds)
+            k_t = adaptive_k_budgeted(t, self.num_rounds, k, self.gamma, t_hat, spent, d=numel)
+            if k_t < 1:
+                raise ValueError(
+                    f"AdapTop-K: rounds 1..{t} already sent {spent} entries per client, the whole budget "
+                    f"num_rounds * k = {self.num_rounds} * {k} = {self.num_rounds * k}: a resumed run needs "
+                    f"num_rounds >= {-(-(spent + 1) // k)} (round {server_round} would send no entry)"
+                )
+            self.planned[t] = k_t
         return {"name": "topk", "k": int(self.planned[t])}
