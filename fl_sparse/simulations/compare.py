@@ -290,6 +290,13 @@ def _rounds(values: list[int]) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
+def _seeds(group: Sequence[Run]) -> str:
+    """How many seeds the group's numbers are over; ``"1 (2 runs)"`` when a seed ran twice (a re-run, a copy):
+    its spread is then not the spread over seeds."""
+    seeds = len({json.dumps(r.seed, default=str) for r in group})
+    return str(seeds) if seeds == len(group) else f"{seeds} ({len(group)} runs)"
+
+
 COLUMNS = (
     "setting",
     "seeds",
@@ -313,7 +320,7 @@ def summary_rows(runs: Sequence[Run]) -> list[list[str]]:
         table.append(
             [
                 label,
-                str(len(group)),
+                _seeds(group),
                 _percent(col("final")),
                 _percent(col("best")),
                 _rounds(col("rounds")),

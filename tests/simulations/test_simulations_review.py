@@ -113,3 +113,14 @@ def test_results_md_bidirectional_100_workers_claim_matches_its_table():
     assert claim is not None
     assert bidi["final acc (%)"].startswith("27.91") and topk["final acc (%)"].startswith("33.09")
     assert claim.group(1) == topk["rounds"] == bidi["rounds"]
+
+
+def test_a_seed_that_ran_twice_is_not_counted_as_two_seeds(tmp_path):
+    """Two folders of one setting and one seed (a re-run next to the first run, as RESULTS.md's hard-threshold
+    runs were, or a copy) were reported as '2' seeds with a 'spread over the seeds' of one seed's runs."""
+    base = asdict(RunConfig(clients=4, rounds=3))
+    first = _write_run(tmp_path / "seed0", {**base, "seed": 0}, [0.5, 0.6, 0.70])
+    again = _write_run(tmp_path / "seed0-rerun", {**base, "seed": 0, "num_cpus": 2.0}, [0.5, 0.6, 0.72])
+    other = _write_run(tmp_path / "seed1", {**base, "seed": 1}, [0.5, 0.6, 0.74])
+    assert dict(zip(COLUMNS, summary_rows([load_run(first), load_run(again)])[0]))["seeds"] == "1 (2 runs)"
+    assert dict(zip(COLUMNS, summary_rows([load_run(first), load_run(other)])[0]))["seeds"] == "2"
