@@ -265,6 +265,7 @@ def _run_numbers(run: Run) -> dict[str, float | None]:
         "final": accs[-1][1] if accs else None,
         "best": max(a for _, a in accs) if accs else None,
         "rounds": int(run.rows[-1]["round"]) if run.rows else 0,
+        "planned": run.config.get("rounds") if isinstance(run.config.get("rounds"), int) else None,
         "up_mb": up / 1e6,
         "down_mb": down / 1e6,
         "bits": bits,
@@ -285,9 +286,12 @@ def _mean(values: list[float | None], fmt: str) -> str:
     return format(statistics.fmean(present), fmt) if present else "-"
 
 
-def _rounds(values: list[int]) -> str:
+def _rounds(values: list[int], planned: list[int | None]) -> str:
+    """The rounds the runs ran; ``"2 of 3"`` when one stopped before its planned rounds (failed, interrupted)."""
     lo, hi = min(values), max(values)
-    return str(lo) if lo == hi else f"{lo}-{hi}"
+    text = str(lo) if lo == hi else f"{lo}-{hi}"
+    short = [p for v, p in zip(values, planned) if p is not None and v < p]
+    return f"{text} of {max(short)}" if short else text
 
 
 def _seeds(group: Sequence[Run]) -> str:
@@ -323,7 +327,7 @@ def summary_rows(runs: Sequence[Run]) -> list[list[str]]:
                 _seeds(group),
                 _percent(col("final")),
                 _percent(col("best")),
-                _rounds(col("rounds")),
+                _rounds(col("rounds"), col("planned")),
                 _mean(col("up_mb"), ".3f"),
                 _mean(col("down_mb"), ".3f"),
                 _mean(col("bits"), ".3f"),

@@ -124,3 +124,15 @@ def test_a_seed_that_ran_twice_is_not_counted_as_two_seeds(tmp_path):
     other = _write_run(tmp_path / "seed1", {**base, "seed": 1}, [0.5, 0.6, 0.74])
     assert dict(zip(COLUMNS, summary_rows([load_run(first), load_run(again)])[0]))["seeds"] == "1 (2 runs)"
     assert dict(zip(COLUMNS, summary_rows([load_run(first), load_run(other)])[0]))["seeds"] == "2"
+
+
+def test_a_run_that_stopped_before_its_last_round_is_marked(tmp_path):
+    """A failed or interrupted run folder (rounds = 3 planned, 2 in metrics.jsonl) was reported like a
+    finished 2-round run ('rounds 2'), and averaged into its setting's 'final acc' beside finished seeds with
+    nothing in the row saying one of them stopped early."""
+    base = asdict(RunConfig(clients=4, rounds=3))
+    done = _write_run(tmp_path / "seed0", {**base, "seed": 0}, [0.5, 0.6, 0.70])
+    stopped = _write_run(tmp_path / "seed1", {**base, "seed": 1}, [0.5, 0.55])
+    assert dict(zip(COLUMNS, summary_rows([load_run(stopped)])[0]))["rounds"] == "2 of 3"
+    assert dict(zip(COLUMNS, summary_rows([load_run(done), load_run(stopped)])[0]))["rounds"] == "2-3 of 3"
+    assert dict(zip(COLUMNS, summary_rows([load_run(done)])[0]))["rounds"] == "3"
