@@ -94,3 +94,21 @@ def test_adaptive_topk_resumed_past_its_budget_says_so():
     resumed.load_state_dict(first.state_dict())
     with pytest.raises(ValueError, match=r"a resumed run needs num_rounds >= 8"):
         resumed.uplink_spec(6, num_clients=3)
+
+
+def test_adaptive_topk_extended_run_uses_the_papers_t_hat_for_its_own_T():
+    """t̂ = floor((-alpha + sqrt(Delta)) / (2 beta)) does not depend on T (Lemma 3 / 8); the strategy clips it
+    to [0, T]. It kept the value clipped to the first run's T = 10, so a run continued to num_rounds = 20
+    got a late high phase (rounds 15-19 at (1+gamma)k) that t̂ ~ 500 >= 20 rules out: the continued run
+    must plan as the uninterrupted T = 20 run does (rounds 0-9 at 300, 10-19 at 100)."""
+    whole, w0 = _adaptive(20)
+    whole.initialize(w0)
+    uninterrupted = _play(whole, list(range(1, 21)))
+    assert uninterrupted == [300] * 10 + [100] * 10
+    first, _ = _adaptive(10)
+    first.initialize(w0)
+    ks = _play(first, [1, 2, 3])
+    extended, _ = _adaptive(20)
+    extended.load_state_dict(first.state_dict())
+    ks += [extended.uplink_spec(t, num_clients=3)["k"] for t in range(4, 21)]
+    assert ks == uninterrupted

@@ -274,6 +274,7 @@ class AdaptiveTopKSGD(SparseFedAvg):
         self.gamma = float(gamma)
         self.t_hat = self._t_hat_given = None if t_hat is None else int(t_hat)
         self.planned: dict[int, int] = {}  # round index t -> k_t
+        self._t_hat_estimate: int | None = None  # t̂ of the paper's formula, before clipping to num_rounds
         self.estimate = {"eta": positive_argument("lr", lr), "mu": positive_argument("mu", mu),
                          "L": positive_argument("L", L), "sigma_sq": positive_argument("sigma_sq", sigma_sq)}
         error_feedback = flag_argument("error_feedback", error_feedback)
@@ -286,6 +287,11 @@ class AdaptiveTopKSGD(SparseFedAvg):
         )
 
     def _t_hat(self, server_round: int, numel: int, k: int) -> int:
+        if self._t_hat_estimate is not None:
+            # The paper's t̂ (Lemma 3 / 8) does not depend on T: a run continued with another
+            # num_rounds clips the estimate to its own T, not to the T of the run that made it.
+            self.t_hat = min(self._t_hat_estimate, self.num_rounds)
+            return self.t_hat
         if self.t_hat is not None:
             return self.t_hat
         first = self.state.round_metrics.get(1, {})
@@ -294,12 +300,13 @@ class AdaptiveTopKSGD(SparseFedAvg):
             return self.num_rounds  # before F(w_0) is known: round 1 is early-phase anyway
         try:  # F(w_0) comes from the clients' reported losses: untrusted
             estimate = adaptive_k_t_hat(
-                d=numel, k=k, f0=float(f0), T=self.num_rounds,
+                d=numel, k=k, f0=float(f0),
                 error_compensation=self.client_error_feedback, **self.estimate,
             )
         except (ValueError, OverflowError):
             estimate = self.num_rounds
-        self.t_hat = min(max(int(estimate), 0), self.num_rounds)
+        self._t_hat_estimate = max(int(estimate), 0)
+        self.t_hat = min(self._t_hat_estimate, self.num_rounds)
         self.state.round_metrics.setdefault(server_round, {"round": server_round})["t_hat"] = self.t_hat
         if self.t_hat >= self.num_rounds:
             # The paper's point is more k early *and* late; with t̂ = T there is no late phase.
@@ -313,6 +320,7 @@ class AdaptiveTopKSGD(SparseFedAvg):
     def initialize(self, arrays) -> None:
         super().initialize(arrays)
         self.t_hat = self._t_hat_given
+        self._t_hat_estimate = None
         self.planned = {}
 
     def options(self) -> dict[str, Any]:
@@ -321,7 +329,8 @@ class AdaptiveTopKSGD(SparseFedAvg):
 
     def state_dict(self) -> dict[str, Any]:
         """The base's state plus t̂ (given or estimated) and the k_t planned so far."""
-        return {**super().state_dict(), "adaptive_topk": {"t_hat": self.t_hat, "planned": dict(self.planned)}}
+        return {**super().state_dict(), "adaptive_topk": {"t_hat": self.t_hat, "planned": dict(self.planned),
+                                                        "t_hat_estimate": self._t_hat_estimate}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`. With a larger ``num_rounds`` than the saved run's, the rounds
@@ -331,6 +340,8 @@ class AdaptiveTopKSGD(SparseFedAvg):
             extra = state["adaptive_topk"]
             self.t_hat = None if extra["t_hat"] is None else int(extra["t_hat"])
             self.planned = {int(t): int(k) for t, k in extra["planned"].items()}
+            estimate = extra.get("t_hat_estimate")  # absent in a state saved before it was kept
+            self._t_hat_estimate = None if estimate is None else int(estimate)
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"not a complete AdapTop-K state: {type(exc).__name__}: {exc}") from None
 
