@@ -83,7 +83,7 @@ def _compared(config: dict[str, Any]) -> dict[str, Any]:
 
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:g}"
+        return f"{value:.10g}"  # :g (6 digits) wrote 1/512 as 0.00195312, the label of another setting
     return str(value)
 
 

@@ -136,3 +136,14 @@ def test_a_run_that_stopped_before_its_last_round_is_marked(tmp_path):
     assert dict(zip(COLUMNS, summary_rows([load_run(stopped)])[0]))["rounds"] == "2 of 3"
     assert dict(zip(COLUMNS, summary_rows([load_run(done), load_run(stopped)])[0]))["rounds"] == "2-3 of 3"
     assert dict(zip(COLUMNS, summary_rows([load_run(done)])[0]))["rounds"] == "3"
+
+
+def test_labels_write_the_setting_value_not_a_rounded_one(tmp_path):
+    """Labels wrote floats with :g (6 significant digits): the adaptive-topk preset's ratio 1/512 = 0.001953125
+    was labelled 'ratio=0.00195312' (RESULTS.md's tables), the label of a run with --ratio 0.00195312,
+    so two different settings got the same label."""
+    base = asdict(RunConfig(clients=4, rounds=3))
+    exact = _write_run(tmp_path / "a", {**base, "ratio": 1 / 512}, [0.5, 0.6, 0.7])
+    copied = _write_run(tmp_path / "b", {**base, "ratio": 0.00195312}, [0.5, 0.6, 0.7])
+    labels = group_labels(group_runs([load_run(exact), load_run(copied)]))
+    assert labels == ["bidirectional-topk ratio=0.001953125", "bidirectional-topk ratio=0.00195312"]
