@@ -112,3 +112,17 @@ def test_adaptive_topk_extended_run_uses_the_papers_t_hat_for_its_own_T():
     extended.load_state_dict(first.state_dict())
     ks += [extended.uplink_spec(t, num_clients=3)["k"] for t in range(4, 21)]
     assert ks == uninterrupted
+
+
+# ====================================================================== rTop-k / random-k draws
+@pytest.mark.xfail(strict=True, reason="client_generator_seed is linear: (round r, client p + 10007) and "
+                   "(round r + 1, client p) share a seed (fix in fl_sparse/clients/mod.py: /tmp/h5/seed.diff)")
+def test_random_draws_differ_for_every_client_and_round():
+    """rTop-k's U (Definition 3) is a fresh uniform k-subset for each node and iteration. The seed
+    ((seed * 1_000_003 + round) * 10_007 + partition) repeats across (round, client) pairs once a run has
+    more than 10,007 partitions: client 10,007 in round 1 draws exactly what client 0 draws in round 2
+    (rTop-k's subset of pool ranks, random-k's positions, and the built-in client's minibatches)."""
+    from fl_sparse.clients.mod import client_generator_seed
+
+    seeds = {client_generator_seed(0, r, p) for r in (1, 2) for p in range(10_008)}
+    assert len(seeds) == 2 * 10_008
