@@ -773,13 +773,20 @@ def run(args: argparse.Namespace, *, runner: Callable[[RunConfig], list[dict[str
     folder = results_dir(args.out, preset.name, budget=args.budget, non_iid=args.non_iid)
     command = _command(args, seeds)
     if args.dry_run:
+        defaults = asdict(RunConfig())
         print(f"{preset.title}: {len(plan)} runs into {folder}/ ({command})")
         for i, p in enumerate(plan, 1):
             c = p.config
             status, why = run_status(p)
+            # Every other setting that differs from the defaults (threshold, error_feedback, t_hat, value_bits,
+            # alpha, ...): without them two settings of a preset printed the same line.
+            shown = {"strategy", "model", "clients", "fraction", "partition", "rounds", "local_steps", "batch_size",
+                     "lr", "ratio", "seed"}
+            more = _overrides_text(c, {**defaults, **{k: getattr(c, k) for k in shown}})
             print(f"[{i}/{len(plan)}] {p.label:28s} {c.strategy:20s} {c.model} clients={c.clients} "
                   f"fraction={c.fraction:g} {c.partition} rounds={c.rounds} H={c.local_steps} B={c.batch_size} "
-                  f"lr={c.effective_lr:g} ratio={c.ratio:g}  [{status}{': ' + why if why else ''}]")
+                  f"lr={c.effective_lr:g} ratio={c.ratio:.10g}" + ("" if more == "(the base)" else f" {more}")
+                  + f"  [{status}{': ' + why if why else ''}]")
         return 0
     _log(f"fl-sparse reproduce: {preset.title}: {len(plan)} runs ({len(plan) // max(seeds, 1)} settings x "
          f"{seeds} seeds, {args.budget} budget{', non-IID' if args.non_iid else ''}) into {folder}/")

@@ -147,3 +147,27 @@ def test_labels_write_the_setting_value_not_a_rounded_one(tmp_path):
     copied = _write_run(tmp_path / "b", {**base, "ratio": 0.00195312}, [0.5, 0.6, 0.7])
     labels = group_labels(group_runs([load_run(exact), load_run(copied)]))
     assert labels == ["bidirectional-topk ratio=0.001953125", "bidirectional-topk ratio=0.00195312"]
+
+
+def test_dry_run_lines_say_what_tells_the_settings_apart(tmp_path, capsys):
+    """--dry-run printed a fixed list of fields: hard-threshold's threshold-0.3 and threshold-0.07, or
+    adaptive-topk's topk-256 and topk-256-no-ec, printed the same line but for the name."""
+    import argparse
+
+    from fl_sparse.simulations import reproduce
+
+    parser = argparse.ArgumentParser()
+    reproduce.add_arguments(parser)
+    lines = {}
+    for name in ("hard-threshold", "adaptive-topk"):
+        args = parser.parse_args([name, "--dry-run", "--seeds", "1", "--out", str(tmp_path)])
+        assert reproduce.run(args, runner=lambda cfg: pytest.fail("ran")) == 0
+        for line in capsys.readouterr().out.splitlines()[1:]:
+            label = line.split()[1]
+            lines[label] = line.split("  [")[0].split(None, 2)[2]  # the line without its number and label
+    assert lines["threshold-0.3-seed0"] != lines["threshold-0.07-seed0"]
+    assert "threshold=0.3" in lines["threshold-0.3-seed0"]
+    assert lines["topk-256-seed0"] != lines["topk-256-no-ec-seed0"]
+    assert "error_feedback=False" in lines["topk-256-no-ec-seed0"]
+    assert "ratio=0.001953125" in lines["topk-512-seed0"]
+    assert not (tmp_path / "hard-threshold").exists()
