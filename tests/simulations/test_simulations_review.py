@@ -171,3 +171,35 @@ def test_dry_run_lines_say_what_tells_the_settings_apart(tmp_path, capsys):
     assert "error_feedback=False" in lines["topk-256-no-ec-seed0"]
     assert "ratio=0.001953125" in lines["topk-512-seed0"]
     assert not (tmp_path / "hard-threshold").exists()
+
+
+@pytest.mark.parametrize(
+    "setting, model, clients, rounds, uplink_mb",
+    [
+        ("sgd-w20", "mlp-784-256-128-64-10", 20, 100, 1942.240),  # bidirectional-topk table
+        ("topk-w20", "mlp-784-256-128-64-10", 20, 100, 2.630),
+        ("ssgd-mv-ad-L4-Q", "mlp-784-64-10", 10, 30, 0.200),  # majority-voting table
+        ("sgd", "logreg-784-10", 8, 100, 25.178),  # adaptive-topk table
+    ],
+)
+def test_results_md_bits_per_param_column_is_compares_own_number(tmp_path, setting, model, clients, rounds,
+                                                                  uplink_mb):
+    """RESULTS.md's bits/param/round cells recomputed by compare from the table's own uplink MB (no run data is
+    stored in docs/results, only the plots): rows that send the table's bytes give the table's bits."""
+    from fl_sparse.tasks.models import build_model
+
+    d = sum(p.numel() for p in build_model(model).parameters())
+    text = (ROOT / "RESULTS.md").read_text()
+    line = next(l for l in text.splitlines() if l.startswith(f"| {setting} |") and f"| {uplink_mb:.3f} |" in l)
+    claimed = line.strip("|").split("|")[-2].strip()
+    folder = tmp_path / setting
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model": model, "num_params": d, "clients": clients}))
+    per_round = uplink_mb * 1e6 / rounds
+    rows = [{"round": r, "uplink_bytes": 0, "accepted": clients, "cumulative_uplink_bytes": round(per_round * r),
+             "cumulative_downlink_bytes": 0} for r in range(1, rounds + 1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cells = dict(zip(COLUMNS, summary_rows([load_run(folder)])[0]))
+    # The table's MB are rounded to 0.001 MB: allow the bits that rounding moves, plus the bits' own rounding.
+    slack = 8 * 0.0005e6 / (d * clients * rounds) + 0.0005
+    assert abs(float(cells["bits/param/round"]) - float(claimed)) <= slack
