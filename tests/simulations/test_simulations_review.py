@@ -203,3 +203,22 @@ def test_results_md_bits_per_param_column_is_compares_own_number(tmp_path, setti
     # The table's MB are rounded to 0.001 MB: allow the bits that rounding moves, plus the bits' own rounding.
     slack = 8 * 0.0005e6 / (d * clients * rounds) + 0.0005
     assert abs(float(cells["bits/param/round"]) - float(claimed)) <= slack
+
+
+def test_simulate_names_a_resource_request_the_machine_cannot_meet_before_ray_starts(tmp_path, monkeypatch):
+    """runner.simulate: preflight refuses more CPUs per client than the machine has, naming the flag, before
+    Flower's simulation engine (Ray) is called."""
+    import os
+
+    import flwr.simulation
+
+    from fl_sparse.simulations import runner
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: pytest.fail("Ray started"))
+    cfg = RunConfig(clients=2, rounds=1, local_steps=1, num_cpus=float((os.cpu_count() or 1) + 1),
+                    out=str(tmp_path / "r"))
+    with pytest.raises(ValueError, match=r"num-cpus \d+ per client, but this machine has \d+ CPUs"):
+        runner.simulate(cfg)
+    assert runner.backend_config(replace(cfg, num_cpus=0.5, num_gpus=0.25))["client_resources"] == {
+        "num_cpus": 0.5, "num_gpus": 0.25}
