@@ -126,3 +126,26 @@ def test_random_draws_differ_for_every_client_and_round():
 
     seeds = {client_generator_seed(0, r, p) for r in (1, 2) for p in range(10_008)}
     assert len(seeds) == 2 * 10_008
+
+
+# ====================================================================== the reference loop, a BatchNorm model
+@pytest.mark.xfail(strict=True, reason="reference.py compresses BatchNorm running statistics and counts them in d "
+                   "(lambda = 1/(2 sqrt k), k = ceil(ratio d)); the strategies send them exactly "
+                   "(exact_running_stats=True). Patch: /tmp/h5/reference_exact_running_stats.diff")
+def test_reference_loop_equals_the_flower_run_for_a_batchnorm_model(tmp_path):
+    """The hard-threshold and rTop-k papers train ResNet-18 (BatchNorm). For cnn-fmnist (BatchNorm too) the
+    reference loop ended 1.3e-3 (hard threshold; rTop-k: 0.17) away from the Flower run it is the yardstick of."""
+    import sys
+    from dataclasses import replace
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent / "simulations"))
+    from test_reference import BASE, _flower_run
+
+    from fl_sparse.simulations.reference import reference_run
+
+    cfg = replace(BASE, model="cnn-fmnist", strategy="hard-threshold", rounds=2, clients=4, fraction=0.5)
+    flower, _ = _flower_run(cfg, tmp_path)
+    torch.testing.assert_close(flower, reference_run(cfg), rtol=0, atol=1e-6)
