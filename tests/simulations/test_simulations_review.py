@@ -103,7 +103,6 @@ def _table_after(text: str, heading: str) -> dict[str, dict[str, str]]:
             ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
 
 
-@pytest.mark.xfail(strict=True, reason="RESULTS.md says the 100-worker runs ran 100 rounds; its table says 20")
 def test_results_md_bidirectional_100_workers_claim_matches_its_table():
     text = (ROOT / "RESULTS.md").read_text()
     table = _table_after(text, "`fl-sparse reproduce bidirectional-topk --seeds 3 --out runs` (seeds 0-2)")
