@@ -333,8 +333,10 @@ class AdaptiveTopKSGD(SparseFedAvg):
                                                         "t_hat_estimate": self._t_hat_estimate}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`. With a larger ``num_rounds`` than the saved run's, the rounds
-        not yet planned share the budget ``num_rounds · k`` (the plan so far stays)."""
+        """Restore :meth:`state_dict`. With another ``num_rounds`` than the saved run's, the rounds
+        not yet planned share the budget ``num_rounds · k`` (the plan so far stays) and an estimated
+        t̂ is clipped to the new ``num_rounds``; a budget the saved rounds already spent is an error
+        at the next round, naming the ``num_rounds`` needed."""
         super().load_state_dict(state)
         try:
             extra = state["adaptive_topk"]
