@@ -78,6 +78,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import xxhash
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
@@ -156,10 +157,22 @@ def _random_stream(context: Context) -> int:
     return pid if pid >= 0 else int(context.node_id)
 
 
+_LINEAR_SEED_CLIENTS = 10_007  # partition ids below it keep the linear seed (every run so far, RESULTS.md's too)
+
+
 def client_generator_seed(seed: int, server_round: int, partition_id: int) -> int:
     """Seed of a client's random draws in a round: reproducible, distinct per client (``partition_id``: or
-    the node id of a node without one). Within ``torch.Generator.manual_seed``'s range."""
-    return ((int(seed) * 1_000_003 + int(server_round)) * 10_007 + int(partition_id)) % (1 << 63)
+    the node id of a node without one). Within ``torch.Generator.manual_seed``'s range.
+
+    For partition ids below 10,007 it is linear, ``((seed·1000003 + round)·10007 + id) mod 2**63``,
+    distinct per (round, client). Beyond, the linear form would repeat (round r, client p + 10,007
+    is round r + 1, client p), so those ids (and node ids) get a hash of the triple instead.
+    """
+    seed, server_round, partition_id = int(seed), int(server_round), int(partition_id)
+    if 0 <= partition_id < _LINEAR_SEED_CLIENTS:
+        return ((seed * 1_000_003 + server_round) * _LINEAR_SEED_CLIENTS + partition_id) % (1 << 63)
+    digest = xxhash.xxh3_64_intdigest(f"fl-sparse/{seed}/{server_round}/{partition_id}".encode())
+    return digest >> 1
 
 
 # ====================================================================== sync

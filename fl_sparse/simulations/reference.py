@@ -30,6 +30,7 @@ flipped near-tie in a top-r selection moves the model by far more than 1e-6.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import random
@@ -43,6 +44,7 @@ from fl_sparse.compressors import TopK, build_compressor, hard_threshold_for_top
 from fl_sparse.flat import FlatLayout
 from fl_sparse.memory import ErrorFeedback
 from fl_sparse.server_app import RunConfig, _initial_model, _train_config
+from fl_sparse.strategies.base import RUNNING_STATS
 from fl_sparse.tasks.builtin import TaskSpec, get_task
 
 __all__ = ["reference_run"]
@@ -84,12 +86,20 @@ def _reference_loop(cfg: RunConfig) -> torch.Tensor:
     model = _initial_model(cfg)
     layout = FlatLayout.from_state_dict(model.state_dict())
     w = layout.flatten_state_dict(model.state_dict()).clone()
+    # As the strategies (exact_running_stats=True): BatchNorm's running statistics are not compressed
+    # but averaged exactly with the weights p_q; the sparsifiers (and their k, r, lambda) see the rest.
+    exact = torch.zeros(w.numel(), dtype=torch.bool)
+    for name, start, end in _spans(layout):
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in RUNNING_STATS):
+            exact[start:end] = True
+    sparse_at, exact_at = torch.nonzero(~exact).flatten(), torch.nonzero(exact).flatten()
     if cfg.error_memory_dtype != "float32":
         raise ValueError(f"no reference loop for error_memory_dtype {cfg.error_memory_dtype!r} (float32 only)")
     config = _train_config(cfg)
     tasks = [get_task(TaskSpec.from_config(config, q, cfg.clients)) for q in range(cfg.clients)]  # as the clients
-    memories = [ErrorFeedback(w.numel()) for _ in tasks]
-    server_memory = ErrorFeedback(w.numel())
+    d = sparse_at.numel()
+    memories = [ErrorFeedback(d) for _ in tasks]
+    server_memory = ErrorFeedback(d)
     downlink = TopK(ratio=cfg.downlink_ratio or cfg.ratio) if cfg.strategy == "bidirectional-topk" else None
     device = torch.device("cpu")
     # As build_strategy: dense FedAvg is the uncompressed baseline, whatever value_bits says.
@@ -100,19 +110,34 @@ def _reference_loop(cfg: RunConfig) -> torch.Tensor:
 
     for t in range(1, cfg.rounds + 1):
         chosen = sample(cfg.seed, t, cfg.clients, cfg.fraction)
-        compressor = build_compressor(**_uplink_spec(cfg, len(chosen), w.numel()))
-        sent = []
+        compressor = build_compressor(**_uplink_spec(cfg, len(chosen), d))
+        sent, exact_after = [], []
         for q in chosen:
             task = tasks[q]
             task.model_at(w, device)
             local_training(task, config, t, device)
-            step = w - task.model_vector(device)
+            trained = task.model_vector(device)
+            step = (w - trained)[sparse_at]
+            exact_after.append(trained[exact_at])
             gen = torch.Generator().manual_seed(client_generator_seed(cfg.seed, t, q))
             compress = lambda a, gen=gen: compressor(a, generator=gen)  # noqa: E731
-            memory = memories[q] if cfg.error_feedback else ErrorFeedback(w.numel())  # else e_q = 0 every round
+            memory = memories[q] if cfg.error_feedback else ErrorFeedback(d)  # else e_q = 0 every round
             sent.append(algorithms.client_compress(step, memory, compress, quantize).sent)
         total = sum(tasks[q].num_examples for q in chosen)
-        g = algorithms.weighted_sum(sent, [tasks[q].num_examples / total for q in chosen])
-        server = server_memory if cfg.error_feedback else ErrorFeedback(w.numel())
-        w = w - quantize(algorithms.server_compress(g, server, downlink, quantize)).to_dense()
+        p = [tasks[q].num_examples / total for q in chosen]
+        g = algorithms.weighted_sum(sent, p)
+        server = server_memory if cfg.error_feedback else ErrorFeedback(d)
+        w = w.clone()
+        w[sparse_at] -= quantize(algorithms.server_compress(g, server, downlink, quantize)).to_dense()
+        if exact_at.numel():
+            w[exact_at] = sum(pq * e.to(torch.float64) for pq, e in zip(p, exact_after)).to(torch.float32)
     return w
+
+
+def _spans(layout: FlatLayout):
+    """(name, start, end) of each array in the flat vector of ``layout``."""
+    start = 0
+    for name, shape in zip(layout.names, layout.shapes):
+        end = start + math.prod(shape)
+        yield name, start, end
+        start = end
