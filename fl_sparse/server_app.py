@@ -691,10 +691,15 @@ def check_new_run_folder(cfg: RunConfig) -> None:
         )
 
 
+def _differing_settings(a: RunConfig, b: RunConfig) -> list[str]:
+    """The settings (RunConfig fields) in which ``a`` and ``b`` compute different runs."""
+    return [f.name for f in fields(RunConfig) if f.name not in _NOT_COMPARED and getattr(a, f.name) != getattr(b, f.name)]
+
+
 def _check_resumable(cfg: RunConfig, ckpt: dict[str, Any]) -> None:
     """``cfg`` continues the checkpoint's run: same settings (but :data:`RESUME_OVERRIDES`), a later last round."""
     saved = _saved_config(ckpt)
-    differ = [f.name for f in fields(RunConfig) if f.name not in _NOT_COMPARED and getattr(cfg, f.name) != getattr(saved, f.name)]
+    differ = _differing_settings(cfg, saved)
     if differ:
         detail = ", ".join(f"{n.replace('_', '-')}: saved {getattr(saved, n)!r}, given {getattr(cfg, n)!r}" for n in differ)
         raise CheckpointError(f"the checkpoint in {cfg.resume} is of another run ({detail}); "
@@ -1074,8 +1079,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg = resume_config(cfg.resume, rounds=max(cfg.rounds, saved.rounds), **how)
         # This run config always holds every key (pyproject's defaults at least), so a value that
         # differs from the saved run's is said, not refused: the saved run's settings are used.
-        differ = [f.name for f in fields(RunConfig)
-                  if f.name not in _NOT_COMPARED and getattr(given, f.name) != getattr(cfg, f.name)]
+        differ = _differing_settings(given, cfg)
         if differ:
             log(WARNING, "resume %s: the saved run's settings are used, not this run config's %s",
                 cfg.resume, ", ".join(f"{n.replace('_', '-')}={getattr(given, n)!r} (saved {getattr(cfg, n)!r})"
