@@ -76,12 +76,13 @@ other numbers of :attr:`ServerState.round_metrics`.
 
 **Checkpoints.** :meth:`SparseFedAvg.state_dict` returns everything the
 strategy needs to continue a run (plain values and tensors, for ``torch.save``;
-subclasses add their own state) and :meth:`SparseFedAvg.load_state_dict`
-restores it, refusing the state of another strategy, other settings or another
-version. ``start(..., first_round=k+1)`` then continues with the same
-generation (clients keep their error memory); per-client state follows each
-client's partition id to its node id in the new run. See
-:mod:`fl_sparse.checkpoint` and :func:`fl_sparse.server_app.resume_config`.
+subclasses add their own state and extend ``_load_state``) and
+:meth:`SparseFedAvg.load_state_dict` restores it, all or nothing, refusing the
+state of another strategy, other settings or another version.
+``start(..., first_round=k+1)`` then continues with the same generation
+(clients keep their error memory); per-client state follows each client's
+partition id to its node id in the new run. See :mod:`fl_sparse.checkpoint`
+and :func:`fl_sparse.server_app.resume_config`.
 
 Subclass and override the hooks :meth:`uplink_spec`,
 :meth:`aggregate_updates` and :meth:`compress_downlink` to build new
@@ -543,7 +544,20 @@ class SparseFedAvg(FedAvg):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; raises ValueError for another strategy, version or settings."""
+        """Restore :meth:`state_dict`; raises ValueError for another strategy, version or settings.
+
+        All or nothing: a state refused by any check, the base's or a subclass's (subclasses
+        extend :meth:`_load_state`), leaves the strategy as it was.
+        """
+        before = dict(vars(self))  # loading replaces attributes, never changes one in place
+        try:
+            self._load_state(state)
+        except BaseException:
+            vars(self).clear()
+            vars(self).update(before)
+            raise
+
+    def _load_state(self, state: dict[str, Any]) -> None:
         from fl_sparse.checkpoint import record_from_state
 
         if not isinstance(state, dict):

@@ -332,12 +332,12 @@ class AdaptiveTopKSGD(SparseFedAvg):
         return {**super().state_dict(), "adaptive_topk": {"t_hat": self.t_hat, "planned": dict(self.planned),
                                                         "t_hat_estimate": self._t_hat_estimate}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`. With another ``num_rounds`` than the saved run's, the rounds
+    def _load_state(self, state: dict[str, Any]) -> None:
+        """The base's, then t̂ and the plan. With another ``num_rounds`` than the saved run's, the rounds
         not yet planned share the budget ``num_rounds · k`` (the plan so far stays) and an estimated
         t̂ is clipped to the new ``num_rounds``; a budget the saved rounds already spent is an error
         at the next round, naming the ``num_rounds`` needed."""
-        super().load_state_dict(state)
+        super()._load_state(state)
         try:
             extra = state["adaptive_topk"]
             self.t_hat = None if extra["t_hat"] is None else int(extra["t_hat"])

@@ -298,30 +298,11 @@ class SSGDMajorityVote(SparseFedAvg):
             },
         }
 
-    # What load_state_dict replaces: the base's fields and SSGD-MV's own.
-    _LOADED = ("state", "node_keys", "_nonces", "first_error", "_returned", "_sync_cache",
-               "m_sum", "votes", "mask", "mask_round", "values_record")
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (checked: ``M_sum`` is the sum of the stored votes).
-
-        All or nothing: a state refused by any check leaves the strategy as it was.
-        """
-        before = {name: getattr(self, name) for name in self._LOADED if hasattr(self, name)}
-        try:
-            self._load_state(state)
-        except BaseException:
-            for name in self._LOADED:
-                if name in before:
-                    setattr(self, name, before[name])
-                elif hasattr(self, name):
-                    delattr(self, name)
-            raise
-
     def _load_state(self, state: dict[str, Any]) -> None:
+        """The base's, then SSGD-MV's own (checked: ``M_sum`` is the sum of the stored votes)."""
         from fl_sparse.checkpoint import record_from_state
 
-        super().load_state_dict(state)
+        super()._load_state(state)
         try:
             extra = state["ssgd_mv"]
             m_sum = extra["m_sum"]

@@ -75,3 +75,25 @@ def test_given_t_hat_is_the_papers_schedule(d, T, gamma, t_hat):
     if all(1 <= s <= d for s in schedule):
         assert ks == schedule
     assert sum(ks) == T * k
+
+
+def test_a_refused_state_leaves_the_strategy_as_it_was():
+    """load_state_dict is all or nothing: the base's part of a state whose AdapTop-K part is incomplete
+    was loaded before the refusal, leaving another run's model in this strategy."""
+    import numpy as np
+    import pytest
+    from flwr.app import Array
+
+    def started(value):
+        strategy = AdaptiveTopKSGD(ratio=0.1, num_rounds=4, fraction_evaluate=0.0)
+        strategy.initialize(ArrayRecord({"w": Array(np.full(20, value, dtype=np.float32))}))
+        return strategy
+
+    other = started(2.0).state_dict()
+    del other["adaptive_topk"]["planned"]
+    strategy = started(1.0)
+    generation = strategy.state.generation
+    with pytest.raises(ValueError, match="not a complete AdapTop-K state"):
+        strategy.load_state_dict(other)
+    assert strategy.state.generation == generation != other["generation"]
+    assert torch.equal(strategy.state.model, torch.ones(20))
