@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 __all__ = [
     "Run",
     "NOT_A_SETTING",
+    "setting_key",
     "load_run",
     "group_runs",
     "group_labels",
@@ -79,6 +80,11 @@ def _same_number(value: Any) -> Any:
 
 def _compared(config: dict[str, Any]) -> dict[str, Any]:
     return {k: _same_number(v) for k, v in _settings(config).items() if k not in NOT_A_SETTING}
+
+
+def setting_key(config: dict[str, Any]) -> str:
+    """Equal for two run configs exactly when compare reports them as one setting (one table row)."""
+    return json.dumps(_compared(config), sort_keys=True, default=str)
 
 
 def _format_value(value: Any) -> str:
@@ -218,8 +224,7 @@ def group_runs(runs: Sequence[Run]) -> list[list[Run]]:
     """
     groups: dict[str, list[Run]] = {}
     for r in runs:
-        key = json.dumps(_compared(r.config), sort_keys=True, default=str)
-        groups.setdefault(key, []).append(r)
+        groups.setdefault(setting_key(r.config), []).append(r)
     return [sorted(g, key=lambda r: (str(type(r.seed)), r.seed if r.seed is not None else 0)) for g in groups.values()]
 
 

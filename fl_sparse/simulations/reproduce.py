@@ -74,7 +74,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from fl_sparse.server_app import RUN_FILES, RunConfig, RunFailed, RunInterrupted, stop_requested
-from fl_sparse.simulations.compare import NOT_A_SETTING, _compared
+from fl_sparse.simulations.compare import NOT_A_SETTING, setting_key
 
 __all__ = [
     "BUDGETS",
@@ -364,7 +364,7 @@ def expand(
             raise ValueError(f"{where}: {exc}") from None
         # The same run as compare (write_report's table) sees it: lr unset is the model's own, a -no-ec
         # strategy runs without error feedback, 1 and 1.0 are one value; else two settings become one row.
-        key = json.dumps(_compared(asdict(base_cfg)), sort_keys=True, default=str)
+        key = setting_key(asdict(base_cfg))
         if key in seen:
             raise ValueError(f"{where} is the same run as setting {seen[key]!r}")
         if name.lower() in {v.lower() for v in seen.values()}:
@@ -774,14 +774,14 @@ def run(args: argparse.Namespace, *, runner: Callable[[RunConfig], list[dict[str
     command = _command(args, seeds)
     if args.dry_run:
         defaults = asdict(RunConfig())
+        # Every other setting that differs from the defaults (threshold, error_feedback, t_hat, value_bits,
+        # alpha, ...) is added to a line: without them two settings of a preset printed the same line.
+        shown = {"strategy", "model", "clients", "fraction", "partition", "rounds", "local_steps", "batch_size",
+                 "lr", "ratio", "seed"}
         print(f"{preset.title}: {len(plan)} runs into {folder}/ ({command})")
         for i, p in enumerate(plan, 1):
             c = p.config
             status, why = run_status(p)
-            # Every other setting that differs from the defaults (threshold, error_feedback, t_hat, value_bits,
-            # alpha, ...): without them two settings of a preset printed the same line.
-            shown = {"strategy", "model", "clients", "fraction", "partition", "rounds", "local_steps", "batch_size",
-                     "lr", "ratio", "seed"}
             more = _overrides_text(c, {**defaults, **{k: getattr(c, k) for k in shown}})
             print(f"[{i}/{len(plan)}] {p.label:28s} {c.strategy:20s} {c.model} clients={c.clients} "
                   f"fraction={c.fraction:g} {c.partition} rounds={c.rounds} H={c.local_steps} B={c.batch_size} "
