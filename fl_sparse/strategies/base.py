@@ -116,7 +116,7 @@ from typing import Any
 import numpy as np
 import torch
 import xxhash
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -357,6 +357,7 @@ class SparseFedAvg(FedAvg):
         self.update_norm_bound = update_norm_bound
         self.update_norm_bound_ratio = update_norm_bound_ratio
         self._nonces: dict[int, str] = {}  # node -> nonce of the message it was sent this round
+        self._sent: list[Metadata] = []  # the metadata of this round's messages (see reply_node)
         self.last_downlink_split: dict[str, int] = dict.fromkeys(DOWNLINK_KINDS, 0)
         self.first_error: str | None = None  # why the first dropped reply was dropped (for a run's summary)
         self.state = ServerState()
@@ -694,8 +695,10 @@ class SparseFedAvg(FedAvg):
         ]
         unanswered: dict[int, str] = {}
         unavailable = 0  # Flower's own error replies for a dead node come from the SuperLink's id, not the node's
-        for reply in grid.send_and_receive(queries, timeout=self._timeout):
-            node = reply.metadata.src_node_id
+        replies = grid.send_and_receive(queries, timeout=self._timeout)
+        sent_to = self._sent_to(q.metadata for q in queries)
+        for reply in replies:
+            node = self.reply_node(reply, sent_to)
             if reply.has_error():
                 if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
                     unavailable += 1
@@ -875,6 +878,7 @@ class SparseFedAvg(FedAvg):
             split[kind] += sent
             modes[mode] = modes.get(mode, 0) + 1
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        self._sent.extend(m.metadata for m in messages)
         self.last_downlink_split = split
         return messages, modes, total
 
@@ -889,6 +893,7 @@ class SparseFedAvg(FedAvg):
         """Fix this round's uplink spec (validated here, before anything is sent)."""
         self._round_started = time.perf_counter()
         self._nonces = {}
+        self._sent = []
         self._sync_cache = {}
         self._local_steps = _local_steps(config.get("local-steps"))
         spec = _with_defaults(self.uplink_spec(server_round, num_clients))
@@ -1029,8 +1034,8 @@ class SparseFedAvg(FedAvg):
         st = self.state
         expected_hash = vector_hash(st.model)
         updates, failures, seen = [], 0, set()
-        for msg in sorted(replies, key=lambda m: self._order(m.metadata.src_node_id)):
-            node = msg.metadata.src_node_id
+        sent_to = self._sent_to(self._sent)
+        for node, msg in sorted(((self.reply_node(m, sent_to), m) for m in replies), key=lambda p: self._order(p[0])):
             if msg.has_error():
                 failures += 1
                 self.drop_reply(server_round, "client %d failed: %s", node, msg.error.reason)
@@ -1301,6 +1306,25 @@ class SparseFedAvg(FedAvg):
             return None
 
     # ---------------------------------------------------------------- helpers
+    @staticmethod
+    def _sent_to(sent: Iterable[Metadata]) -> dict[str, int]:
+        """Message id -> destination node of the messages sent. Read once the replies are in: the
+        grid gives a message its id when it pushes it, after the strategy built it."""
+        return {md.message_id: md.dst_node_id for md in sent if md.message_id}
+
+    @staticmethod
+    def reply_node(msg: Message, sent_to: dict[str, int]) -> int:
+        """The node a reply answers for (``sent_to``: from :meth:`_sent_to`): its sender.
+
+        Except in an error reply, which Flower's SuperLink may have written itself for the
+        node (``NODE_UNAVAILABLE`` for a dead node, an expired reply): its sender is then the
+        SuperLink's own id (1), not the node's, so the node is the one the answered message
+        went to. Where that message is unknown (a grid that sets no message ids), the sender.
+        """
+        if msg.has_error():
+            return sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        return msg.metadata.src_node_id
+
     def drop_reply(self, server_round: int, why: str, node: int, *args: Any) -> None:
         """Log why ``node``'s reply was not used and forget which model it holds.
 
