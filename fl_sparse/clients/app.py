@@ -26,7 +26,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_sparse.clients.mod import SparseMod, client_generator_seed
+from fl_sparse.clients.mod import SparseMod, client_generator_seed, node_int
 from fl_sparse.tasks import data as data_lib
 from fl_sparse.tasks import training
 from fl_sparse.tasks.builtin import ClientTask, TaskSpec, get_task
@@ -36,31 +36,11 @@ __all__ = ["app", "train", "evaluate", "builtin_task", "local_training"]
 app = ClientApp(mods=[SparseMod()])
 
 
-def _node_int(context: Context, key: str) -> int | None:
-    """An integer node-config entry (``3``, ``3.0`` or ``"3"``), None when absent; anything else is named."""
-    value = context.node_config.get(key)
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise ValueError(
-        f"node config {key}={value!r} is not an integer; start the SuperNode with "
-        f"--node-config \"partition-id=K num-partitions=N\""
-    )
-
-
 def builtin_task(context: Context, config: ConfigRecord) -> ClientTask:
     """This node's task: its partition (node config ``partition-id``) of the configured dataset and model."""
-    pid = _node_int(context, "partition-id")
+    pid = node_int(context, "partition-id")
     spec = TaskSpec.from_config(config, 0 if pid is None else pid, int(config.get("num-partitions", 1)))
-    nodes = _node_int(context, "num-partitions")
+    nodes = node_int(context, "num-partitions")
     if nodes is not None:  # the node's own word wins
         spec = replace(spec, num_partitions=nodes)
     if pid is None and spec.num_partitions > 1:  # every such node would train on partition 0
@@ -143,8 +123,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = _load(task, msg.content["arrays"], device)
     test = data_lib.load_dataset(task.spec.dataset)[1]
     pid, n = task.spec.partition_id, task.spec.num_partitions
-    loss, acc = training.evaluate(model, test.images[pid::n], test.labels[pid::n], device=device)
-    content = RecordDict(
-        {"metrics": MetricRecord({"num-examples": int(test.labels[pid::n].numel()), "eval-loss": loss, "eval-acc": acc})}
-    )
+    images, labels = test.images[pid::n], test.labels[pid::n]
+    num_examples = int(labels.numel())
+    if num_examples:
+        loss, acc = training.evaluate(model, images, labels, device=device)
+    else:
+        # More clients than test examples: this shard is empty. Weight 0 and finite metrics of the
+        # same names as the others' (a NaN would poison the weighted average, even at weight 0).
+        loss, acc = 0.0, 0.0
+    content = RecordDict({"metrics": MetricRecord({"num-examples": num_examples, "eval-loss": loss, "eval-acc": acc})})
     return Message(content=content, reply_to=msg)

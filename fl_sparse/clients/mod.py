@@ -140,15 +140,42 @@ def default_state_dir() -> str:
     return str(Path(xdg).expanduser() / "fl-sparse" / "state") if xdg else str(DEFAULT_STATE_DIR)
 
 
+def node_int(context: Context, key: str) -> int | None:
+    """An integer node-config entry (``3``, ``3.0`` or ``"3"``), None when absent; anything else is named.
+
+    The one parser of ``partition-id`` (and the built-in app's ``num-partitions``): ``2.7`` or ``True``
+    is refused, not truncated or taken for 1, so a node never silently claims another's partition.
+    """
+    value = context.node_config.get(key)
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ValueError(
+        f"node config {key}={value!r} is not an integer; start the SuperNode with "
+        f"--node-config \"partition-id=K num-partitions=N\""
+    )
+
+
 def client_key(context: Context) -> str:
-    """Stable name of this client: its partition if it has one, else its node id."""
-    pid = context.node_config.get("partition-id")
+    """Stable name of this client: its partition if it has one, else its node id.
+
+    The parsed partition id, so ``3``, ``3.0`` and ``"3"`` name one state file, ``client-3``.
+    """
+    pid = node_int(context, "partition-id")
     return f"client-{pid}" if pid is not None else f"node-{context.node_id}"
 
 
 def _partition_id(context: Context) -> int:
-    pid = context.node_config.get("partition-id")
-    return int(pid) if pid is not None else -1
+    pid = node_int(context, "partition-id")
+    return pid if pid is not None else -1
 
 
 def _random_stream(context: Context) -> int:
