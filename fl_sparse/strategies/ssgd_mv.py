@@ -369,6 +369,7 @@ class SSGDMajorityVote(SparseFedAvg):
             instr = Instruction(**{**values_instr.__dict__, "nonce": self._nonces[node]})
             content = RecordDict({protocol.RECORD: instr.to_record(), protocol.MASK: mask_record})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        self._sent.extend(m.metadata for m in messages)  # a dead node's error reply names its node by it
         d_h = numel * self._local_steps
         rm = st.round_metrics.setdefault(server_round, {"round": server_round})
         rm.update(
@@ -428,8 +429,8 @@ class SSGDMajorityVote(SparseFedAvg):
         self._voters, self._vote_exact = {}, {}
         votes, bits, changes = [], [], []
         failures, nbytes, seen = 0, 0, set()
-        for msg in sorted(replies, key=lambda m: self._order(m.metadata.src_node_id)):
-            node = msg.metadata.src_node_id
+        sent_to = self._sent_to(self._sent)
+        for node, msg in sorted(((self.reply_node(m, sent_to), m) for m in replies), key=lambda p: self._order(p[0])):
             if msg.has_error():
                 failures += 1
                 self.drop_reply(server_round, "client %d failed to vote: %s", node, msg.error.reason)

@@ -111,8 +111,6 @@ def test_superlink_errors_to_identify_are_counted_per_node(tmp_path, caplog):
         f"2 of 3 nodes did not answer fl-sparse's identify message (node {grid.node_ids[0]}: "), lines
 
 
-@pytest.mark.xfail(strict=True, reason="SSGD-MV's tally_votes reads the sender, and its values messages (built in "
-                   "ssgd_mv.configure_train) are not in the base's _sent: a patch to ssgd_mv.py")
 @pytest.mark.parametrize("phase", [protocol.PHASE_VOTE, protocol.PHASE_VALUES])
 def test_ssgd_mv_names_a_node_dead_in_either_phase(tmp_path, caplog, phase):
     grid = FlowerLikeGrid(_app(), 3, node_config=lambda i: {"state-dir": str(tmp_path)})
