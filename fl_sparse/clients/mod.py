@@ -423,12 +423,19 @@ class SparseMod:
         # MLP size). The mod replaces a state's tensors and never changes one in place
         # (apply_sync, restore_unaccepted; the error memory takes its tensor and returns a new one).
         session = _Session(store, key, store.load(key, shared=True))
-        reset = session.state.reset_reason
-        if reset is not None and (instr.phase == protocol.PHASE_VALUES or instr.sync_mode != "dense"):
-            # The file was moved aside: the next load finds none, and the server,
-            # dropping this reply, forgets our version and sends the dense model.
+        reset, lost = session.state.reset_reason, session.state.model_lost
+        if (reset is not None or lost is not None) and (
+            instr.phase == protocol.PHASE_VALUES or instr.sync_mode != "dense"
+        ):
+            # The server, dropping this reply, forgets our version and sends the dense model.
+            if reset is not None:  # the file was moved aside: the next load finds none
+                raise SyncError(
+                    f"client state was corrupt and has been reset; the server must send a dense sync ({reset})"
+                )
+            # Only the model copy is gone: nothing is saved now, so the error memory, the
+            # pending update and SSGD-MV's a wait in the state file for the dense sync.
             raise SyncError(
-                f"client state was corrupt and has been reset; the server must send a dense sync ({reset})"
+                f"client's model copy was lost (its error memory is kept); the server must send a dense sync ({lost})"
             )
         session.join(instr.generation)
         return session

@@ -53,6 +53,8 @@ to ``<name>.corrupt-<unix-time>`` in the same folder (the newest
 naming the file and the reason, and returns an empty state (no model copy,
 no error memory) with :attr:`ClientState.reset_reason` set. The client mod
 then asks the server for a dense sync (see :mod:`fl_sparse.clients.mod`).
+A sound state file whose model copy in the model store is lost is not moved
+aside: only the model is dropped (see the model store below).
 Version 1 files (``FLSPARSE-STATE-1``, no checksum) are still read,
 unverified, and version 2 files (``FLSPARSE-STATE-2``, the same layout with a
 CRC-32 trailer) verified by their CRC; the next save rewrites either as
@@ -120,10 +122,17 @@ model store (a WARNING says so once); any other link error (a full disk, an
 I/O error) keeps only that save's model inline, with a WARNING.
 
 A version file is verified on every read from disk (size and hash of its
-bytes against the state's ``model_ref``); a mismatch or a missing file is a
-corrupt state: the state file is moved aside as above, the client's link
-removed (the version file too if it was the corrupt one, so no other client
-links it again), and the client starts empty and gets a dense sync. The
+bytes against the state's ``model_ref``). A mismatch, a missing file or an
+error reading it loses the model copy only, not the state: the state file
+verified, so the load returns its error memory, ``steps_done`` and ``extra``
+as stored, without a model (``model=None``, ``model_version=-1``, which no
+server version matches) and with :attr:`ClientState.model_lost` set, and logs
+a WARNING naming the state file and the reason. The state file is not moved
+aside (the client's next save replaces it); the client's link is removed (the
+version file too if it was the corrupt one, so no other client links it
+again). The client mod then refuses any sync but a dense one, and the client
+continues with its error memory from the dense model the server sends next.
+(With ``reset_corrupt=False`` such a load raises, as for a corrupt file.) The
 per-process cache keeps version bytes by hash, so the clients one Ray actor
 handles share one read. A save killed between its link and its state file
 leaves a link no state names; the sweep that removes stale temporary files
@@ -199,8 +208,12 @@ class ClientState:
     (``None`` before the first dense sync); ``error`` is the error-feedback
     memory; ``steps_done`` counts the rounds this client has trained;
     ``extra`` holds strategy-specific tensors (e.g. the
-    previous vote of SSGD-MV-AD). ``reset_reason`` is not stored: a load sets
-    it when the stored file was corrupt and this empty state replaces it.
+    previous vote of SSGD-MV-AD). Neither of the last two fields is stored; a
+    load sets them. ``reset_reason``: the stored file was corrupt and this empty
+    state replaces it. ``model_lost``: the state file was sound but its model
+    copy in the model store was missing or corrupt; this state is the stored one
+    (error memory, ``steps_done``, ``extra``) without a model (``model=None``,
+    ``model_version=-1``).
     """
 
     model: torch.Tensor | None = None
@@ -209,6 +222,7 @@ class ClientState:
     steps_done: int = 0
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     reset_reason: str | None = None
+    model_lost: str | None = None
 
     def to_payload(self) -> dict:
         return {
@@ -797,10 +811,13 @@ class ClientStateStore:
         one in place, or the next load in this process would see the change.
 
         A file that cannot be used (torn, checksum mismatch, foreign, an I/O
-        error; a shared model copy that is missing or whose bytes do not hash
-        to its name) is moved aside to ``<name>.corrupt-<unix-time>`` with a
-        WARNING, and an empty state with ``reset_reason`` set is returned;
-        with ``reset_corrupt=False`` it raises :class:`StateCorruptError`
+        error) is moved aside to ``<name>.corrupt-<unix-time>`` with a
+        WARNING, and an empty state with ``reset_reason`` set is returned.
+        A sound file whose shared model copy is missing or whose bytes do not
+        hash to its name (or cannot be read) stays where it is: the state comes
+        back without its model (``model=None``, ``model_version=-1``,
+        ``model_lost`` set), everything else as stored, with a WARNING. With
+        ``reset_corrupt=False`` either case raises :class:`StateCorruptError`
         instead and leaves the files where they are.
         """
         path = self.path(key)
@@ -839,29 +856,51 @@ class ClientStateStore:
                 # Not cached: a handler saves what it loaded, and the save caches that.
                 stored, fresh, reason = _Stored(state, ref, None), True, None
                 break
-        model = None
+        model, model_reason = None, None
         if reason is None and stored.ref is not None:
             try:
                 model = self._model_bytes(key, stored.ref)
             except _BadModel as exc:
-                reason, bad_model = str(exc), exc.path
+                model_reason, bad_model = str(exc), exc.path
             except OSError as exc:
                 if exc.errno in _TRANSIENT:
                     raise
-                reason = f"cannot read its model copy: {exc}"
+                model_reason = f"cannot read its model copy: {exc}"
             except ValueError as exc:
-                reason = str(exc)
-        if reason is None:
+                model_reason = str(exc)
+        if reason is None and model_reason is None:
             return _materialize(stored, model, fresh=fresh or shared, shared_model=shared)
         _CACHE.drop(path)
         if not reset_corrupt:
-            raise StateCorruptError(f"cannot read client state {path}: {reason}")
+            raise StateCorruptError(f"cannot read client state {path}: {reason or model_reason}")
+        if model_reason is not None:  # the state file itself verified: only its model copy is lost
+            return self._model_lost(key, path, stored, model_reason, bad_model, fresh=fresh or shared)
         self._move_aside(path, read_stat, reason)
-        if stored is not None and stored.ref is not None:
-            if bad_model is not None:
-                self._forget_bad_model(stored.ref.hash, bad_model)
-            self._release(key, stored.ref.hash)
         return ClientState(reset_reason=f"{path.name}: {reason}")
+
+    def _model_lost(
+        self, key: str, path: Path, stored: "_Stored", reason: str, bad_model: Path | None, *, fresh: bool
+    ) -> ClientState:
+        """The state of a sound state file whose model copy in the model store cannot be used.
+
+        Everything but the model is kept (error memory, steps, ``extra``); the model is
+        None at version -1, which no server version matches, so the mod asks for a
+        dense sync. The state file stays where it is (the next save replaces it); the
+        client's link to the version is removed, and a corrupt version file's own name
+        too, so no other client links those bytes again.
+        """
+        if bad_model is not None:
+            self._forget_bad_model(stored.ref.hash, bad_model)
+        self._release(key, stored.ref.hash)
+        log(
+            WARNING,
+            "client state %s: lost its model copy (%s); the client keeps its error memory and the "
+            "rest of its state, and needs a dense sync",
+            path, reason,
+        )
+        state = _materialize(stored, None, fresh=fresh)
+        state.model_lost = f"{path.name}: {reason}"
+        return state
 
     def save(self, key: str, state: ClientState, *, model_hash: str | None = None) -> None:
         """Write ``state`` atomically; the cache keeps it (do not change it in place afterwards).
@@ -1429,21 +1468,25 @@ def _materialize(stored: _Stored, model: torch.Tensor | None, *, fresh: bool, sh
     """The state a load returns: copies of the cached tensors, or (``fresh``) the tensors themselves.
 
     ``model``: the model store's version bytes (the cache's, shared by every client
-    holding that version), copied unless ``shared_model``.
+    holding that version), copied unless ``shared_model``; None where ``stored.ref``
+    names a version that could not be read (the state then holds no model, at version -1).
     """
     def own(t):
         return t if fresh or not isinstance(t, torch.Tensor) else t.clone()
 
     st = stored.state
-    if stored.ref is not None:
-        out_model = (model if shared_model else model.clone()).view(stored.ref.dtype).reshape(stored.ref.shape)
-    else:
+    version = st.model_version
+    if stored.ref is None:
         out_model = own(st.model)
+    elif model is None:  # the model store's copy is lost (ClientStateStore._model_lost): no version held
+        out_model, version = None, -1
+    else:
+        out_model = (model if shared_model else model.clone()).view(stored.ref.dtype).reshape(stored.ref.shape)
     if stored.error_from is not None and st.error is not None:
         error = _widen(st.error, stored.error_from)  # a new tensor
     else:
         error = own(st.error)
-    return ClientState(out_model, st.model_version, error, st.steps_done, {k: own(v) for k, v in st.extra.items()})
+    return ClientState(out_model, version, error, st.steps_done, {k: own(v) for k, v in st.extra.items()})
 
 
 def _nbytes(state: ClientState) -> int:
