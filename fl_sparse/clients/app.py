@@ -40,7 +40,7 @@ def builtin_task(context: Context, config: ConfigRecord) -> ClientTask:
     """This node's task: its partition (node config ``partition-id``) of the configured dataset and model."""
     pid = node_int(context, "partition-id")
     spec = TaskSpec.from_config(config, 0 if pid is None else pid, int(config.get("num-partitions", 1)))
-    nodes = node_int(context, "num-partitions")
+    nodes = node_int(context, "num-partitions", minimum=1)
     if nodes is not None:  # the node's own word wins
         spec = replace(spec, num_partitions=nodes)
     if pid is None and spec.num_partitions > 1:  # every such node would train on partition 0

@@ -140,28 +140,35 @@ def default_state_dir() -> str:
     return str(Path(xdg).expanduser() / "fl-sparse" / "state") if xdg else str(DEFAULT_STATE_DIR)
 
 
-def node_int(context: Context, key: str) -> int | None:
-    """An integer node-config entry (``3``, ``3.0`` or ``"3"``), None when absent; anything else is named.
+def node_int(context: Context, key: str, minimum: int = 0) -> int | None:
+    """An integer node-config entry (``3``, ``3.0`` or ``"3"``) of at least ``minimum``, None when absent;
+    anything else is named.
 
     The one parser of ``partition-id`` (and the built-in app's ``num-partitions``): ``2.7`` or ``True``
-    is refused, not truncated or taken for 1, so a node never silently claims another's partition.
+    is refused, not truncated or taken for 1, so a node never silently claims another's partition;
+    ``-1`` too (the protocol's "no partition": the node would name a state file ``client--1`` and
+    draw its random numbers as if it had no partition id).
     """
     value = context.node_config.get(key)
     if value is None:
         return None
+    number = None
     if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str):
         try:
-            return int(value.strip())
+            number = int(value.strip())
         except ValueError:
             pass
-    raise ValueError(
-        f"node config {key}={value!r} is not an integer; start the SuperNode with "
-        f"--node-config \"partition-id=K num-partitions=N\""
-    )
+    if number is None or number < minimum:
+        what = "not an integer" if number is None else f"below {minimum}"
+        raise ValueError(
+            f"node config {key}={value!r} is {what}; start the SuperNode with "
+            f"--node-config \"partition-id=K num-partitions=N\" (0 <= K < N)"
+        )
+    return number
 
 
 def client_key(context: Context) -> str:

@@ -144,6 +144,12 @@ DOWNLINK_KINDS = ("last_update", "catch_up", "first_contact")
 _LAST_UPDATE_MODES = ("none", "delta", "values")
 
 
+# Error replies the SuperLink writes itself (the node is gone, a message or its reply expired): the
+# node's ClientApp never answered, so these say nothing about the app (see identify).
+_SUPERLINK_ERRORS = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE,
+                               ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
+
+
 @dataclass
 class ServerState:
     """What the server remembers between rounds (cf. powerSGD_hook's PowerSGDState).
@@ -694,25 +700,25 @@ class SparseFedAvg(FedAvg):
             for n in unknown
         ]
         unanswered: dict[int, str] = {}
-        unavailable = 0  # Flower's own error replies for a dead node come from the SuperLink's id, not the node's
+        unavailable: dict[int, str] = {}  # Flower's own errors (written by the SuperLink): no mod is missing there
         replies = grid.send_and_receive(queries, timeout=self._timeout)
         sent_to = self._sent_to(q.metadata for q in queries)
         for reply in replies:
             node = self.reply_node(reply, sent_to)
             if reply.has_error():
-                if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
-                    unavailable += 1
-                    continue
-                unanswered[node] = f"error {reply.error.code}: {reply.error.reason}"
+                reason = f"error {reply.error.code}: {reply.error.reason}"
+                (unavailable if reply.error.code in _SUPERLINK_ERRORS else unanswered)[node] = reason
                 continue
             try:
                 self._learn_key(node, Report.read(reply.content))
             except protocol.ProtocolError as exc:
                 unanswered[node] = str(exc)
         if unavailable:
-            log(WARNING, "%d of %d nodes were unavailable for fl-sparse's identify message (no heartbeat: "
-                "stopped or unreachable SuperNodes; Flower drops them after 2 heartbeat intervals)",
-                unavailable, len(unknown))
+            node, reason = next(iter(unavailable.items()))
+            log(WARNING, "%d of %d nodes were unavailable for fl-sparse's identify message or did not reply in "
+                "time (node %d: %s): stopped or unreachable SuperNodes (Flower drops them after 2 heartbeat "
+                "intervals) or a slow ClientApp; each is asked again by its first train message",
+                len(unavailable), len(unknown), node, reason[:300])
         if unanswered:
             # Nothing is wrong with the run yet (such a node is asked again by its first train
             # message); but the usual cause, a ClientApp without the mod, fails every round after.

@@ -53,7 +53,6 @@ def test_the_parser_takes_integers_in_any_spelling_and_nothing_else():
 
     for value in GOOD:
         assert node_int(_context({"partition-id": value}), "partition-id") == 3
-    assert node_int(_context({"partition-id": -1}), "partition-id") == -1
     assert node_int(_context({}), "partition-id") is None
     for value in BAD:
         with pytest.raises(ValueError, match="num-partitions") as info:
@@ -138,3 +137,23 @@ def test_a_bad_partition_id_is_a_failure_reply_to_the_server_not_a_partition(tmp
     assert sorted(trained) == [0, 2]
     assert strategy.state.round_metrics[1]["accepted"] == 2
     assert sorted(p.name for p in tmp_path.rglob("*.state")) == ["client-0.state", "client-2.state"]
+
+
+@pytest.mark.parametrize("value", [-1, "-1", -3.0])
+def test_a_negative_partition_id_is_refused(value):
+    """-1 is the protocol's "no partition": a node configured with it was named ``client--1`` but
+    reported no partition and drew its random numbers from its node id."""
+    with pytest.raises(ValueError, match=r"partition-id=.* is below 0"):
+        client_key(_context({"partition-id": value}))
+    with pytest.raises(ValueError, match="below 0"):
+        _identify({"partition-id": value})
+
+
+def test_num_partitions_must_be_positive():
+    from fl_sparse.clients.mod import node_int
+
+    assert node_int(_context({"num-partitions": 1}), "num-partitions", minimum=1) == 1
+    with pytest.raises(ValueError, match="num-partitions=0 is below 1"):
+        node_int(_context({"num-partitions": 0}), "num-partitions", minimum=1)
+    with pytest.raises(ValueError, match="num-partitions=0 is below 1"):
+        client_app.builtin_task(_context({"partition-id": 0, "num-partitions": 0}), ConfigRecord({}))
