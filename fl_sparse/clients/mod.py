@@ -65,7 +65,10 @@ ones of runs you will not resume. A corrupt state
 file is moved aside and the client starts empty: a message whose sync is dense
 trains as usual; any other fails with :class:`SyncError` ("client state was
 corrupt and has been reset; the server must send a dense sync"), the server
-drops that reply and sends this client the dense model next time.
+drops that reply and sends this client the dense model next time. A state
+file that verifies but whose shared model copy is missing or damaged loses
+only that copy: the error memory is kept, and the next non-dense message fails
+the same way ("client's model copy was lost ...") until the dense model comes.
 """
 
 from __future__ import annotations

@@ -250,7 +250,7 @@ def test_a_missing_link_is_repaired_from_the_version_file(tmp_path):
     assert _canonical(store)[model_hash(_model(1))].st_nlink == 3  # linked again
 
 
-def test_a_deleted_model_file_resets_the_client_to_a_dense_sync(tmp_path, caplog):
+def test_a_deleted_model_file_loses_only_the_model_copy(tmp_path, caplog):
     store = _store(tmp_path)
     store.save("client-0", _state(1))
     digest = model_hash(_model(1))
@@ -259,18 +259,17 @@ def test_a_deleted_model_file_resets_the_client_to_a_dense_sync(tmp_path, caplog
     _as_file_reader(store)
     with caplog.at_level(logging.WARNING, logger="flwr"):
         loaded = store.load("client-0")
-    assert loaded.reset_reason is not None and "missing" in loaded.reset_reason
-    assert loaded.model is None and loaded.error is None and loaded.model_version == -1
-    assert not store.path("client-0").exists() and store.corrupt_files("client-0")  # moved aside
-    assert any("corrupt" in r.getMessage() for r in caplog.records)
-    again = store.load("client-0")
-    assert again.reset_reason is None and again.model is None  # starts clean: the mod asks for a dense sync
-    store.save("client-0", _state(2))  # and after it, all is as usual
+    assert loaded.model_lost is not None and "missing" in loaded.model_lost and loaded.reset_reason is None
+    assert loaded.model is None and loaded.model_version == -1  # the mod asks for a dense sync
+    assert torch.equal(loaded.error, _state(1).error)  # the error memory is kept
+    assert store.path("client-0").exists() and store.corrupt_files("client-0") == []  # not moved aside
+    assert any("lost its model copy" in r.getMessage() for r in caplog.records)
+    store.save("client-0", _state(2))  # after the dense sync's save, all is as usual
     assert _equal(store.load("client-0"), _state(2))
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "grow"])
-def test_a_corrupt_version_file_resets_each_holder_and_is_not_handed_out_again(tmp_path, damage):
+def test_a_corrupt_version_file_loses_each_holders_model_and_is_not_handed_out_again(tmp_path, damage):
     store = _store(tmp_path)
     store.save("client-0", _state(1))
     store.save("client-1", _state(1))
@@ -289,8 +288,8 @@ def test_a_corrupt_version_file_resets_each_holder_and_is_not_handed_out_again(t
     _as_file_reader(store)
     for key in ("client-0", "client-1"):
         loaded = store.load(key)
-        assert loaded.reset_reason is not None and "model file" in loaded.reset_reason, loaded.reset_reason
-        assert loaded.model is None and store.corrupt_files(key)
+        assert loaded.model_lost is not None and "model file" in loaded.model_lost, loaded.model_lost
+        assert loaded.model is None and loaded.error is not None and store.corrupt_files(key) == []
     assert _canonical(store) == {} and _links(store) == set()  # the bad bytes are gone
     store.save("client-2", _state(1))  # a new holder writes the version afresh
     _as_file_reader(store)
