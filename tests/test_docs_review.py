@@ -152,7 +152,6 @@ def test_flwr_run_resume_keys_are_the_codes():
     assert named == settable, (named, settable)
 
 
-@pytest.mark.xfail(strict=False, reason="README.md names `quiet`, which is not a run-config key: patch reported")
 def test_readme_flwr_run_resume_keys_are_settable():
     """README's "Under `flwr run` ... are taken from that run's config": each one a key ``--run-config`` accepts."""
     text = " ".join(README.read_text().split())
