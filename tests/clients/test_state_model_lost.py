@@ -27,25 +27,11 @@ from fl_sparse.clients import state as state_module
 from fl_sparse.clients.mod import SyncError
 from fl_sparse.clients.state import ClientState, ClientStateStore, StateCorruptError, model_hash
 from fl_sparse.protocol import Instruction
-from fl_sparse.strategies import BidirectionalTopKSGD, SSGDMajorityVote
 from inprocess import InProcessGrid
 
-D = 257
-
-
-@pytest.fixture(autouse=True)
-def _fresh_process_state(monkeypatch):
-    """Each test as a new process: an empty cache, hard links believed to work."""
-    monkeypatch.setattr(state_module, "_CACHE", state_module._StateCache())
-    monkeypatch.setattr(state_module, "_no_links", set())
-
-
-def _store(root, **kw) -> ClientStateStore:
-    return ClientStateStore(root, durable=False, share_models=True, **kw)
-
-
-def _model(version: int, d: int = D) -> torch.Tensor:
-    return torch.randn(d, generator=torch.Generator().manual_seed(1000 + version))
+# The model store's fixture and helpers (a fresh cache per test, a store sharing models, seeded models)
+from test_mod_recovery import STRATEGIES  # noqa: E402  (N = 4 clients there too)
+from test_state_models import D, _fresh_process_state, _model, _store  # noqa: E402,F401  (a fixture)
 
 
 def _state(version: int, d: int = D) -> ClientState:
@@ -284,14 +270,6 @@ def _app(mod: SparseMod, fail: set[tuple[int, int]]) -> ClientApp:
     return app
 
 
-STRATEGIES = {
-    "bidirectional-topk": lambda: BidirectionalTopKSGD(
-        ratio=0.1, fraction_evaluate=0.0, min_available_nodes=N, seed=3
-    ),
-    "ssgd-mv-ad": lambda: SSGDMajorityVote(
-        ratio=0.1, add_drop_ratio=0.03, fraction_evaluate=0.0, min_available_nodes=N, seed=3
-    ),
-}
 
 
 class Lose:
