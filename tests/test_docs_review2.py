@@ -355,3 +355,28 @@ def test_compare_tables_shown_are_compares():
     plan = [type("P", (), {"setting": d, "config": RunConfig(error_memory_dtype=d, seed=0, quiet=True)})()
             for d in ("float32", "float16", "bfloat16")]
     assert [r[0] for r in rows] == _labels(plan)
+
+
+def test_readme_reproduce_paragraph_is_the_clis():
+    """The flags README's reproduce paragraph names are the CLI's, and the presets it lists are all there are."""
+    import argparse
+
+    from fl_sparse.simulations import reproduce
+
+    text = " ".join(README.read_text().split())
+    m = re.search(r"`fl-sparse reproduce NAME ([^`]*)` runs a preset's settings × seeds(.*?)settings\. ", text)
+    assert m, "README's fl-sparse reproduce paragraph is gone"
+    parser = argparse.ArgumentParser()
+    reproduce.add_arguments(parser)
+    flags = {o for a in parser._actions for o in a.option_strings}
+    named = set(re.findall(r"--[a-z-]+", m.group(1) + m.group(2)))
+    assert named and named <= flags, named - flags
+    assert "--budget {small,full}".replace("{small,full}", "small|full") in m.group(1)
+    assert set(reproduce.BUDGETS) == {"small", "full"}
+    listed = re.search(r"`--list` describes the presets \(the five papers', `participation` and the smoke test `tiny`\)",
+                       text)
+    assert listed
+    papers = {"adaptive-topk", "bidirectional-topk", "hard-threshold", "majority-voting", "rtopk"}
+    assert set(reproduce.preset_names()) == papers | {"participation", "tiny"}
+    assert "OUT/NAME[-full][-non-iid]/<setting>-seed<s>/" in text
+    assert str(reproduce.results_dir("OUT", "NAME", budget="full", non_iid=True)) == "OUT/NAME-full-non-iid"
