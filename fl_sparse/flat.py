@@ -183,12 +183,18 @@ class FlatLayout:
             raise ValueError("malformed layout: no flat arrays, or a name twice")
         return cls(tuple(names), tuple(shapes), tuple(dtypes), tuple(passthrough), tuple(order))
 
+    def spans(self):
+        """``(name, start, end)`` of each flat array: its entries are ``vector[start:end]``."""
+        start = 0
+        for name, shape in zip(self.names, self.shapes):
+            end = start + math.prod(shape)
+            yield name, start, end
+            start = end
+
     def name_at(self, index: int) -> str:
         """The name of the flat array that holds entry ``index`` of the vector."""
-        offset = 0
-        for name, shape in zip(self.names, self.shapes):
-            offset += int(np.prod(shape))
-            if index < offset:
+        for name, _, end in self.spans():
+            if index < end:
                 return name
         raise IndexError(f"entry {index} is beyond the vector's {self.numel} entries")
 

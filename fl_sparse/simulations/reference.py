@@ -89,7 +89,7 @@ def _reference_loop(cfg: RunConfig) -> torch.Tensor:
     # As the strategies (exact_running_stats=True): BatchNorm's running statistics are not compressed
     # but averaged exactly with the weights p_q; the sparsifiers (and their k, r, lambda) see the rest.
     exact = torch.zeros(w.numel(), dtype=torch.bool)
-    for name, start, end in _spans(layout):
+    for name, start, end in layout.spans():
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in RUNNING_STATS):
             exact[start:end] = True
     sparse_at, exact_at = torch.nonzero(~exact).flatten(), torch.nonzero(exact).flatten()
@@ -133,11 +133,3 @@ def _reference_loop(cfg: RunConfig) -> torch.Tensor:
             w[exact_at] = sum(pq * e.to(torch.float64) for pq, e in zip(p, exact_after)).to(torch.float32)
     return w
 
-
-def _spans(layout: FlatLayout):
-    """(name, start, end) of each array in the flat vector of ``layout``."""
-    start = 0
-    for name, shape in zip(layout.names, layout.shapes):
-        end = start + math.prod(shape)
-        yield name, start, end
-        start = end

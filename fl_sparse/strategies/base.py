@@ -1040,8 +1040,7 @@ class SparseFedAvg(FedAvg):
         st = self.state
         expected_hash = vector_hash(st.model)
         updates, failures, seen = [], 0, set()
-        sent_to = self._sent_to(self._sent)
-        for node, msg in sorted(((self.reply_node(m, sent_to), m) for m in replies), key=lambda p: self._order(p[0])):
+        for node, msg in self.replies_by_node(replies):
             if msg.has_error():
                 failures += 1
                 self.drop_reply(server_round, "client %d failed: %s", node, msg.error.reason)
@@ -1330,6 +1329,11 @@ class SparseFedAvg(FedAvg):
         if msg.has_error():
             return sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
         return msg.metadata.src_node_id
+
+    def replies_by_node(self, replies: Iterable[Message]) -> list[tuple[int, Message]]:
+        """``(node, reply)`` for this round's replies, in stable client order (see :meth:`reply_node`)."""
+        sent_to = self._sent_to(self._sent)
+        return sorted(((self.reply_node(m, sent_to), m) for m in replies), key=lambda pair: self._order(pair[0]))
 
     def drop_reply(self, server_round: int, why: str, node: int, *args: Any) -> None:
         """Log why ``node``'s reply was not used and forget which model it holds.

@@ -429,8 +429,7 @@ class SSGDMajorityVote(SparseFedAvg):
         self._voters, self._vote_exact = {}, {}
         votes, bits, changes = [], [], []
         failures, nbytes, seen = 0, 0, set()
-        sent_to = self._sent_to(self._sent)
-        for node, msg in sorted(((self.reply_node(m, sent_to), m) for m in replies), key=lambda p: self._order(p[0])):
+        for node, msg in self.replies_by_node(replies):
             if msg.has_error():
                 failures += 1
                 self.drop_reply(server_round, "client %d failed to vote: %s", node, msg.error.reason)

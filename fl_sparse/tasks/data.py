@@ -245,11 +245,6 @@ def _idx_dirs(name: str, bases: list[Path]):
                 yield cand
 
 
-def _find_idx_dir(name: str, bases: list[Path]) -> Path | None:
-    """The first directory among ``bases`` (and their usual subfolders) holding all IDX files."""
-    return next(_idx_dirs(name, bases), None)
-
-
 class _OtherDatasetError(IdxFormatError):
     """Well-formed IDX files of another dataset (MNIST and Fashion-MNIST share file names and shapes)."""
 

@@ -100,12 +100,12 @@ def garbage(path: Path) -> bytes:
     return b"\x00garbage\xff" * 37
 
 
-class Damage:
-    """Tamper hook: after client ``VICTIM``'s reply in round r, write ``plan[r](file)`` over its file."""
+class VictimHook:
+    """Tamper hook: records client ``VICTIM``'s sync mode and error reason per round, and calls
+    :meth:`damage` after each of its replies that ends a round for it (not a vote, not an error)."""
 
-    def __init__(self, grid_ref: list, root: Path, plan: dict, *, lose_reply_in: set[int] = frozenset()) -> None:
-        self.grid_ref, self.root, self.plan, self.lose_reply_in = grid_ref, root, plan, lose_reply_in
-        self.written: list[bytes] = []
+    def __init__(self, grid_ref: list) -> None:
+        self.grid_ref = grid_ref
         self.errors: dict[int, str] = {}  # round -> the victim's error reason
         self.syncs: dict[int, str] = {}  # round -> the victim's sync mode (train or vote phase)
 
@@ -125,12 +125,27 @@ class Damage:
             return reply
         if instr.phase == protocol.PHASE_VOTE:
             return reply  # damage after the round's last message to the client
-        if r in self.plan:
+        return self.damage(r, reply)
+
+    def damage(self, server_round: int, reply: Message) -> Message:
+        return reply
+
+
+class Damage(VictimHook):
+    """After client ``VICTIM``'s reply in round r, write ``plan[r](file)`` over its file."""
+
+    def __init__(self, grid_ref: list, root: Path, plan: dict, *, lose_reply_in: set[int] = frozenset()) -> None:
+        super().__init__(grid_ref)
+        self.root, self.plan, self.lose_reply_in = root, plan, lose_reply_in
+        self.written: list[bytes] = []
+
+    def damage(self, server_round: int, reply: Message) -> Message:
+        if server_round in self.plan:
             path = next(self.root.glob(f"gen-*/client-{VICTIM}.state"))
-            bad = self.plan[r](path)
+            bad = self.plan[server_round](path)
             path.write_bytes(bad)
             self.written.append(bad)
-        if r in self.lose_reply_in:
+        if server_round in self.lose_reply_in:
             del reply.content[protocol.UPDATE]  # the server rejects this reply
         return reply
 

@@ -30,7 +30,7 @@ from fl_sparse.protocol import Instruction
 from inprocess import InProcessGrid
 
 # The model store's fixture and helpers (a fresh cache per test, a store sharing models, seeded models)
-from test_mod_recovery import STRATEGIES  # noqa: E402  (N = 4 clients there too)
+from test_mod_recovery import STRATEGIES, VictimHook  # noqa: E402  (N = 4 clients and VICTIM = 1 there too)
 from test_state_models import D, _fresh_process_state, _model, _store  # noqa: E402,F401  (a fixture)
 
 
@@ -270,31 +270,16 @@ def _app(mod: SparseMod, fail: set[tuple[int, int]]) -> ClientApp:
     return app
 
 
-
-
-class Lose:
-    """Tamper hook: after the victim's last reply of round ``LOST_AFTER``, damage its model version file."""
+class Lose(VictimHook):
+    """After the victim's last reply of round ``LOST_AFTER``, damage its model version file."""
 
     def __init__(self, grid_ref: list, root, how: str | None) -> None:
-        self.grid_ref, self.root, self.how = grid_ref, root, how
-        self.errors: dict[int, str] = {}
-        self.syncs: dict[int, str] = {}
+        super().__init__(grid_ref)
+        self.root, self.how = root, how
         self.error_before: torch.Tensor | None = None
 
-    def __call__(self, node: int, reply: Message) -> Message:
-        grid = self.grid_ref[0]
-        if grid.contexts[node].node_config["partition-id"] != VICTIM:
-            return reply
-        instr = Instruction.read(grid.sent[-1].content)
-        if instr is None or instr.phase == protocol.PHASE_IDENTIFY:
-            return reply
-        r = instr.server_round
-        if instr.phase != protocol.PHASE_VALUES:
-            self.syncs[r] = instr.sync_mode
-        if reply.has_error():
-            self.errors[r] = reply.error.reason
-            return reply
-        if instr.phase == protocol.PHASE_VOTE or r != LOST_AFTER:
+    def damage(self, server_round: int, reply: Message) -> Message:
+        if server_round != LOST_AFTER:
             return reply
         store = ClientStateStore(next(self.root.glob("gen-*")), durable=False, share_models=True)
         key = f"client-{VICTIM}"
