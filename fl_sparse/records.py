@@ -88,7 +88,7 @@ def wire_array(dtype: str, shape: tuple[int, ...], stype: str, data: bytes) -> A
 def _same_as_flowers() -> bool:
     """True if this Flower's records are laid out as the fast paths assume (see the module docstring)."""
     global FAST
-    FAST = True
+    previous, FAST = FAST, True  # the fast paths on for the comparison, and as they were after it
     try:
         config = {"i": 1, "f": 0.5, "s": "x", "b": True, "y": b"\x00"}
         metric = {"i": 1, "f": 0.5}
@@ -104,7 +104,7 @@ def _same_as_flowers() -> bool:
     except Exception:  # any other layout: the public constructors it is
         return False
     finally:
-        FAST = False
+        FAST = previous
 
 
 FAST = False
