@@ -8,7 +8,10 @@ import tempfile
 # Set before flwr / ray are imported by any test module.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fl-sparse-flwr-home-"))
+if "FLWR_HOME" not in os.environ:
+    # A private Flower home, removed when the test process ends (one per pytest process).
+    _FLWR_HOME = tempfile.TemporaryDirectory(prefix="fl-sparse-flwr-home-")
+    os.environ["FLWR_HOME"] = _FLWR_HOME.name
 
 import sys
 

@@ -10,6 +10,7 @@ configurations. ``tamper`` lets a test rewrite a reply, or lose it by returning 
 from __future__ import annotations
 
 import itertools
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 
@@ -19,6 +20,15 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 _ids = itertools.count(1)
+
+# Removed when the test process exits (a TemporaryDirectory's finalizer): the state folders
+# tests make with scratch_folder() do not pile up under /tmp, run after run.
+_SCRATCH = tempfile.TemporaryDirectory(prefix="fl-sparse-tests-")
+
+
+def scratch_folder(prefix: str = "state-") -> str:
+    """A new empty folder for one test bench's client states, gone when the test process ends."""
+    return tempfile.mkdtemp(prefix=prefix, dir=_SCRATCH.name)
 
 
 class InProcessGrid(Grid):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import tempfile
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
-from inprocess import InProcessGrid, step_app
+from inprocess import InProcessGrid, step_app, scratch_folder
 
 from fl_sparse import codec, protocol
 from fl_sparse.clients import SparseMod
@@ -47,7 +46,7 @@ def _app() -> ClientApp:
 
 
 def _grid(n: int = 3) -> InProcessGrid:
-    folder = tempfile.mkdtemp(prefix="fl-sparse-mutants-")
+    folder = scratch_folder()
     return InProcessGrid(_app(), n, node_config=lambda i: {"state-dir": folder})
 
 
@@ -238,7 +237,7 @@ def test_float_exact_arrays_are_averaged_without_rounding():
         )
         return Message(RecordDict({"arrays": out, "metrics": MetricRecord({"num-examples": WEIGHTS[pid]})}), reply_to=msg)
 
-    folder = tempfile.mkdtemp(prefix="fl-sparse-mutants-")
+    folder = scratch_folder()
     grid = InProcessGrid(app, 3, node_config=lambda i: {"state-dir": folder})
     arrays = ArrayRecord(
         {
@@ -334,7 +333,7 @@ def test_an_aggregate_beyond_the_fp16_downlink_is_rejected_not_raised(bidirectio
         return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w - np.float32(size["step"]))}),
                                    "metrics": MetricRecord({"num-examples": 1.0})}), reply_to=msg)
 
-    folder = tempfile.mkdtemp(prefix="fl-sparse-mutants-")
+    folder = scratch_folder()
     grid = InProcessGrid(app, 3, node_config=lambda i: {"state-dir": folder})
     cls = BidirectionalTopKSGD if bidirectional else TopKSGD
     strategy = cls(k=2, downlink_values="fp16", fraction_evaluate=0.0, min_train_nodes=3, min_available_nodes=3)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import logging
-import tempfile
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
-from inprocess import InProcessGrid
+from inprocess import InProcessGrid, scratch_folder
 
 from fl_sparse import codec, protocol
 from fl_sparse.clients import SparseMod
@@ -60,7 +59,7 @@ class _Bench:
         self.strategy = strategy
         self.tamper = tamper
         self.phases: list[tuple[int, str]] = []
-        folder = tempfile.mkdtemp(prefix="fl-sparse-mutants-")
+        folder = scratch_folder()
         self.grid = InProcessGrid(_app(numel), clients, node_config=lambda i: {"state-dir": folder}, tamper=self._tamper)
         arrays = {"w": Array(np.linspace(-1, 1, numel, dtype=np.float32))}
         if with_count:

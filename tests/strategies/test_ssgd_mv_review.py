@@ -7,7 +7,6 @@ grid (:mod:`inprocess`); replies are lost or rewritten on their way back.
 from __future__ import annotations
 
 import logging
-import tempfile
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
-from inprocess import InProcessGrid
+from inprocess import InProcessGrid, scratch_folder
 
 from fl_sparse import codec, protocol
 from fl_sparse.clients import SparseMod
@@ -69,7 +68,7 @@ class Bench:
             return Message(RecordDict({"arrays": trained, "metrics": MetricRecord({"num-examples": weight(pid)})}),
                            reply_to=msg)
 
-        folder = tempfile.mkdtemp(prefix="fl-sparse-ssgd-review-")
+        folder = scratch_folder()
         self.grid = InProcessGrid(app, clients, node_config=lambda i: {"state-dir": folder}, tamper=self._tamper)
         self.arrays = ArrayRecord({"w": Array(np.linspace(-1, 1, numel, dtype=np.float32))})
         strategy.initialize(self.arrays)
