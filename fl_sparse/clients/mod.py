@@ -33,7 +33,8 @@ too: the vote phase calls the train function once and replies with the top-K
 positions of ``a`` (or add/drop changes); the values phase replies with ``a``
 on the server's common mask without calling it again. Evaluate and query
 messages, and train messages that carry no fl-sparse instruction, pass
-through untouched.
+through untouched (the latter with a warning, once: the server's strategy is
+then not an fl-sparse one, and the trained model goes back dense).
 
 Any model: float arrays of any shape and float dtype, computed in float32 on
 the flat vector and handed back in their own dtype (float16 loses nothing;
@@ -416,6 +417,7 @@ class SparseMod:
         self._stores: dict[tuple, ClientStateStore] = {}
         self._compressors: dict[str, object] = {}  # by uplink spec (JSON text): see _compressor
         self._model_arrays: dict[tuple, dict] = {}  # the latest model version's Arrays: see _flat_arrays
+        self._warned_no_instruction = False  # a train message from a strategy not of fl-sparse: said once
 
     def __repr__(self) -> str:
         return f"SparseMod(state_dir={self.state_dir!r})"
@@ -515,6 +517,11 @@ class SparseMod:
             return call_next(msg, context)
         instr = Instruction.read(msg.content)
         if instr is None:  # not from an fl-sparse strategy
+            if not self._warned_no_instruction:
+                self._warned_no_instruction = True
+                log(WARNING, "SparseMod: a train message with no fl-sparse instruction (the ServerApp's strategy "
+                    "is not one of fl_sparse.strategies, e.g. a plain FedAvg): passed to the train function "
+                    "as it came, and its reply, the trained model, goes back dense (said once)")
             return call_next(msg, context)
         if instr.phase == protocol.PHASE_IDENTIFY:
             return Message(content=record_dict({protocol.RECORD: self._report(context, instr, None)}), reply_to=msg)

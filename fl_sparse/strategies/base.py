@@ -68,7 +68,9 @@ every connected node once for its stable key (a small ``identify`` train
 message the mod answers) so that sampling with a fixed ``seed`` is
 reproducible; ``configure_train`` itself does no network I/O (but in a
 continued run, or once a known client's node is gone, to identify a node that
-connected after ``start`` before its message is built, see :meth:`sample`). A round with
+connected after ``start`` before its message is built, and in the first round
+when no node was connected at ``start``, as in Flower's simulation, whose
+SuperNodes register after the ServerApp starts; see :meth:`sample`). A round with
 no valid reply returns ``(None, None)``, as FedAvg does. The train
 MetricRecord of each round (``Result.train_metrics_clientapp``) holds the
 aggregated client metrics plus ``uplink_bytes``, ``downlink_bytes`` and the
@@ -370,6 +372,9 @@ class SparseFedAvg(FedAvg):
         self.node_keys: dict[int, tuple[int, int]] = {}
         self._pending_keys: dict[int, int] = {}  # partition id -> node id of an absent client (_await_gone_clients)
         self._keyless: set[int] = set()  # nodes that answered without a partition id: not asked again
+        # start() found no node connected (Flower's simulation starts the ServerApp before its
+        # SuperNodes register): the first sample() identifies them once they are (identify).
+        self._identify_when_connected = False
         self._round_compressor = None
         self._sync_cache: dict[int | None, tuple[str, ArrayRecord | None]] = {}
         self._returned: ArrayRecord | None = None  # the arrays aggregate_train last returned
@@ -689,9 +694,16 @@ class SparseFedAvg(FedAvg):
 
         One small ``identify`` train message per new node, answered by
         :class:`~fl_sparse.clients.SparseMod` without training. Nodes that
-        join later are learned from their first reply.
+        join later are learned from their first reply; when no node at all is
+        connected (``start`` in Flower's simulation), :meth:`sample` calls this
+        again once they are.
         """
-        unknown = [n for n in sorted(grid.get_node_ids()) if n not in self.node_keys and n not in self._keyless]
+        connected = sorted(grid.get_node_ids())
+        # No node yet (run_simulation's ServerApp starts before its nodes register): sample() asks
+        # them once FedAvg's wait for nodes is over, so that a ClientApp without the mod is named and
+        # sampling orders nodes by partition id from round 1 (not by the simulation's random node ids).
+        self._identify_when_connected = not connected
+        unknown = [n for n in connected if n not in self.node_keys and n not in self._keyless]
         if not unknown:
             return
         instr = Instruction(server_round=0, phase=protocol.PHASE_IDENTIFY).to_record()
@@ -779,6 +791,8 @@ class SparseFedAvg(FedAvg):
         while len(nodes := list(grid.get_node_ids())) < need:
             log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).", len(nodes), need)
             time.sleep(1)
+        if self._identify_when_connected:
+            self.identify(grid)  # start() found no node connected: its identify message, now
         if any(n not in self.node_keys and n not in self._keyless for n in nodes):
             self._await_gone_clients(nodes)
             if self._pending_keys:

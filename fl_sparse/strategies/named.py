@@ -82,6 +82,7 @@ class BidirectionalTopKSGD(SparseFedAvg):
     ) -> None:
         if k is not None:
             ratio = None
+        uplink = {"name": "topk", **_budget(ratio, k)}  # checked first: a bad ratio or k is named as given
         if downlink_ratio is None and downlink_k is None:
             downlink_ratio, downlink_k = ratio, k
         elif downlink_k is not None:
@@ -91,7 +92,7 @@ class BidirectionalTopKSGD(SparseFedAvg):
             else TopK(ratio=ratio_argument("downlink_ratio", downlink_ratio))
         )
         kwargs.setdefault("server_error_feedback", True)
-        super().__init__(*args, uplink={"name": "topk", **_budget(ratio, k)}, downlink=downlink, **kwargs)
+        super().__init__(*args, uplink=uplink, downlink=downlink, **kwargs)
 
 
 @with_fedavg_signature
