@@ -6,12 +6,17 @@ The one survivor of the run (``_same_as_flowers`` leaving ``FAST = True`` behind
 the process, so every later test in a pytest session built its records through Flower's slow
 constructors and the fast paths went untested. The check now leaves ``FAST`` as it found it; the
 module assigns its result once, at import.
+
+The other survivors: the fast path must actually be taken for typed items (two mutants sent every
+record through Flower's per-item checks, which build the same record, only slower), and a Flower
+whose records the layout check cannot even build the fast way must get the public constructors.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
-from flwr.app import Array
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fl_sparse import records
 
@@ -43,3 +48,46 @@ def test_the_fast_path_is_on_after_the_layout_checks_ran():
     assert records.FAST is True
     built = records.wire_array("uint8", (1,), "raw", b"\x01")
     assert vars(built) == {"_is_dirty": True, "dtype": "uint8", "shape": (1,), "stype": "raw", "data": b"\x01"}
+
+
+class _OtherLayout(dict):
+    """A record class without Flower's ``_data`` storage: building it the fast way raises."""
+
+
+def test_a_layout_check_that_raises_means_the_public_constructors(monkeypatch):
+    monkeypatch.setattr(records, "ConfigRecord", _OtherLayout)
+    assert records._same_as_flowers() is False
+
+
+def _count_item_checks(monkeypatch, cls) -> list:
+    calls = []
+    real = cls.__setitem__
+
+    def setitem(self, key, value):
+        calls.append(key)
+        return real(self, key, value)
+
+    monkeypatch.setattr(cls, "__setitem__", setitem)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("build", "cls", "items", "untyped"),
+    [
+        (records.config_record, ConfigRecord, {"i": 1, "f": 0.5, "s": "x", "b": True, "y": b"\x00"}, [1, 2]),
+        (records.metric_record, MetricRecord, {"i": 1, "f": 0.5}, [0.5]),
+        (records.array_record, ArrayRecord, {"a": Array(np.ones(2)), "b": Array(np.zeros(3, dtype=np.int64))}, None),
+        (records.record_dict, RecordDict, {"c": ConfigRecord({"a": 1}), "m": MetricRecord({"b": 2.0})}, None),
+    ],
+)
+def test_typed_items_skip_flowers_item_checks(monkeypatch, build, cls, items, untyped):
+    """The point of the module: typed items go in without Flower's per-item checks (``__setitem__``)."""
+    assert records.FAST
+    flowers = cls(dict(items))
+    calls = _count_item_checks(monkeypatch, cls)
+    built = build(dict(items))
+    assert calls == []
+    assert type(built) is cls and vars(built) == vars(flowers) and built == flowers
+    if untyped is not None:  # a list value takes Flower's own path, item by item
+        slow = build({**items, "z": untyped})
+        assert calls == [*items, "z"] and slow["z"] == untyped
