@@ -1,0 +1,335 @@
+"""Tests that kill mutmut survivors of the client state file format (fl_sparse/clients/state.py).
+
+mutmut ran on ``encode_state``, ``_is_damaged_v3``, ``decode_state``, ``_decode``, ``ClientState``'s
+payload methods, ``_ModelRef``, ``_narrow_array``, ``_widen`` and ``error_dtype_name`` with the state
+tests (docs/testing.md, "The client state file"); these pin what those survivors showed untested:
+the exact bound of the damaged-version-digit check, the model_ref refusals and their message, an
+empty model in the model store, bfloat16's round-half-to-even and a NaN's bits, an error memory
+cast back to a dtype other than float32, the canonical error dtype names, and the payload dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import xxhash
+
+from fl_sparse.clients import state as state_module
+from fl_sparse.clients.state import (
+    ERROR_DTYPES,
+    ClientState,
+    ClientStateStore,
+    StateFormatError,
+    decode_state,
+    encode_state,
+    error_dtype_name,
+)
+
+MAGIC = state_module.MAGIC
+NEWER = b"FLSPARSE-STATE-7\n"  # what one flipped bit makes of MAGIC's "3"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache(monkeypatch):
+    monkeypatch.setattr(state_module, "_CACHE", state_module._StateCache())
+
+
+def _file(state: ClientState, **kwargs) -> bytes:
+    return b"".join(bytes(chunk) for chunk in encode_state(state, **kwargs))
+
+
+def _xxh(data: bytes) -> bytes:
+    return struct.pack("<Q", xxhash.xxh3_64_intdigest(data))
+
+
+def _raw(header: dict, data: bytes = b"") -> bytes:
+    """A hand-built version 3 file with a valid checksum, data section unpadded."""
+    text = json.dumps(header).encode()
+    body = MAGIC + struct.pack("<I", len(text)) + text + data
+    return body + _xxh(body)
+
+
+def _bits32(t: torch.Tensor) -> list[int]:
+    return [int(v) for v in t.contiguous().view(torch.int32).numpy().view(np.uint32)]
+
+
+# ------------------------------------------------------------------ _is_damaged_v3: its length bound
+def test_the_shortest_version_3_layout_with_a_flipped_digit_is_damaged_not_newer():
+    """Magic, header length and checksum, nothing else (29 bytes): long enough to be checked."""
+    body = MAGIC + struct.pack("<I", 0)
+    damaged = NEWER + struct.pack("<I", 0) + _xxh(body)
+    assert len(damaged) == len(MAGIC) + 4 + 8
+    with pytest.raises(ValueError) as info:
+        decode_state(damaged)
+    assert str(info.value) == "bad magic: a version 3 file with a damaged version number"
+    assert not isinstance(info.value, StateFormatError)
+
+
+@pytest.mark.parametrize("tail", [b"", struct.pack("<I", 0), _xxh(MAGIC)])
+def test_a_newer_file_shorter_than_any_version_3_file_is_newer(tail):
+    """Shorter than magic + header length + checksum: not a version 3 file, whatever its last bytes
+    (here, with ``_xxh(MAGIC)``, they even are the version 3 checksum of the magic alone)."""
+    with pytest.raises(StateFormatError) as info:
+        decode_state(NEWER + tail)
+    assert str(info.value) == (
+        "written by a newer fl-sparse (state format 7; this version reads formats 1 to 3): "
+        "run the newer fl-sparse, or move the file away to start this client from an empty state"
+    )
+
+
+# ------------------------------------------------------------------ _ModelRef.from_json
+HASH = "0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        [HASH, "float32", [-1]],          # a negative dimension
+        [HASH, "float64", [4]],           # the model store keeps float32 only
+        ["not-a-hash", "float32", [4]],   # not a hex digest
+        ["0123", "float32", [4]],         # too short for vector_hash
+        [HASH, "complex64", [4]],         # no such dtype in the format
+        [HASH, "float32"],                # not [hash, dtype, shape]
+    ],
+)
+def test_a_bad_model_ref_is_refused_by_name(ref):
+    header = {"model_version": 1, "steps_done": 0, "tensors": [], "data_bytes": 0, "model_ref": ref}
+    with pytest.raises(ValueError, match=r"unreadable header: .*bad model_ref") as info:
+        decode_state(_raw(header))
+    assert repr(ref)[:10] in str(info.value)
+    with pytest.raises(ValueError, match=r"^bad model_ref \["):
+        state_module._ModelRef.from_json(ref)
+
+
+def test_model_refs_of_empty_and_zero_sized_shapes_are_accepted():
+    for shape in ([0], [3, 0], []):
+        ref = state_module._ModelRef.from_json([HASH, "float32", shape])
+        assert ref.shape == tuple(shape) and ref.dtype == torch.float32 and ref.hash == HASH
+        assert ref.to_json() == [HASH, "float32", shape]
+
+
+def test_an_empty_model_round_trips_through_the_model_store(tmp_path):
+    store = ClientStateStore(tmp_path, durable=False, share_models=True)
+    store.save("c", ClientState(model=torch.zeros(0), model_version=4, error=torch.ones(3), steps_done=1))
+    state_module._CACHE.clear()
+    loaded = ClientStateStore(tmp_path, durable=False, share_models=True).load("c")
+    assert loaded.reset_reason is None and loaded.model_lost is None
+    assert loaded.model is not None and loaded.model.shape == (0,) and loaded.model.dtype == torch.float32
+    assert loaded.model_version == 4 and torch.equal(loaded.error, torch.ones(3))
+
+
+# ------------------------------------------------------------------ error_dtype_name
+@pytest.mark.parametrize("name", ["torch.float16", "torch.bfloat16", "torch.float32", "Float16", "half"])
+def test_only_the_canonical_names_are_error_dtypes(name):
+    """The wire and the node config carry the names of ERROR_DTYPES; a torch.dtype's str is not one."""
+    with pytest.raises(ValueError, match=rf"float32, float16, bfloat16, got '{name}'"):
+        error_dtype_name(name)
+
+
+def test_error_dtype_names_and_dtypes_map_to_the_names():
+    for name in ERROR_DTYPES:
+        assert error_dtype_name(name) == name
+        assert error_dtype_name(getattr(torch, name)) == name
+    with pytest.raises(ValueError, match="got torch.float64"):
+        error_dtype_name(torch.float64)
+
+
+# ------------------------------------------------------------------ bfloat16 rounding (_narrow_array)
+def _float32(*words: int) -> torch.Tensor:
+    return torch.from_numpy(np.array(words, dtype=np.uint32).view(np.float32).copy())
+
+
+# Every rounding case of the low 16 bits (below, at and above half) for an even and an odd top
+# half, with bit 1 of the top set and clear, a carry into the exponent, negative values.
+_TIES = _float32(
+    0x3F808000, 0x3F818000, 0x3F828000, 0x3F838000,  # exact ties: even tops stay, odd tops round up
+    0x3F807FFF, 0x3F817FFF, 0x3F808001, 0x3F818001,  # just below / above half
+    0x3F80FFFF, 0x3FFF8000, 0x3FFFFFFF, 0x7F7F8000,  # carries into the exponent (the last: to inf)
+    0xBF818000, 0xBF808000, 0x00008000, 0x00018000,  # negative ties; subnormal ties
+)
+
+
+@pytest.mark.parametrize("from_file", [False, True])
+def test_bfloat16_memory_rounds_half_to_even_as_torch_does(tmp_path, from_file):
+    store = ClientStateStore(tmp_path, durable=False, error_dtype="bfloat16")
+    error = torch.cat([_TIES[:11], _TIES[12:]])  # not 0x7F7F8000: the store clamps what torch rounds to inf
+    store.save("c", ClientState(error=error))
+    if from_file:
+        state_module._CACHE.clear()
+    loaded = store.load("c").error
+    assert _bits32(loaded) == _bits32(error.to(torch.bfloat16).to(torch.float32))
+
+
+def test_narrow_array_matches_torch_bit_for_bit():
+    got = state_module._narrow_array(_TIES.numpy(), torch.bfloat16)
+    want = _TIES.to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert got.view(torch.int16).tolist() == want.view(torch.int16).tolist()
+
+
+@pytest.mark.parametrize("from_file", [False, True])
+def test_a_nan_in_a_bfloat16_memory_comes_back_as_the_same_nan(tmp_path, from_file):
+    """NaN and the infinities are representable in bfloat16: they come back bit for bit."""
+    error = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0, 1.5])
+    assert _bits32(error)[0] == 0x7FC00000
+    store = ClientStateStore(tmp_path, durable=False, error_dtype="bfloat16")
+    store.save("c", ClientState(error=error))
+    if from_file:
+        state_module._CACHE.clear()
+    assert _bits32(store.load("c").error) == _bits32(error)
+
+
+def test_float16_overflow_is_inf_without_a_warning():
+    """``_narrow_array`` gives inf beyond float16's range, as torch does, and says nothing (numpy would
+    warn "overflow encountered in cast"); the store clamps before it and warns itself."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = state_module._narrow_array(np.array([1e6, -1e6, 2.0], dtype=np.float32), torch.float16)
+    assert got.dtype == torch.float16 and got.tolist() == [float("inf"), float("-inf"), 2.0]
+
+
+# ------------------------------------------------------------------ the error memory cast back (_widen)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("from_file", [False, True])
+def test_a_float64_memory_stored_narrow_comes_back_float64(tmp_path, dtype, from_file):
+    """The memory is cast back to the dtype it had, not to float32 whatever it was."""
+    error = torch.tensor([0.1, -2.5, 1e-3, 300.0], dtype=torch.float64)
+    store = ClientStateStore(tmp_path, durable=False, error_dtype=dtype)
+    store.save("c", ClientState(error=error))
+    if from_file:
+        state_module._CACHE.clear()
+    loaded = store.load("c").error
+    half = getattr(torch, dtype)
+    assert loaded.dtype == torch.float64
+    assert torch.equal(loaded, error.to(half).to(torch.float64))
+
+
+def _error_file(error: torch.Tensor, cast: str) -> bytearray:
+    return bytearray(_file(ClientState(error=error), casts={"error": cast}))
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+def test_decode_casts_a_narrow_memory_to_float64_when_the_header_says_so(stored):
+    error = torch.tensor([0.5, -3.0, 1024.0, 2.0**-10]).to(stored)
+    got = decode_state(_error_file(error, "float64")).error
+    assert got.dtype == torch.float64 and torch.equal(got, error.to(torch.float64))
+
+
+@pytest.mark.parametrize("stored", [torch.float64, torch.float32])
+def test_decode_casts_a_wide_memory_to_float32_when_the_header_says_so(stored):
+    error = torch.tensor([0.1, -7.25, 3e5, 1e-30], dtype=torch.float64).to(stored)
+    got = decode_state(_error_file(error, "float32")).error
+    assert got.dtype == torch.float32 and got.shape == error.shape
+    assert torch.equal(got, error.to(torch.float32))
+
+
+def test_widen_always_returns_a_new_tensor():
+    """Its callers rely on it: a load's memory is the caller's own, never the cache's."""
+    for t, dtype in [
+        (torch.ones(3, dtype=torch.float16), torch.float16),
+        (torch.ones(3, dtype=torch.float16), torch.float32),
+        (torch.ones(3, dtype=torch.bfloat16), torch.float32),
+        (torch.ones(3), torch.float32),
+        (torch.ones(3, dtype=torch.float64), torch.float64),
+    ]:
+        out = state_module._widen(t, dtype)
+        assert out.dtype == dtype and torch.equal(out, t.to(dtype))
+        out += 1
+        assert torch.equal(t, torch.ones(3, dtype=t.dtype))
+
+
+# ------------------------------------------------------------------ ClientState's payload dicts
+def test_to_payload_names_every_field():
+    state = ClientState(model=torch.ones(2), model_version=5, error=torch.zeros(2), steps_done=3,
+                        extra={"v": torch.arange(2)})
+    payload = state.to_payload()
+    assert payload == {"model": state.model, "model_version": 5, "error": state.error, "steps_done": 3,
+                       "extra": state.extra}
+    assert payload["model"] is state.model and payload["error"] is state.error
+
+
+def test_from_payload_reads_every_field_and_converts_the_counts():
+    model, error, extra = torch.ones(2), torch.zeros(2), {"v": torch.arange(2)}
+    state = ClientState.from_payload(
+        {"model": model, "model_version": torch.tensor(5), "error": error, "steps_done": 3.0, "extra": extra}
+    )
+    assert state.model is model and state.error is error
+    assert state.model_version == 5 and type(state.model_version) is int
+    assert state.steps_done == 3 and type(state.steps_done) is int
+    assert state.extra == extra and state.extra is not extra  # the state's own dict
+    assert state.reset_reason is None and state.model_lost is None
+    back = ClientState.from_payload(state.to_payload())
+    assert back.model is model and back.error is error and back.model_version == 5 and back.steps_done == 3
+
+
+@pytest.mark.parametrize("payload", [{}, {"extra": None}, {"model": None, "error": None, "extra": {}}])
+def test_from_payload_defaults_are_an_empty_state(payload):
+    state = ClientState.from_payload(payload)
+    assert state.model is None and state.error is None
+    assert state.model_version == -1 and state.steps_done == 0 and state.extra == {}
+
+
+# ------------------------------------------------------------------ _decode: what a short or foreign file is told
+@pytest.mark.parametrize("raw", [b"", b"PK\x03\x04 a zip archive, torch.save's", b"FLSPARSE-STATE-0\n" + bytes(40),
+                                 b"FLSPARSE-STATE-3\r\n" + bytes(40), b"FLSPARSE-STATE-x\n" + bytes(40)])
+def test_a_foreign_file_is_bad_magic(raw):
+    with pytest.raises(ValueError) as info:
+        decode_state(raw)
+    assert str(info.value) == "not an fl-sparse client state file (bad magic)"
+    assert not isinstance(info.value, StateFormatError)
+
+
+@pytest.mark.parametrize("cut", [0, 1, 3])
+def test_a_file_cut_inside_the_header_length_says_so(cut):
+    with pytest.raises(ValueError) as info:
+        decode_state(MAGIC + struct.pack("<I", 2)[:cut])
+    assert str(info.value) == "truncated before the header length"
+
+
+def test_a_file_that_ends_right_after_the_header_length_is_judged_by_its_header():
+    with pytest.raises(ValueError, match=r"^unreadable header: JSONDecodeError"):
+        decode_state(MAGIC + struct.pack("<I", 0))
+    with pytest.raises(ValueError) as info:
+        decode_state(MAGIC + struct.pack("<I", 5))
+    assert str(info.value) == "header of 5 bytes runs past the end of the file"
+
+
+@pytest.mark.parametrize("extra", [1, 2, 60])
+def test_a_header_length_past_the_end_is_named_whatever_the_overshoot(extra):
+    header = b'{"model_version":1,"steps_done":0,"tensors":[],"data_bytes":0}'
+    raw = MAGIC + struct.pack("<I", len(header) + extra) + header
+    with pytest.raises(ValueError) as info:
+        decode_state(raw)
+    assert str(info.value) == f"header of {len(header) + extra} bytes runs past the end of the file"
+
+
+def test_a_version_1_file_of_a_state_without_tensors_ends_at_its_header_and_is_read():
+    """Version 1 has no trailer: a state without tensors is magic, length and header, nothing after."""
+    v3 = _file(ClientState(model_version=7, steps_done=2))
+    v1 = state_module.MAGIC_V1 + v3[len(MAGIC) : -8]
+    (n,) = struct.unpack_from("<I", v1, len(MAGIC))
+    assert len(v1) == len(MAGIC) + 4 + n
+    got = decode_state(v1)
+    assert (got.model, got.error, got.extra, got.model_version, got.steps_done) == (None, None, {}, 7, 2)
+
+
+@pytest.mark.parametrize("tensors", [7, {"model": 1}, "model"])
+def test_a_tensors_field_that_is_not_a_list_is_named(tensors):
+    header = {"model_version": 1, "steps_done": 0, "tensors": tensors, "data_bytes": 0}
+    with pytest.raises(ValueError) as info:
+        decode_state(_raw(header))
+    assert str(info.value) == "unreadable header: TypeError(\"'tensors' is not a list\")"
+
+
+@pytest.mark.parametrize("change", [-3, -1, 1, 5])
+def test_a_data_section_of_another_length_gives_both_lengths(change):
+    header = {"model_version": 1, "steps_done": 0, "tensors": [["error", "float32", [2], 0]], "data_bytes": 8}
+    raw = _raw(header, bytes(8 + change))
+    with pytest.raises(ValueError) as info:
+        decode_state(raw)
+    assert str(info.value) == f"data section is {8 + change} bytes, the header says 8 (truncated or grown file)"
