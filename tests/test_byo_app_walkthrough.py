@@ -7,8 +7,9 @@ as the README says: ``ClientApp(mods=[SparseMod()])`` and a strategy of
 :mod:`fl_sparse.strategies` instead of ``FedAvg``. The tests below are the
 mistakes and surprises of that walk that were real problems:
 
-* Flower's simulation starts the ServerApp before its SuperNodes register:
-  ``start()`` found no node to identify, so the README's "Is SparseMod in their
+* Flower's simulation starts the ServerApp while its SuperNodes register (a
+  race: a bare ServerApp sees none; this file's app often sees all four). When
+  ``start()`` ran first it found no node to identify, so the README's "Is SparseMod in their
   ClientApp's mods?" never appeared (only the user's own ``KeyError: 'arrays'``
   each round), and round 1 was sampled in the order of the simulation's random
   node ids instead of the clients' partition ids (not reproducible by seed).
@@ -249,6 +250,8 @@ def test_run_simulation_names_a_client_app_without_the_mod(tmp_path, caplog):
         run_simulation(server_app=server_app, client_app=make_client_app(mods=[]), num_supernodes=4,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     lines = [r.getMessage() for r in caplog.records]
-    assert any("4 of 4 nodes did not answer fl-sparse's identify message" in line
+    # How many nodes it names depends on how many had registered when start() ran (a race: none
+    # in a bare ServerApp, often all four here); without the fix it named none when it lost.
+    assert any("nodes did not answer fl-sparse's identify message" in line
                and "Is SparseMod in their ClientApp's mods?" in line for line in lines), lines
     assert results["result"].train_metrics_clientapp == {}
