@@ -333,3 +333,125 @@ def test_a_data_section_of_another_length_gives_both_lengths(change):
     with pytest.raises(ValueError) as info:
         decode_state(raw)
     assert str(info.value) == f"data section is {8 + change} bytes, the header says 8 (truncated or grown file)"
+
+
+def test_a_version_2_checksum_mismatch_gives_both_crcs():
+    import zlib
+
+    v3 = _file(ClientState(error=torch.arange(4.0)))
+    body = bytearray(state_module.MAGIC_V2 + v3[len(MAGIC) : -8])
+    stored = zlib.crc32(body)
+    body[-1] ^= 0x01  # a bit of the error memory
+    actual = zlib.crc32(body)
+    with pytest.raises(ValueError) as info:
+        decode_state(bytes(body) + struct.pack("<I", stored))
+    assert str(info.value) == f"checksum mismatch (CRC-32 {actual:08x}, the file says {stored:08x})"
+
+
+@pytest.mark.parametrize("entry", [["error", "float32", [1]], ["error", "float32", [1], 0, 9], ["error", "float80", [1], 0],
+                                   ["error", "float32", [None], 0], ["error", "float32", [1], "zero"]])
+def test_a_bad_tensor_entry_is_quoted(entry):
+    header = {"model_version": 1, "steps_done": 0, "tensors": [entry], "data_bytes": 4}
+    with pytest.raises(ValueError) as info:
+        decode_state(_raw(header, bytes(4)))
+    assert str(info.value) == f"bad tensor entry {entry!r}"
+
+
+@pytest.mark.parametrize("shape, offset", [([1], -4), ([2], -8), ([-1], 0), ([-1, -1], 0), ([-2], 4)])
+def test_a_negative_shape_or_offset_is_refused_by_name(shape, offset):
+    """A negative offset alone would read the header's last bytes as the tensor."""
+    header = {"model_version": 1, "steps_done": 0, "tensors": [["error", "float32", shape, offset]], "data_bytes": 8}
+    with pytest.raises(ValueError) as info:
+        decode_state(_raw(header, bytes(8)))
+    assert str(info.value) == "tensor 'error': negative shape or offset"
+
+
+def _at(raw: bytes, misalign: int) -> np.ndarray:
+    """``raw`` in a writable uint8 array whose first byte is ``misalign`` bytes past a 64-byte boundary."""
+    store = np.zeros(len(raw) + 128, dtype=np.uint8)
+    start = (-store.ctypes.data) % 64 + misalign
+    buf = store[start : start + len(raw)]
+    buf[:] = np.frombuffer(raw, dtype=np.uint8)
+    assert buf.ctypes.data % 64 == misalign
+    return buf
+
+
+def test_a_writable_aligned_buffer_is_decoded_in_place():
+    """decode_state's promise: a writable buffer's tensors are views of it (the caller hands it over)."""
+    error, model = torch.arange(16.0), torch.arange(8, dtype=torch.float64)
+    buf = _at(_file(ClientState(model=model, error=error)), 0)
+    got = decode_state(buf)
+    assert torch.equal(got.error, error) and torch.equal(got.model, model)
+    lo, hi = buf.ctypes.data, buf.ctypes.data + len(buf)
+    for t in (got.error, got.model):
+        assert lo <= t.data_ptr() < hi
+    got.error[0] = 42.0
+    at = got.error.data_ptr() - buf.ctypes.data
+    assert buf[at : at + 4].view(np.float32)[0] == 42.0  # the buffer's own bytes
+
+
+@pytest.mark.parametrize("misalign", [1, 8, 32])
+def test_a_misaligned_buffer_is_copied_to_aligned_memory(misalign):
+    error = torch.arange(16.0)
+    buf = _at(_file(ClientState(error=error)), misalign)
+    got = decode_state(buf)
+    assert torch.equal(got.error, error)
+    assert got.error.data_ptr() % 64 == 0
+    assert not (buf.ctypes.data <= got.error.data_ptr() < buf.ctypes.data + len(buf))
+
+
+def test_a_model_tensor_beside_a_model_ref_is_refused_by_name():
+    header = {"model_version": 1, "steps_done": 0, "tensors": [["model", "float32", [1], 0]], "data_bytes": 4,
+              "model_ref": [HASH, "float32", [1]]}
+    with pytest.raises(ValueError) as info:
+        decode_state(_raw(header, bytes(4)))
+    assert str(info.value) == "a model tensor beside a model_ref"
+
+
+# ------------------------------------------------------------------ encode_state
+def test_encode_refuses_a_model_beside_a_model_ref_by_name():
+    ref = state_module._ModelRef(HASH, torch.float32, (2,))
+    with pytest.raises(ValueError) as info:
+        encode_state(ClientState(model=torch.zeros(2)), model_ref=ref)
+    assert str(info.value) == "a state with a model_ref stores no model tensor"
+
+
+def test_every_tensor_starts_on_a_64_byte_boundary_and_is_used_in_place():
+    """The header is padded so the data section starts aligned, and each tensor after an odd-sized one
+    is padded to the next boundary: from an aligned buffer, no tensor needs a copy."""
+    state = ClientState(model=torch.arange(3.0), model_version=2, error=torch.arange(5.0, dtype=torch.float64),
+                        extra={"a": torch.arange(7, dtype=torch.uint8), "b": torch.ones(3, dtype=torch.bool),
+                               "c": torch.arange(3).to(torch.bfloat16)})
+    raw = _file(state)
+    (n,) = struct.unpack_from("<I", raw, len(MAGIC))
+    assert (len(MAGIC) + 4 + n) % 64 == 0
+    header = json.loads(raw[len(MAGIC) + 4 : len(MAGIC) + 4 + n])
+    offsets = [entry[3] for entry in header["tensors"]]
+    assert offsets == [0, 64, 128, 192, 256]
+    assert header["data_bytes"] == 256 + 3 * 2
+    buf = _at(raw, 0)
+    got = decode_state(buf)
+    for t in (got.model, got.error, *got.extra.values()):
+        assert buf.ctypes.data <= t.data_ptr() < buf.ctypes.data + len(buf)  # not copied
+    assert torch.equal(got.model, state.model) and torch.equal(got.error, state.error)
+    assert all(torch.equal(got.extra[k], v) for k, v in state.extra.items())
+
+
+def test_a_small_state_is_encoded_byte_for_byte():
+    """The file format, pinned: magic, the header's length (uint32 LE), the compact JSON header padded
+    with spaces to a 64-byte boundary, the tensors, the XXH3-64 of it all (uint64 LE)."""
+    header = b'{"model_version":3,"steps_done":1,"tensors":[["error","float32",[2],0]],"data_bytes":8}'
+    assert len(header) == 87
+    header += b" " * 20  # 17 + 4 + 107 = 128
+    body = b"FLSPARSE-STATE-3\n" + struct.pack("<I", 107) + header + struct.pack("<2f", 1.0, 2.0)
+    expected = body + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+    assert _file(ClientState(error=torch.tensor([1.0, 2.0]), model_version=3, steps_done=1)) == expected
+
+
+def test_the_optional_header_keys_come_last_in_the_compact_form():
+    ref = state_module._ModelRef(HASH, torch.float32, (2,))
+    raw = _file(ClientState(), model_ref=ref, casts={"error": "float32"})
+    header = (b'{"model_version":-1,"steps_done":0,"tensors":[],"data_bytes":0,'
+              b'"model_ref":["0123456789abcdef","float32",[2]],"casts":{"error":"float32"}}')
+    assert len(header) == 138
+    assert raw[len(MAGIC) :] == struct.pack("<I", 138 + 33) + header + b" " * 33 + raw[-8:]
