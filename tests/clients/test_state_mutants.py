@@ -10,7 +10,10 @@ cast back to a dtype other than float32, the canonical error dtype names, and th
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
 import struct
 import warnings
 
@@ -455,3 +458,172 @@ def test_the_optional_header_keys_come_last_in_the_compact_form():
               b'"model_ref":["0123456789abcdef","float32",[2]],"casts":{"error":"float32"}}')
     assert len(header) == 138
     assert raw[len(MAGIC) :] == struct.pack("<I", 138 + 33) + header + b" " * 33 + raw[-8:]
+
+
+# ------------------------------------------------------------------ ClientStateStore.load and _model_lost
+def _flwr_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("flwr")]
+
+
+def _shared_state(seed: int = 0) -> ClientState:
+    gen = torch.Generator().manual_seed(seed)
+    return ClientState(model=torch.randn(40, generator=gen), model_version=3, error=torch.randn(40, generator=gen),
+                       steps_done=5)
+
+
+def test_a_corrupt_version_is_unnamed_at_once_while_other_clients_still_link_it(tmp_path):
+    """The first load that finds a version corrupt removes its canonical name, so no client links the bad
+    bytes again, even while others still hold them (GC alone would wait for the last holder)."""
+    store = ClientStateStore(tmp_path, durable=False, share_models=True)
+    for key in ("a", "b"):
+        store.save(key, _shared_state())
+    digest = state_module.model_hash(_shared_state().model)
+    canonical = store.canonical_model_path(digest)
+    raw = bytearray(canonical.read_bytes())
+    raw[10] ^= 0x01
+    with open(canonical, "r+b") as fh:  # in place: the clients' links see it too
+        fh.write(raw)
+    state_module._CACHE.clear()
+    loaded = store.load("a")
+    assert loaded.model_lost is not None and "corrupt" in loaded.model_lost
+    assert not canonical.exists()
+    assert store.model_path("b", digest).exists()  # b's own link: b finds out on its own load
+
+
+def test_a_lost_model_copy_is_logged_in_full(tmp_path, caplog):
+    store = ClientStateStore(tmp_path, durable=False, share_models=True)
+    store.save("a", _shared_state())
+    digest = state_module.model_hash(_shared_state().model)
+    store.model_path("a", digest).unlink()
+    store.canonical_model_path(digest).unlink()
+    state_module._CACHE.clear()
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        loaded = store.load("a")
+    reason = f"its model copy models/a.{digest}.model is missing"
+    assert loaded.model_lost == f"a.state: {reason}"
+    assert _flwr_warnings(caplog) == [
+        f"client state {store.path('a')}: lost its model copy ({reason}); the client keeps its error memory "
+        "and the rest of its state, and needs a dense sync"
+    ]
+
+
+def test_an_io_error_reading_the_model_copy_loses_the_model_and_says_so(tmp_path, monkeypatch):
+    store = ClientStateStore(tmp_path, durable=False, share_models=True)
+    saved = _shared_state()
+    store.save("a", saved)
+    state_module._CACHE.clear()
+
+    def broken(path, ref):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(ClientStateStore, "_read_model", staticmethod(broken))
+    loaded = store.load("a")
+    assert loaded.model is None and loaded.model_version == -1
+    assert loaded.model_lost is not None and loaded.model_lost.startswith("a.state: cannot read its model copy: ")
+    assert "Input/output error" in loaded.model_lost
+    assert torch.equal(loaded.error, saved.error) and loaded.steps_done == 5
+    with pytest.raises(state_module.StateCorruptError, match="cannot read its model copy"):
+        store.load("a", reset_corrupt=False)
+
+
+def test_a_short_read_is_the_reason_given(tmp_path, monkeypatch):
+    store = ClientStateStore(tmp_path, durable=False)
+    store.save("a", ClientState(error=torch.ones(4)))
+    size = store.path("a").stat().st_size
+    state_module._CACHE.clear()
+    monkeypatch.setattr(state_module, "_read_all", lambda fh, buf: len(buf) - 3)
+    loaded = store.load("a")
+    assert loaded.reset_reason == f"a.state: short read ({size - 3} of {size} bytes)"
+
+
+def test_a_file_that_does_not_decode_is_read_exactly_twice(tmp_path, monkeypatch):
+    """Once more in case the read overlapped two saves by other processes; not a third time."""
+    store = ClientStateStore(tmp_path, durable=False)
+    store.root.mkdir(exist_ok=True)
+    store.path("a").write_bytes(b"not a state file at all")
+    reads = []
+    real = state_module._read_all
+    monkeypatch.setattr(state_module, "_read_all", lambda fh, buf: reads.append(fh.name) or real(fh, buf))
+    loaded = store.load("a")
+    assert loaded.reset_reason is not None and "bad magic" in loaded.reset_reason
+    assert reads == [str(store.path("a"))] * 2
+
+
+def test_a_load_from_the_file_warns_about_nothing(tmp_path):
+    store = ClientStateStore(tmp_path, durable=False)
+    store.save("a", ClientState(error=torch.ones(4), model_version=2))
+    state_module._CACHE.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = store.load("a")
+    assert torch.equal(loaded.error, torch.ones(4)) and loaded.model_version == 2
+
+
+def test_a_state_file_removed_by_another_process_leaves_nothing_in_the_cache(tmp_path):
+    store = ClientStateStore(tmp_path, durable=False)
+    store.save("a", ClientState(error=torch.ones(1000)))
+    assert state_module._CACHE.peek(store.path("a")) is not None
+    os.unlink(store.path("a"))
+    loaded = store.load("a")
+    assert loaded.error is None and loaded.reset_reason is None
+    assert state_module._CACHE.peek(store.path("a")) is None  # its memory is freed
+
+
+def test_a_cached_state_whose_model_copy_is_lost_leaves_the_cache(tmp_path):
+    store = ClientStateStore(tmp_path, durable=False, share_models=True)
+    store.save("a", _shared_state())
+    digest = state_module.model_hash(_shared_state().model)
+    store.model_path("a", digest).unlink()
+    store.canonical_model_path(digest).unlink()
+    state_module._CACHE.drop((store._models_key, digest))
+    assert state_module._CACHE.peek(store.path("a")) is not None
+    assert store.load("a").model_lost is not None
+    assert state_module._CACHE.peek(store.path("a")) is None
+
+
+# ------------------------------------------------------------------ _StateCache's byte count
+def test_the_state_cache_holds_exactly_its_limit(monkeypatch):
+    monkeypatch.setenv("FL_SPARSE_STATE_CACHE_MB", str(2.0**-10))  # 1024 bytes
+    cache = state_module._StateCache()
+    assert cache.limit() == 1024
+    for _ in range(2):
+        cache.put("a", None, "A", 512)
+        cache.put("b", None, "B", 512)
+        assert cache.get("a", None) == "A" and cache.get("b", None) == "B"  # 1024 bytes: both kept
+        cache.put("c", None, "C", 1)
+        assert cache.get("a", None) is None and cache.get("c", None) == "C"  # 1025: the oldest goes
+        cache.clear()
+        assert cache.get("b", None) is None and cache.get("c", None) is None
+    cache.put("whole", None, "W", 1024)
+    assert cache.get("whole", None) == "W"
+
+
+def test_a_corrupt_file_replaced_after_its_last_read_is_not_moved_aside(tmp_path, monkeypatch, caplog):
+    """Another process saved the client between this load's reads and its judgement: the new file is
+    not the one found corrupt, and stays where it is."""
+    store = ClientStateStore(tmp_path, durable=False)
+    store.save("a", ClientState(error=torch.full((4,), 2.0), model_version=8))
+    good = store.path("a").read_bytes()
+    state_module._CACHE.clear()
+    store.path("a").write_bytes(b"torn")  # in place: the old inode, now corrupt
+    real, calls = state_module._decode, []
+
+    def decode_then_replace(buf):
+        calls.append(1)
+        try:
+            return real(buf)
+        finally:
+            if len(calls) == 2:  # after the second read: another process's save lands
+                tmp = tmp_path / "other.tmp"
+                tmp.write_bytes(good)
+                os.replace(tmp, store.path("a"))
+
+    monkeypatch.setattr(state_module, "_decode", decode_then_replace)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        loaded = store.load("a")
+    assert loaded.reset_reason is not None and "bad magic" in loaded.reset_reason
+    assert store.path("a").read_bytes() == good and store.corrupt_files("a") == []
+    assert any("since replaced" in m for m in _flwr_warnings(caplog))
+    monkeypatch.setattr(state_module, "_decode", real)
+    again = store.load("a")
+    assert again.model_version == 8 and torch.equal(again.error, torch.full((4,), 2.0))
