@@ -101,6 +101,7 @@ def test_repr_is_short_and_names_the_shape():
     assert repr(s) == "SparseTensor(nnz=2, numel=9, dtype=torch.float16, device=cpu)"
 
 
+@settings(deadline=None)
 @given(sparse_vectors())
 def test_to_dense_matches_a_dense_loop(s):
     expected = np.zeros(s.numel, dtype=np.float32)
@@ -196,7 +197,7 @@ def test_add_refuses_a_dense_of_another_shape(shape):
     assert not dense.any()
 
 
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)
 @given(st.integers(1, 30).flatmap(lambda n: st.lists(sparse_vectors(numel=n), min_size=1, max_size=4)), st.data())
 def test_weighted_sum_matches_a_dense_oracle(parts, data):
     numel = parts[0].numel
