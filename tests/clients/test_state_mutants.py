@@ -627,3 +627,46 @@ def test_a_corrupt_file_replaced_after_its_last_read_is_not_moved_aside(tmp_path
     monkeypatch.setattr(state_module, "_decode", real)
     again = store.load("a")
     assert again.model_version == 8 and torch.equal(again.error, torch.full((4,), 2.0))
+
+
+def test_a_state_saved_again_replaces_its_cache_entry_and_its_bytes(monkeypatch):
+    monkeypatch.setenv("FL_SPARSE_STATE_CACHE_MB", str(2.0**-10))  # 1024 bytes
+    cache = state_module._StateCache()
+    cache.put("a", None, "A1", 512)
+    cache.put("b", None, "B", 512)
+    cache.put("a", None, "A2", 512)  # the client saved again: 1024 bytes still, "a" now the newest
+    assert cache.get("b", None) == "B" and cache.get("a", None) == "A2"
+    cache.put("a", None, "A3", 512)
+    cache.put("c", None, "C", 512)  # the least recently used ("b") goes, not the re-saved "a"
+    assert cache.get("b", None) is None and cache.get("a", None) == "A3" and cache.get("c", None) == "C"
+
+
+def test_a_dropped_entry_gives_back_exactly_its_bytes(monkeypatch):
+    monkeypatch.setenv("FL_SPARSE_STATE_CACHE_MB", str(2.0**-10))  # 1024 bytes
+    cache = state_module._StateCache()
+    for key, size in (("a", 100), ("b", 200), ("c", 300)):
+        cache.put(key, None, key.upper(), size)
+    cache.drop("b")  # 400 bytes left
+    cache.put("d", None, "D", 624)  # 1024: all kept
+    assert [cache.peek(k) for k in "acd"] == ["A", "C", "D"]
+    cache.put("e", None, "E", 1)  # 1025: the oldest ("a") goes
+    assert cache.peek("a") is None and [cache.peek(k) for k in "cde"] == ["C", "D", "E"]
+
+
+# ------------------------------------------------------------------ ClientStateStore.save
+def test_a_state_of_exactly_the_spare_limit_gets_a_spare(tmp_path, monkeypatch):
+    store = ClientStateStore(tmp_path, durable=False)
+    state = ClientState(error=torch.ones(1000))
+    store.save("a", state)
+    size = store.path("a").stat().st_size
+    spare = tmp_path / ("a.state" + state_module.SPARE_SUFFIX)
+    store.delete("a")
+    monkeypatch.setattr(state_module, "SPARE_MAX_BYTES", size)
+    store.save("a", state)
+    store.save("a", state)
+    assert spare.exists()
+    monkeypatch.setattr(state_module, "SPARE_MAX_BYTES", size - 1)
+    store.delete("a")
+    store.save("a", state)
+    store.save("a", state)
+    assert not spare.exists()
