@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
