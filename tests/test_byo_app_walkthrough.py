@@ -21,6 +21,7 @@ mistakes and surprises of that walk that were real problems:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 from pathlib import Path
@@ -53,6 +54,7 @@ class SmallCNN(nn.Module):
         return self.fc(F.max_pool2d(F.relu(self.conv(x)), 2).flatten(1))
 
 
+@functools.lru_cache(maxsize=None)  # read once per process, not on every train and evaluate call
 def _idx(name: str) -> np.ndarray:
     with gzip.open(FMNIST / name) as f:
         data = f.read()
