@@ -119,12 +119,9 @@ class RTopKSGD(SparseFedAvg):
             ratio = None
         if r is not None and r_ratio is not None:
             raise ValueError("give at most one of r and r_ratio")
-        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
-            raise ValueError(f"r must be an int >= 1, got {r!r}")
-        if r_ratio is not None and not (isinstance(r_ratio, (int, float)) and 0.0 < r_ratio <= 1.0):
-            raise ValueError(f"r_ratio must be in (0, 1], got {r_ratio!r}")
-        self.r = r
-        self.r_ratio = None if r_ratio is None else float(r_ratio)
+        # The package's argument checks: numpy's ints and floats are numbers, a bool is not.
+        self.r = None if r is None else count_argument("r", r)
+        self.r_ratio = None if r_ratio is None else ratio_argument("r_ratio", r_ratio)
         super().__init__(*args, uplink={"name": "rtopk", **_budget(ratio, k), "n_workers": 1}, downlink=None, **kwargs)
 
     def options(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from fl_sparse.strategies import (
     BidirectionalTopKSGD,
     HardThresholdSGD,
     RandomKSGD,
+    RTopKSGD,
     SSGDMajorityVote,
     TopKSGD,
 )
@@ -23,6 +24,13 @@ BAD = [
     (TopKSGD, {"ratio": "0.1"}, "ratio must be a number in \\(0, 1\\], got '0.1'"),
     (TopKSGD, {"ratio": True}, "ratio must be a number"),
     (RandomKSGD, {"k": 2.5}, "k must be an integer >= 1, got 2.5"),
+    (RTopKSGD, {"r": 0}, "r must be an integer >= 1, got 0"),
+    (RTopKSGD, {"r": 40.0}, "r must be an integer >= 1, got 40.0"),
+    (RTopKSGD, {"r": True}, "r must be an integer >= 1, got True"),
+    (RTopKSGD, {"r_ratio": True}, "r_ratio must be a number in \\(0, 1\\], got True"),
+    (RTopKSGD, {"r_ratio": math.nan}, "r_ratio must be a number in \\(0, 1\\], got nan"),
+    (RTopKSGD, {"r_ratio": 1.5}, "r_ratio must be a number in \\(0, 1\\], got 1.5"),
+    (RTopKSGD, {"r": 40, "r_ratio": 0.1}, "give at most one of r and r_ratio"),
     (TopKSGD, {"k": 0}, "k must be an integer >= 1, got 0"),
     (BidirectionalTopKSGD, {"downlink_ratio": 2}, "downlink_ratio must be a number in \\(0, 1\\], got 2"),
     (BidirectionalTopKSGD, {"downlink_k": 0}, "downlink_k must be an integer >= 1, got 0"),
@@ -58,6 +66,9 @@ def test_good_arguments_keep_their_meaning():
     assert TopKSGD(exact_arrays="bn.running_mean").exact_arrays == ("bn.running_mean",)
     assert TopKSGD(exact_arrays=["a", "b"], seed=np.int32(3)).exact_arrays == ("a", "b")
     assert TopKSGD(seed=np.int32(3)).seed == 3
+    # numpy's numbers (a run config read with numpy, a sweep over np.arange) are numbers here too
+    assert RTopKSGD(k=5, r=np.int64(40)).options()["r"] == 40
+    assert RTopKSGD(k=5, r_ratio=np.float32(0.5)).options()["r_ratio"] == 0.5
     assert SSGDMajorityVote(k=10, add_drop_k=10).add_drop_compressor.k == 10
     assert AdaptiveTopKSGD(num_rounds=5, t_hat=0, error_feedback=False).client_error_feedback is False
     assert BidirectionalTopKSGD(ratio=0.01, downlink_ratio=0.02).downlink.ratio == 0.02
