@@ -407,6 +407,11 @@ class SparseMod:
         share_models: bool | None = None,
         error_dtype: str | None = None,
     ) -> None:
+        for name, value in (("durable", durable), ("share_models", share_models)):
+            if value is not None and not isinstance(value, bool):  # "false" would switch it on
+                raise ValueError(f"SparseMod: {name} must be True, False or None, got {value!r}")
+        if state_dir is not None and not isinstance(state_dir, (str, os.PathLike)):
+            raise ValueError(f"SparseMod: state_dir must be a folder's path (str or os.PathLike), got {state_dir!r}")
         self.state_dir = None if state_dir is None else Path(state_dir)
         self.durable = durable
         self.share_models = share_models

@@ -926,6 +926,24 @@ def test_state_folder_precedence(server, tmp_path, monkeypatch):
         assert (tmp_path / folder / f"run-{RUN_ID}" / f"client-{PID}.state").is_file()
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    ({"durable": "no"}, "SparseMod: durable must be True, False or None, got 'no'"),
+    ({"share_models": "false"}, "SparseMod: share_models must be True, False or None, got 'false'"),
+    ({"durable": 0}, "SparseMod: durable must be True, False or None, got 0"),
+    ({"state_dir": 5}, "SparseMod: state_dir must be a folder's path \\(str or os.PathLike\\), got 5"),
+])
+def test_a_wrong_mod_argument_is_named_at_construction(kwargs, message):
+    # A truthy string would otherwise turn fsync or the shared model store on, silently.
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        SparseMod(**kwargs)
+
+
+def test_good_mod_arguments_keep_their_meaning(tmp_path):
+    mod = SparseMod(state_dir=str(tmp_path), durable=False, share_models=True)
+    assert (mod.state_dir, mod.durable, mod.share_models) == (tmp_path, False, True)
+    assert SparseMod(state_dir=tmp_path).state_dir == tmp_path
+
+
 # ====================================================================== identify
 def test_identify_returns_the_partition_without_training(server, client):
     instr = Instruction(server_round=0, phase=protocol.PHASE_IDENTIFY)
