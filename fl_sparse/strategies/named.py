@@ -311,7 +311,7 @@ class AdaptiveTopKSGD(SparseFedAvg):
             log(WARNING, "AdapTop-K: the estimated t_hat is %s >= num_rounds (%d), so k_t = (1+gamma)k for the "
                 "first half of the rounds and (1-gamma)k after, with no late high phase. The estimate's "
                 "constants (mu=%g, L=%g, sigma_sq=%g) are rough guesses: pass t_hat= to choose the turning point",
-                estimate if isinstance(estimate, int) else f"{estimate:g}", self.num_rounds,
+                self._t_hat_estimate, self.num_rounds,
                 self.estimate["mu"], self.estimate["L"], self.estimate["sigma_sq"])
         return self.t_hat
 
