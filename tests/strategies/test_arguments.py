@@ -30,7 +30,7 @@ BAD = [
     (RTopKSGD, {"r_ratio": True}, "r_ratio must be a number in \\(0, 1\\], got True"),
     (RTopKSGD, {"r_ratio": math.nan}, "r_ratio must be a number in \\(0, 1\\], got nan"),
     (RTopKSGD, {"r_ratio": 1.5}, "r_ratio must be a number in \\(0, 1\\], got 1.5"),
-    (RTopKSGD, {"r": 40, "r_ratio": 0.1}, "give at most one of r and r_ratio"),
+    (RTopKSGD, {"r": 40, "r_ratio": 0.1}, "^give at most one of r and r_ratio$"),
     (TopKSGD, {"k": 0}, "k must be an integer >= 1, got 0"),
     (BidirectionalTopKSGD, {"downlink_ratio": 2}, "downlink_ratio must be a number in \\(0, 1\\], got 2"),
     (BidirectionalTopKSGD, {"downlink_k": 0}, "downlink_k must be an integer >= 1, got 0"),
@@ -104,3 +104,56 @@ def test_t_hat_reaches_adaptive_topk_from_the_run_config_and_the_cli():
     assert strategy_from_config(RunConfig(strategy="adaptive-topk", rounds=10)).t_hat is None  # estimated
     assert RunConfig.from_run_config({"strategy": "adaptive-topk", "t-hat": -1}).t_hat is None
     assert RunConfig.from_run_config({"strategy": "adaptive-topk", "num-rounds": 30, "t-hat": 7}).t_hat == 7
+
+
+# ----------------------------------------------------------- the checks themselves (each edge once)
+def test_is_number_takes_reals_and_not_bools():
+    from fl_sparse.strategies.arguments import is_number
+
+    assert [is_number(v) for v in (0, 2.5, np.float32(1), np.int64(3), math.nan)] == [True] * 5
+    assert [is_number(v) for v in (True, False, np.bool_(True), "1", None, 1j)] == [False] * 6
+
+
+def test_ratio_argument_is_open_at_zero_and_closed_at_the_top():
+    from fl_sparse.strategies.arguments import ratio_argument
+
+    assert ratio_argument("r", 1) == 1.0 and type(ratio_argument("r", np.float32(0.5))) is float
+    assert ratio_argument("r", 1e-300) == 1e-300
+    assert ratio_argument("r", 3, upper=4.0) == 3.0 and ratio_argument("r", 4, upper=4.0) == 4.0
+    for bad, upper, shown in ((0, 1.0, "0"), (0.0, 1.0, "0.0"), (1.0000001, 1.0, "1.0000001"), (4.5, 4.0, "4.5")):
+        with pytest.raises(ValueError) as info:
+            ratio_argument("the ratio", bad, upper=upper)
+        assert str(info.value) == f"the ratio must be a number in (0, {upper:g}], got {shown}"
+
+
+def test_count_argument_takes_integers_from_the_minimum():
+    from fl_sparse.strategies.arguments import count_argument
+
+    assert count_argument("n", 1) == 1 and type(count_argument("n", np.int64(7))) is int
+    assert count_argument("n", 0, minimum=0) == 0 and count_argument("n", 5, minimum=5) == 5
+    for bad, minimum in ((0, 1), (4, 5), (True, 0), (2.0, 1), ("3", 1)):
+        with pytest.raises(ValueError) as info:
+            count_argument("the count", bad, minimum=minimum)
+        assert str(info.value) == f"the count must be an integer >= {minimum}, got {bad!r}"
+
+
+def test_flag_argument_takes_only_bools():
+    from fl_sparse.strategies.arguments import flag_argument
+
+    assert flag_argument("f", True) is True and flag_argument("f", False) is False
+    for bad in (1, 0, "true", None):
+        with pytest.raises(ValueError) as info:
+            flag_argument("the flag", bad)
+        assert str(info.value) == f"the flag must be True or False, got {bad!r}"
+
+
+def test_names_argument_takes_one_name_or_several():
+    from fl_sparse.strategies.arguments import names_argument
+
+    assert names_argument("n", "bn.running_mean") == ("bn.running_mean",)
+    assert names_argument("n", ["a", "b"]) == ("a", "b") and names_argument("n", (n for n in "xy")) == ("x", "y")
+    assert names_argument("n", []) == ()
+    for bad in (5, None, ["a", 3], [b"a"]):
+        with pytest.raises(ValueError) as info:
+            names_argument("the names", bad)
+        assert str(info.value) == f"the names must be an array name or a list of them, got {bad!r}"

@@ -271,6 +271,8 @@ def test_adaptive_incomplete_state_names_what_is_missing():
 # ------------------------------------------------------------- hard threshold's learning rate
 def test_hard_threshold_before_any_round_tells_lambda_as_given():
     assert HardThresholdSGD(threshold=0.3).uplink_spec(1, 3) == {"name": "hard-threshold", "lam": 0.3}
+    # with lr= given the threshold is on a = e + Δ from the start: γ·λ
+    assert HardThresholdSGD(threshold=0.3, lr=0.1).uplink_spec(1, 3)["lam"] == pytest.approx(0.03)
 
 
 def test_hard_threshold_without_a_train_config_says_how_to_give_lr():
@@ -287,3 +289,21 @@ def test_hard_threshold_with_lr_given_does_not_read_the_train_configs():
     """With lr= given, the train config's "lr" (even one that is no number) is not read."""
     strategy = HardThresholdSGD(threshold=0.3, lr=0.1)
     assert told(strategy, 1, config={"lr": "not a number"})["lam"] == pytest.approx(0.03)
+
+
+def test_hard_threshold_zero_sends_everything_and_none_waits_for_the_model():
+    """λ = 0 is allowed (every entry passes); without λ the paper's rule needs d, so the spec says 0 until then."""
+    assert told(HardThresholdSGD(threshold=0.0), 1, config={"lr": 0.5}) == {"name": "hard-threshold", "lam": 0.0}
+    assert HardThresholdSGD().options()["uplink"] == json.dumps({"lam": 0.0, "name": "hard-threshold"})
+    assert HardThresholdSGD(threshold=0.0).options()["threshold"] == 0.0
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: HardThresholdSGD(threshold=0.1, lr=-1), "lr must be a finite number > 0, got -1"),
+    (lambda: TopKSGD(ratio=None), "give exactly one of ratio or k"),
+    (lambda: RandomKSGD(ratio=None, k=None), "give exactly one of ratio or k"),
+])
+def test_refusals_in_full(make, message):
+    with pytest.raises(ValueError) as info:
+        make()
+    assert str(info.value) == message
