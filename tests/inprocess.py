@@ -13,6 +13,7 @@ import itertools
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from unittest.mock import Mock
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.app.metadata import Metadata
@@ -24,6 +25,13 @@ _ids = itertools.count(1)
 # Removed when the test process exits (a TemporaryDirectory's finalizer): the state folders
 # tests make with scratch_folder() do not pile up under /tmp, run after run.
 _SCRATCH = tempfile.TemporaryDirectory(prefix="fl-sparse-tests-")
+
+
+def mock_grid(n: int) -> Mock:
+    """A Grid whose nodes 1..n are connected: a Mock, so a test can check what it was asked to send."""
+    grid = Mock(spec=Grid)
+    grid.get_node_ids.return_value = list(range(1, n + 1))
+    return grid
 
 
 def scratch_folder(prefix: str = "state-") -> str:

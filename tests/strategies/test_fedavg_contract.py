@@ -29,7 +29,6 @@ from flwr.common.logger import FLOWER_LOGGER
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy import strategy_utils as flower_strategy_utils
-from flwr.supercore.task_identity import TaskIdentity
 from inprocess import InProcessGrid
 
 import fl_sparse.strategies.base as base_module
@@ -45,12 +44,7 @@ CLASSES = [FedAvg, DenseFedAvg, TopKSGD, BidirectionalTopKSGD]
 OURS = CLASSES[1:]
 FEDAVG_PARAMS = list(inspect.signature(FedAvg.__init__).parameters.values())[1:11]
 
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """What a ServerApp's runtime sets before a strategy builds Messages (for the Mock grids)."""
-    for name, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/strategies/conftest.py
 
 
 def make(cls, *args, **kw):

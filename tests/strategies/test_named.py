@@ -18,9 +18,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
-from inprocess import InProcessGrid, step_app
+from inprocess import InProcessGrid, mock_grid, step_app
 
 from fl_sparse.compressors import adaptive_k_budgeted, adaptive_k_rounds, adaptive_k_t_hat, build_compressor
 from fl_sparse.protocol import Instruction
@@ -39,23 +37,12 @@ FLOWER_LOGGER.setLevel(logging.WARNING)
 
 NUMEL = 20_000
 
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """What a ServerApp's runtime sets before a strategy builds Messages (for the Mock grids)."""
-    for name, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/strategies/conftest.py
 
 
 def k_of(ratio: float, d: int) -> int:
     """The top-K budget of the papers: K = ceil(ratio d), at least 1."""
     return max(1, math.ceil(round(ratio * d, 9)))
-
-
-def mock_grid(n: int) -> Mock:
-    grid = Mock(spec=Grid)
-    grid.get_node_ids.return_value = list(range(1, n + 1))
-    return grid
 
 
 def zeros(numel: int = NUMEL) -> ArrayRecord:

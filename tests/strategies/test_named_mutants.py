@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from unittest.mock import Mock
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.common.logger import FLOWER_LOGGER
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
+
+from inprocess import mock_grid
 
 from fl_sparse.compressors import TopK, adaptive_k_rounds
 from fl_sparse.protocol import Instruction
@@ -37,18 +36,7 @@ FLOWER_LOGGER.setLevel(logging.WARNING)
 
 NUMEL = 2_000
 
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """What a ServerApp's runtime sets before a strategy builds Messages."""
-    for name, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
-def mock_grid(n: int) -> Mock:
-    grid = Mock(spec=Grid)
-    grid.get_node_ids.return_value = list(range(1, n + 1))
-    return grid
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/strategies/conftest.py
 
 
 def zeros(numel: int = NUMEL) -> ArrayRecord:
