@@ -39,8 +39,14 @@ def scratch_folder(prefix: str = "state-") -> str:
     return tempfile.mkdtemp(prefix=prefix, dir=_SCRATCH.name)
 
 
+def node_id(partition_id: int) -> int:
+    """The node id :class:`InProcessGrid` gives the node holding ``partition_id`` (not the partition id,
+    so that tests tell the two apart)."""
+    return 1000 + 7 * partition_id
+
+
 class InProcessGrid(Grid):
-    """``num_nodes`` nodes, node ``i`` (id ``1000 + 7 i``) holding partition ``i``."""
+    """``num_nodes`` nodes, node ``i`` (id :func:`node_id` ``(i)``) holding partition ``i``."""
 
     def __init__(
         self,
@@ -55,7 +61,7 @@ class InProcessGrid(Grid):
         self.run_id = run_id
         # What a ServerApp's runtime sets before the strategy builds messages.
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
-        self.node_ids = [1000 + 7 * i for i in range(num_nodes)]
+        self.node_ids = [node_id(i) for i in range(num_nodes)]
         self.contexts = {
             node: Context(
                 run_id=run_id,

@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 from inprocess import InProcessGrid, step_app, scratch_folder
+from oracles import topk_np as _topk
 
 from fl_sparse import codec, protocol
 from fl_sparse.clients import SparseMod
@@ -53,13 +54,6 @@ def _grid(n: int = 3) -> InProcessGrid:
 def _replies(strategy, grid, server_round: int = 1):
     messages = list(strategy.configure_train(server_round, _model(), ConfigRecord(), grid))
     return list(grid.send_and_receive(messages, timeout=60))
-
-
-def _topk(x: np.ndarray, k: int) -> np.ndarray:
-    out = np.zeros_like(x)
-    idx = np.argsort(-np.abs(x), kind="stable")[:k]
-    out[idx] = x[idx]
-    return out
 
 
 def _current(strategy):

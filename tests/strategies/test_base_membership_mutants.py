@@ -26,6 +26,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import FLOWER_LOGGER
 from inprocess import InProcessGrid, scratch_folder, step_app
+from inprocess import node_id as node
 
 from fl_sparse import codec, protocol
 from fl_sparse.compressors import TopK
@@ -53,10 +54,6 @@ def _grid(n: int = 4, **kwargs) -> InProcessGrid:
     folder = scratch_folder()
     return InProcessGrid(step_app(_step, lambda pid: float(pid + 1)), n,
                          node_config=lambda i: {"state-dir": folder}, **kwargs)
-
-
-def node(pid: int) -> int:
-    return 1000 + 7 * pid
 
 
 def _instructions(messages) -> dict[int, Instruction]:

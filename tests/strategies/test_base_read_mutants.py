@@ -26,6 +26,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.logger import FLOWER_LOGGER
 from inprocess import InProcessGrid, _metadata, scratch_folder, step_app
+from inprocess import node_id as node
+from oracles import topk_np
 
 from fl_sparse import codec, protocol
 from fl_sparse.compressors import TopK
@@ -40,10 +42,6 @@ FLOWER_LOGGER.setLevel(logging.WARNING)
 D, K = 24, 4
 WEIGHTS = {0: 3.0, 1: 1.0, 2: 6.0, 3: 2.0}
 LOSSES = {0: 0.5, 1: 2.0, 2: 1.25, 3: 4.0}
-
-
-def node(pid: int) -> int:
-    return 1000 + 7 * pid
 
 
 def _model() -> ArrayRecord:
@@ -61,17 +59,16 @@ def _grid(n: int = 3, tamper=None, metrics=None) -> InProcessGrid:
     return InProcessGrid(app, n, node_config=lambda i: {"state-dir": folder}, tamper=tamper)
 
 
-def _play(strategy, grid, server_round: int, arrays=None):
-    arrays = arrays if arrays is not None else (strategy.current_arrays() if strategy.state.model is not None else _model())
-    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-    replies = list(grid.send_and_receive(messages, timeout=60))
-    return replies, strategy.aggregate_train(server_round, replies)
-
-
-def _replies(strategy, grid, server_round: int = 1):
-    arrays = strategy.current_arrays() if strategy.state.model is not None else _model()
+def _replies(strategy, grid, server_round: int = 1, arrays=None):
+    if arrays is None:
+        arrays = strategy.current_arrays() if strategy.state.model is not None else _model()
     messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
     return list(grid.send_and_receive(messages, timeout=60))
+
+
+def _play(strategy, grid, server_round: int, arrays=None):
+    replies = _replies(strategy, grid, server_round, arrays)
+    return replies, strategy.aggregate_train(server_round, replies)
 
 
 def _topk(strategy_n: int = 3, **kw) -> TopKSGD:
@@ -499,9 +496,7 @@ def test_aggregate_train_returns_the_weighted_average_model_and_metrics_over_rou
         g = np.zeros(D)
         for p in sampled:
             a = error[p] + _step(p, rnd).ravel().astype(np.float64)
-            sent = np.zeros(D)
-            idx = np.argsort(-np.abs(a), kind="stable")[:K]
-            sent[idx] = a[idx]
+            sent = topk_np(a, K)
             error[p] = a - sent
             g += WEIGHTS[p] / total * sent
         w = w - g
@@ -534,13 +529,6 @@ def test_rho_is_computed_only_when_every_reply_has_diagnostics():
     assert "rho_hat" not in strategy.state.round_metrics[2]
 
 
-def _np_topk(x: np.ndarray, k: int) -> np.ndarray:
-    out = np.zeros_like(x)
-    idx = np.argsort(-np.abs(x), kind="stable")[:k]
-    out[idx] = x[idx]
-    return out
-
-
 def test_bidirectional_rho_and_rho_hat_against_numpy_over_two_rounds():
     """ρ = ‖Top_K(δ + Σ p a) − Top_K(δ + g)‖ / ‖Σ p step‖ with δ the server error before the round
     (0 in round 1), ρ̂ = ‖Top_K(Σ p a) − g‖ / ‖Σ p step‖."""
@@ -563,10 +551,10 @@ def test_bidirectional_rho_and_rho_hat_against_numpy_over_two_rounds():
         rm = strategy.state.round_metrics[rnd]
         assert rm["accepted"] == 3
         norm = np.linalg.norm(step)
-        assert rm["rho_hat"] == pytest.approx(np.linalg.norm(_np_topk(a, kd) - g) / norm, rel=1e-4)
-        assert rm["rho"] == pytest.approx(np.linalg.norm(_np_topk(delta + a, kd) - _np_topk(delta + g, kd)) / norm,
+        assert rm["rho_hat"] == pytest.approx(np.linalg.norm(topk_np(a, kd) - g) / norm, rel=1e-4)
+        assert rm["rho"] == pytest.approx(np.linalg.norm(topk_np(delta + a, kd) - topk_np(delta + g, kd)) / norm,
                                           rel=1e-4)
-        assert rm["rho_hat"] != pytest.approx(np.linalg.norm(_np_topk(a, K) - g) / norm, rel=1e-3)
+        assert rm["rho_hat"] != pytest.approx(np.linalg.norm(topk_np(a, K) - g) / norm, rel=1e-3)
         if rnd == 2:
             assert np.abs(delta).sum() > 0
 

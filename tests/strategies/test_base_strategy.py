@@ -29,6 +29,8 @@ from flwr.common.logger import FLOWER_LOGGER
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from inprocess import InProcessGrid
+from inprocess import node_id as node
+from oracles import topk_np
 
 from fl_sparse import codec, protocol
 from fl_sparse.clients import SparseMod
@@ -103,12 +105,7 @@ def unflat(vec: np.ndarray) -> dict[str, np.ndarray]:
 
 def topk(x: np.ndarray, k: int | None) -> np.ndarray:
     """Keep the k entries of largest magnitude (all of them for k=None)."""
-    if k is None:
-        return x.copy()
-    out = np.zeros_like(x)
-    idx = np.argsort(-np.abs(x), kind="stable")[:k]
-    out[idx] = x[idx]
-    return out
+    return x.copy() if k is None else topk_np(x, k)
 
 
 class Reference:
@@ -174,10 +171,6 @@ def play(strategy, grid, server_round, arrays, config=None):
 
 def instructions(messages) -> dict[int, Instruction]:
     return {m.metadata.dst_node_id: Instruction.read(m.content) for m in messages}
-
-
-def node(pid: int) -> int:
-    return 1000 + 7 * pid
 
 
 # --------------------------------------------------------------------- corruptions

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy import strategy_utils as flower_strategy_utils
 from inprocess import InProcessGrid
+from oracles import topk_np as topk
 
 import fl_sparse.strategies.base as base_module
 from fl_sparse import protocol
@@ -109,13 +110,6 @@ def unflat(vec, like) -> dict[str, np.ndarray]:
     for name, v in like.items():
         out[name] = vec[at : at + v.size].reshape(v.shape)
         at += v.size
-    return out
-
-
-def topk(x, k):
-    out = np.zeros_like(x)
-    idx = np.argsort(-np.abs(x), kind="stable")[:k]
-    out[idx] = x[idx]
     return out
 
 

@@ -81,7 +81,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 from hypothesis import HealthCheck, given, note, seed, settings
 from hypothesis import strategies as st
-from inprocess import InProcessGrid
+from inprocess import InProcessGrid, node_id
 
 from fl_sparse import codec, protocol
 from fl_sparse.clients import SparseMod
@@ -116,8 +116,8 @@ K = 14  # top-K / vote size
 K_AD = 3  # SSGD-MV-AD changes per round
 WEIGHTS = {0: 1.0, 1: 2.0, 2: 3.0, 3: 5.0}  # num-examples; node 3 is the hostile one
 HOSTILE_PID = 3
-HOSTILE = 1000 + 7 * HOSTILE_PID  # InProcessGrid's node id of partition 3
-NODES = {1000 + 7 * i for i in range(4)}
+HOSTILE = node_id(HOSTILE_PID)
+NODES = {node_id(i) for i in range(4)}
 BOUND = 1.0  # update_norm_bound
 MAX_RATIO = 2.0  # max_weight_ratio
 P_MAX = MAX_RATIO * 2.5 / (sum(WEIGHTS[q] for q in range(3)) + MAX_RATIO * 2.5)  # 5/11, see the docstring

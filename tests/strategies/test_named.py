@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
 from inprocess import InProcessGrid, mock_grid, step_app
+from oracles import topk_np
 
 from fl_sparse.compressors import adaptive_k_budgeted, adaptive_k_rounds, adaptive_k_t_hat, build_compressor
 from fl_sparse.protocol import Instruction
@@ -92,13 +93,6 @@ def play(strategy, grid, server_round, arrays):
     replies = grid.send_and_receive(messages)
     arrays, _ = strategy.aggregate_train(server_round, replies)
     return messages, arrays
-
-
-def topk_np(x: np.ndarray, k: int) -> np.ndarray:
-    out = np.zeros_like(x)
-    idx = np.argsort(-np.abs(x), kind="stable")[:k]
-    out[idx] = x[idx]
-    return out
 
 
 # ----------------------------------------------------------- AdapTop-K

@@ -18,7 +18,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import FLOWER_LOGGER
-from inprocess import InProcessGrid, scratch_folder
+from inprocess import InProcessGrid, node_id, scratch_folder
 
 from fl_sparse import codec, protocol
 from fl_sparse.clients import SparseMod
@@ -26,10 +26,6 @@ from fl_sparse.protocol import Instruction, Report
 from fl_sparse.strategies import SSGDMajorityVote
 
 FLOWER_LOGGER.setLevel(logging.WARNING)
-
-
-def _node(pid: int) -> int:
-    return 1000 + 7 * pid
 
 
 def _weight(pid: int) -> float:
@@ -117,16 +113,16 @@ def test_each_failed_or_rejected_vote_is_counted_logged_and_left_out(caplog):
         messages, metrics = bench.round(1)
     rm = strategy.state.round_metrics[1]
     assert rm["vote_failures"] == 4 and rm["vote_accepted"] == 1
-    assert [m.metadata.dst_node_id for m in messages] == [_node(4)]
+    assert [m.metadata.dst_node_id for m in messages] == [node_id(4)]
     assert metrics is not None and rm["failures"] == 4
     lines = [r.getMessage() for r in caplog.records]
     for pid in (0, 1):
-        assert f"round 1: client {_node(pid)} failed to vote: reply lost on the way" in lines, lines
-    assert f"round 1: rejected vote from client {_node(2)}: the client trained from a different model" in lines, lines
-    assert f"round 1: rejected vote from client {_node(3)}: full vote has no {protocol.VOTE!r} ArrayRecord" in lines, lines
+        assert f"round 1: client {node_id(pid)} failed to vote: reply lost on the way" in lines, lines
+    assert f"round 1: rejected vote from client {node_id(2)}: the client trained from a different model" in lines, lines
+    assert f"round 1: rejected vote from client {node_id(3)}: full vote has no {protocol.VOTE!r} ArrayRecord" in lines, lines
     # the clients that did not vote are re-synced densely next round
     for pid in (0, 1, 2, 3):
-        assert _node(pid) not in strategy.state.client_versions
+        assert node_id(pid) not in strategy.state.client_versions
 
 
 @pytest.mark.parametrize("add_drop", [False, True])
@@ -163,7 +159,7 @@ def test_add_drop_votes_are_stored_as_int32():
     bench = _Bench(strategy, 200, 3)
     for rnd in (1, 2):
         bench.round(rnd)
-        assert sorted(strategy.votes) == [_node(pid) for pid in range(3)]
+        assert sorted(strategy.votes) == [node_id(pid) for pid in range(3)]
         for node, (vote_round, vote) in strategy.votes.items():
             assert vote_round == rnd and vote.dtype == torch.int32 and vote.numel() == 10, node
         strategy.check_vote_invariants()
@@ -236,9 +232,9 @@ ADD_DROP_CASES = {
 def _assert_client_0_vote_rejected(strategy, server_round, messages, caplog, reason):
     """Counted once, logged with its reason, and client 0 is not asked for values."""
     assert strategy.state.round_metrics[server_round]["vote_failures"] == 1
-    assert sorted(m.metadata.dst_node_id for m in messages) == [_node(1), _node(2)]
+    assert sorted(m.metadata.dst_node_id for m in messages) == [node_id(1), node_id(2)]
     lines = [r.getMessage() for r in caplog.records]
-    assert f"round {server_round}: rejected vote from client {_node(0)}: {reason}" in lines, lines
+    assert f"round {server_round}: rejected vote from client {node_id(0)}: {reason}" in lines, lines
 
 
 @pytest.mark.parametrize("case", sorted(FULL_VOTE_CASES))
@@ -266,18 +262,18 @@ def test_a_malformed_add_drop_vote_is_rejected_and_the_standing_vote_stays(case,
 
     def tamper(phase, pid, reply):
         if phase == protocol.PHASE_VOTE and pid == 0 and Report.read(reply.content).server_round == 2:
-            standing = strategy.votes[_node(0)][1].tolist()
+            standing = strategy.votes[node_id(0)][1].tolist()
             return _set_vote(reply, NUMEL, **rewrite(standing))
         return reply
 
     bench = _Bench(strategy, NUMEL, 3, tamper=tamper)
     bench.round(1)
-    standing = strategy.votes[_node(0)][1].clone()
+    standing = strategy.votes[node_id(0)][1].clone()
     with caplog.at_level(logging.WARNING, logger="flwr"):
         messages, _ = bench.round(2)
     _assert_client_0_vote_rejected(strategy, 2, messages, caplog, reason)
     # M_sum still holds client 0's round-1 vote, unchanged
-    assert strategy.votes[_node(0)][0] == 1 and torch.equal(strategy.votes[_node(0)][1], standing)
+    assert strategy.votes[node_id(0)][0] == 1 and torch.equal(strategy.votes[node_id(0)][1], standing)
     strategy.check_vote_invariants()
 
 
@@ -328,10 +324,10 @@ def test_a_client_whose_vote_never_arrives_is_synced_densely_next_time():
     strategy = SSGDMajorityVote(k=K_VOTE, min_available_nodes=3, min_train_nodes=3, fraction_evaluate=0.0)
     bench = _Bench(strategy, NUMEL, 3, tamper=tamper)
     bench.round(1)
-    assert _node(0) in strategy.state.client_versions
+    assert node_id(0) in strategy.state.client_versions
     bench.round(2)
-    assert _node(0) not in strategy.state.client_versions
-    assert _node(1) in strategy.state.client_versions and _node(2) in strategy.state.client_versions
+    assert node_id(0) not in strategy.state.client_versions
+    assert node_id(1) in strategy.state.client_versions and node_id(2) in strategy.state.client_versions
     bench.round(3)
     votes3 = [Instruction.read(m.content) for m in bench.grid.sent]
     sync = {
@@ -339,7 +335,7 @@ def test_a_client_whose_vote_never_arrives_is_synced_densely_next_time():
         for m, i in zip(bench.grid.sent, votes3)
         if i.server_round == 3 and i.phase == protocol.PHASE_VOTE
     }
-    assert sync[_node(0)] == "dense" and sync[_node(1)] != "dense", sync
+    assert sync[node_id(0)] == "dense" and sync[node_id(1)] != "dense", sync
 
 
 def test_the_vote_invariant_check_catches_a_corrupted_vote_sum():
@@ -349,7 +345,7 @@ def test_the_vote_invariant_check_catches_a_corrupted_vote_sum():
     for t in (1, 2):
         bench.round(t)
         strategy.check_vote_invariants()  # holds after honest rounds
-    strategy.m_sum[int(strategy.votes[_node(1)][1][0])] += 1
+    strategy.m_sum[int(strategy.votes[node_id(1)][1][0])] += 1
     with pytest.raises(AssertionError, match="^M_sum differs from the sum of the clients' votes"):
         strategy.check_vote_invariants()
 
