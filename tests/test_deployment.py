@@ -285,7 +285,9 @@ def _deployment_restart(procs: Procs, tmp_path: Path) -> None:
             [
                 "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                 "--port", str(node_ports[k]), "--isolation", "subprocess",
-                "--node-config", f"partition-id={k} num-partitions=2 state-dir='{tmp_path / f'node{k}'}'",
+                # Node 0 names its device as docs/deployment.md shows (the node config's string reaches the app).
+                "--node-config", f"partition-id={k} num-partitions=2 state-dir='{tmp_path / f'node{k}'}'"
+                + (" device='cpu'" if k == 0 else ""),
             ],
         )
         return proc

@@ -243,6 +243,17 @@ def test_sum_of_one_part_is_that_part():
     assert total.indices.tolist() == [1, 3] and total.values.tolist() == [2.0, 1.0]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sum_of_gpu_parts_stays_on_the_gpu():
+    """The sum's output is built on the parts' device (differs only on an accelerator: the meta device
+    cannot reach it, torch.unique refuses meta tensors)."""
+    a = _st([0, 2], [1.0, 2.0], 4).to("cuda")
+    b = _st([2, 3], [10.0, 20.0], 4).to("cuda")
+    total = SparseTensor.sum([a, b], [0.5, 3.0])
+    assert total.device.type == "cuda" and total.values.device.type == "cuda"
+    assert total.indices.tolist() == [0, 2, 3] and total.values.tolist() == [0.5, 31.0, 60.0]
+
+
 def test_sum_refusals():
     a, b = _st([0], [1.0], 4), _st([0], [1.0], 5)
     with pytest.raises(ValueError, match=r"^need at least one SparseTensor to sum$"):

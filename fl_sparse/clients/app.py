@@ -12,7 +12,7 @@ Train config keys (the server's ``train_config``): ``dataset``, ``model``,
 ``partition``, ``alpha``, ``min-partition-size`` (-1: automatic),
 ``self-balancing``, ``num-partitions``, ``seed``, ``local-steps``,
 ``batch-size``, ``lr``, ``momentum``, ``weight-decay``, ``device``
-(``"auto"``: CUDA when there is one). The minibatches of round ``t`` are
+(``"auto"``: CUDA when there is one; a node config ``device`` wins, as the node knows its hardware). The minibatches of round ``t`` are
 steps ``(t−1)·H .. t·H−1`` of the client's seeded data order
 (:func:`fl_sparse.tasks.data.batch_indices`), so a run is a pure function of
 its seed.
@@ -52,11 +52,28 @@ def builtin_task(context: Context, config: ConfigRecord) -> ClientTask:
     return get_task(spec)
 
 
-def _device(config: ConfigRecord) -> torch.device:
-    name = str(config.get("device", "auto"))
+_DEVICE_NAMES = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
+def _device(config: ConfigRecord, context: Context | None = None) -> torch.device:
+    """Where this node trains: its node config's ``device`` when it has one (the node knows its own
+    hardware: ``--node-config "device='cpu'"`` keeps a busy GPU free), else the train config's, else
+    ``"auto"`` (CUDA when there is one)."""
+    node_value = context.node_config.get("device") if context is not None else None
+    source, name = ("node config", node_value) if node_value is not None else ("train config", config.get("device", "auto"))
+    if not isinstance(name, str):
+        raise ValueError(f"{source} device={name!r} is not a device name ({_DEVICE_NAMES})")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{source} device={name!r} is not a device name ({_DEVICE_NAMES})") from None
+    if device.type == "cuda":
+        # Named here: torch's own error comes from the first tensor moved, deep in training.
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is not None and device.index >= count or count == 0:
+            raise ValueError(f"{source} device={name!r}, but this node has {count} CUDA device(s)")
     if device.type == "cuda" and device.index is None:
         # Tensors report their device with its index ("cuda:0"), and torch.device("cuda") compares
         # unequal to it: local training would move the model (a walk of every module) on each message.
@@ -102,7 +119,7 @@ def train(msg: Message, context: Context) -> Message:
     """Load the global model, train H local steps, return the model and metrics."""
     config = msg.content["config"]
     task = builtin_task(context, config)
-    device = _device(config)
+    device = _device(config, context)
     model = _load(task, msg.content["arrays"], device)
     loss = local_training(task, config, int(config.get("server-round", 1)), device)
     content = RecordDict(
@@ -119,7 +136,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the dense model in the message on this client's share of the test set."""
     config = msg.content.config_records.get("config", ConfigRecord())
     task = builtin_task(context, config)
-    device = _device(config)
+    device = _device(config, context)
     model = _load(task, msg.content["arrays"], device)
     test = data_lib.load_dataset(task.spec.dataset)[1]
     pid, n = task.spec.partition_id, task.spec.num_partitions

@@ -30,8 +30,10 @@ BASE = RunConfig(
 
 def _flower_run(cfg: RunConfig, tmp_path) -> tuple[torch.Tensor, list[dict]]:
     """The in-process run's clients train on the threads the reference loop's do (a Ray client's): on some
-    CPUs torch's results depend on the thread count."""
-    grid = InProcessGrid(client_app, cfg.clients)
+    CPUs torch's results depend on the thread count. And on its device, the CPU: where a GPU is visible the
+    built-in clients would choose it ("auto"), and a GPU's sums differ from the CPU's in the last bits
+    (a near tie of top-k then went the other way: 1.2e-3 apart on an H200)."""
+    grid = InProcessGrid(client_app, cfg.clients, node_config=lambda i: {"device": "cpu"})
     with torch_threads(client_threads(cfg.num_cpus)):
         rows = run_server(grid, replace(cfg, out=str(tmp_path), state_dir=str(tmp_path / "state")))
     state = torch.load(tmp_path / "model.pt", weights_only=True)
