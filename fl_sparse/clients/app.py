@@ -12,8 +12,8 @@ Train config keys (the server's ``train_config``): ``dataset``, ``model``,
 ``partition``, ``alpha``, ``min-partition-size`` (-1: automatic),
 ``self-balancing``, ``num-partitions``, ``seed``, ``local-steps``,
 ``batch-size``, ``lr``, ``momentum``, ``weight-decay``, ``device``
-(``"auto"``: CUDA when there is one; a node config ``device`` wins, as the node knows its hardware). The minibatches of round ``t`` are
-steps ``(t−1)·H .. t·H−1`` of the client's seeded data order
+(``"auto"``: CUDA when there is one; a node config ``device`` wins, as the
+node knows its hardware). The minibatches of round ``t`` are steps ``(t−1)·H .. t·H−1`` of the client's seeded data order
 (:func:`fl_sparse.tasks.data.batch_indices`), so a run is a pure function of
 its seed.
 """
@@ -60,7 +60,10 @@ def _device(config: ConfigRecord, context: Context | None = None) -> torch.devic
     hardware: ``--node-config "device='cpu'"`` keeps a busy GPU free), else the train config's, else
     ``"auto"`` (CUDA when there is one)."""
     node_value = context.node_config.get("device") if context is not None else None
-    source, name = ("node config", node_value) if node_value is not None else ("train config", config.get("device", "auto"))
+    if node_value is not None:
+        source, name = "node config", node_value
+    else:
+        source, name = "train config", config.get("device", "auto")
     if not isinstance(name, str):
         raise ValueError(f"{source} device={name!r} is not a device name ({_DEVICE_NAMES})")
     if name == "auto":
