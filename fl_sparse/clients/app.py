@@ -13,7 +13,8 @@ Train config keys (the server's ``train_config``): ``dataset``, ``model``,
 ``self-balancing``, ``num-partitions``, ``seed``, ``local-steps``,
 ``batch-size``, ``lr``, ``momentum``, ``weight-decay``, ``device``
 (``"auto"``: CUDA when there is one; a node config ``device`` wins, as the
-node knows its hardware). The minibatches of round ``t`` are steps ``(t−1)·H .. t·H−1`` of the client's seeded data order
+node knows its hardware). The minibatches of round ``t`` are steps
+``(t−1)·H .. t·H−1`` of the client's seeded data order
 (:func:`fl_sparse.tasks.data.batch_indices`), so a run is a pure function of
 its seed.
 """
