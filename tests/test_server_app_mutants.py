@@ -473,7 +473,7 @@ def test_evaluation_every_other_round_and_at_the_last_with_checkpoints_every_oth
     assert (tmp_path / "out" / "client-state").is_dir()  # beside the checkpoint, kept for a resume
 
 
-def test_a_run_without_out_removes_its_own_state_folder(tmp_path, monkeypatch):
+def test_a_run_without_out_removes_its_own_state_folder(tmp_path, monkeypatch, capsys):
     made = []
     real = tempfile.mkdtemp
 
@@ -482,8 +482,10 @@ def test_a_run_without_out_removes_its_own_state_folder(tmp_path, monkeypatch):
         return made[-1]
 
     monkeypatch.setattr(tempfile, "mkdtemp", spy)
-    rows = _run(replace(RUN, rounds=2))
+    rows = _run(replace(RUN, rounds=2, quiet=False))
     assert [r["round"] for r in rows] == [1, 2] and all("test_accuracy" in r for r in rows)
+    err = capsys.readouterr().err  # not quiet: a progress line per round (stderr is not a terminal here)
+    assert "round 1/2" in err and "round 2/2" in err and "2 rounds: final test accuracy" in err
     states = [m for m in made if Path(m).name.startswith("fl-sparse-state-")]
     assert len(states) == 1 and not Path(states[0]).exists()
 
@@ -504,13 +506,15 @@ def _failing_after(first_good: int, state_dir: str) -> ClientApp:
     return call
 
 
-def test_max_failed_rounds_stops_after_that_many_failed_rounds_in_a_row(tmp_path):
+def test_max_failed_rounds_stops_after_that_many_failed_rounds_in_a_row(tmp_path, capsys):
     cfg = replace(RUN, rounds=6, max_failed_rounds=2, out=str(tmp_path / "out"))
+    capsys.readouterr()
     with pytest.raises(RunFailed, match=r"^run stopped after round 3: 2 rounds in a row accepted no client update; "
                                         r"first client error: round 2: client \d+ failed: .*out of memory"):
         _run(cfg, _failing_after(1, str(tmp_path / "s")))
     rows = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert [(r["round"], r["accepted"]) for r in rows] == [(1, 2), (2, 0), (3, 0)]
+    assert "round" not in capsys.readouterr().err  # quiet: no progress display
     assert checkpoint.load(cfg.out)["round"] == 3 and not checkpoint.was_running(cfg.out)
     assert (tmp_path / "out" / "model.pt").exists()
 
@@ -708,3 +712,50 @@ def test_gpus_asked_for_on_a_machine_without_cuda_evaluate_on_the_cpu(tmp_path):
     rows = _run(replace(RUN, rounds=1, num_gpus=0.5, out=str(tmp_path / "out")))
     assert 0.0 <= rows[0]["test_accuracy"] <= 1.0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["device"] == "cpu"
+
+
+def test_a_round_the_strategy_kept_no_numbers_of_is_a_row_with_its_number(tmp_path):
+    cfg = replace(RUN, rounds=3)
+    strategy = strategy_from_config(cfg)
+    aggregate = strategy.aggregate_train
+
+    def forgetful(server_round, replies):
+        result = aggregate(server_round, replies)
+        if server_round == 2:
+            del strategy.state.round_metrics[server_round]
+        return result
+
+    strategy.aggregate_train = forgetful
+    rows = _run(cfg, strategy=strategy)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert "accepted" not in rows[1] and "uplink_bytes" not in rows[1] and "test_accuracy" in rows[1]
+    assert rows[1]["cumulative_uplink_bytes"] == rows[0]["cumulative_uplink_bytes"]  # nothing counted in round 2
+    assert rows[1]["cumulative_downlink_bytes"] == rows[0]["cumulative_downlink_bytes"]
+
+
+def test_the_run_clock_starts_at_zero_and_goes_on_from_the_saved_rows(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(server_app, "time", SimpleNamespace(perf_counter=lambda: 100.0))  # no time passes
+    out = tmp_path / "out"
+    rows = _run(replace(RUN, rounds=1, out=str(out)))
+    assert rows[0]["elapsed_seconds"] == 0.0
+    data = {k: v for k, v in checkpoint.load(out).items() if k not in ("format", "version", "fl_sparse")}
+    for saved, expected in ((2.5, 2.5), (None, 0.0)):  # an older run's row without the clock: from 0
+        rows = [{k: v for k, v in data["rows"][0].items() if k != "elapsed_seconds"}]
+        if saved is not None:
+            rows[0]["elapsed_seconds"] = saved
+        checkpoint.save(out, data | {"rows": rows})
+        assert _run(resume_config(out, rounds=2))[1]["elapsed_seconds"] == expected
+
+
+def test_the_central_evaluation_reaches_flowers_result_for_the_evaluated_rounds_only(tmp_path):
+    cfg = replace(RUN, rounds=3, eval_every=2)
+    strategy = strategy_from_config(cfg)
+    start, results = strategy.start, []
+    strategy.start = lambda **kw: results.append(start(**kw)) or results[-1]
+    rows = _run(cfg, strategy=strategy)
+    central = results[0].evaluate_metrics_serverapp
+    assert sorted(central) == [2, 3]  # round 1 was not evaluated (and round 0, the start, never is)
+    for r in (2, 3):
+        assert dict(central[r]) == {"test_loss": rows[r - 1]["test_loss"], "test_accuracy": rows[r - 1]["test_accuracy"]}
