@@ -759,3 +759,15 @@ def test_the_central_evaluation_reaches_flowers_result_for_the_evaluated_rounds_
     assert sorted(central) == [2, 3]  # round 1 was not evaluated (and round 0, the start, never is)
     for r in (2, 3):
         assert dict(central[r]) == {"test_loss": rows[r - 1]["test_loss"], "test_accuracy": rows[r - 1]["test_accuracy"]}
+
+
+def test_a_resumed_run_sends_the_train_config_for_the_rounds_left_only(tmp_path):
+    out = tmp_path / "out"
+    _run(replace(RUN, rounds=1, out=str(out)))
+    grid = InProcessGrid(builtin_app, RUN.clients, node_config=lambda i: {"device": "cpu"})
+    rows = run_server(grid, resume_config(out, rounds=2))
+    assert [r["round"] for r in rows] == [1, 2]
+    configs = [m.content["config"] for m in grid.sent if "config" in m.content]  # not the nodes' identification
+    assert len(configs) == 2 and {int(c["server-round"]) for c in configs} == {2}  # 2 of 4 clients, round 2 only
+    for c in configs:  # what _train_config(RUN) holds reaches the clients
+        assert (c["partition"], c["batch-size"], c["local-steps"], c["seed"], c["lr"]) == ("dirichlet", 10, 1, 5, 0.1)
