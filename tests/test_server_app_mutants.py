@@ -771,3 +771,10 @@ def test_a_resumed_run_sends_the_train_config_for_the_rounds_left_only(tmp_path)
     assert len(configs) == 2 and {int(c["server-round"]) for c in configs} == {2}  # 2 of 4 clients, round 2 only
     for c in configs:  # what _train_config(RUN) holds reaches the clients
         assert (c["partition"], c["batch-size"], c["local-steps"], c["seed"], c["lr"]) == ("dirichlet", 10, 1, 5, 0.1)
+
+
+def test_a_run_whose_replies_all_get_lost_says_no_reply_arrived():
+    grid = InProcessGrid(builtin_app, RUN.clients, tamper=lambda node, reply: None)  # every reply lost on the way
+    with pytest.raises(RunFailed, match=r"^run stopped after round 2: no client update was accepted in 2 rounds; "
+                                        r"first client error: no reply arrived$"):
+        run_server(grid, replace(RUN, rounds=2))
