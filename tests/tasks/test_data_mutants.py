@@ -278,6 +278,26 @@ def test_partition_boundaries_are_accepted(fresh_partitions):
     assert sorted(int(p) for part in zero_min for p in part) == list(range(40))
 
 
+def test_partition_defaults_are_alpha_one_half_and_seed_zero(fresh_partitions, monkeypatch):
+    monkeypatch.setattr(data, "_partition_file", lambda key: None)
+    labels = torch.arange(300) % 5
+
+    def fresh(**kw):
+        data._PARTITION_CACHE.clear()
+        return [partition_indices("mnist", labels, "dirichlet", 3, i, min_partition_size=0, **kw) for i in range(3)]
+
+    default, explicit = fresh(), fresh(alpha=0.5, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(default, explicit))
+    assert any(not torch.equal(a, b) for a, b in zip(default, fresh(alpha=1.5, seed=0)))
+    assert any(not torch.equal(a, b) for a, b in zip(default, fresh(alpha=0.5, seed=1)))
+
+
+def test_one_partition_holds_everything(fresh_partitions):
+    labels = torch.arange(12) % 3
+    for scheme in ("iid", "dirichlet"):
+        assert sorted(partition_indices("mnist", labels, scheme, 1, 0).tolist()) == list(range(12))
+
+
 # ------------------------------------------------------------------ partitions: results
 
 
@@ -342,6 +362,26 @@ def test_self_balancing_changes_the_split(fresh_partitions):
         assert sorted(torch.cat(parts).tolist()) == list(range(600))
 
 
+def test_shards_are_shuffled_by_the_seed_and_reproducible(fresh_partitions, monkeypatch):
+    monkeypatch.setattr(data, "_partition_file", lambda key: None)  # every cache miss recomputes
+    labels = torch.arange(200) % 10
+
+    def split(seed):
+        data._PARTITION_CACHE.clear()
+        return [partition_indices("mnist", labels, "shards", 10, i, seed=seed) for i in range(10)]
+
+    a, b, c = split(5), split(5), split(6)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert any(not torch.equal(x, y) for x, y in zip(a, c))
+    for parts in (a, c):  # two label-sorted shards of 10 each
+        assert [len(p) for p in parts] == [20] * 10
+        assert sorted(torch.cat(parts).tolist()) == list(range(200))
+        assert all(len(set(labels[p].tolist())) <= 2 for p in parts)
+    # shuffled within a partition too: the two shards' labels interleave (unshuffled: at most one change)
+    changes = [int((labels[p][1:] != labels[p][:-1]).sum()) for p in a]
+    assert max(changes) > 1
+
+
 def test_dirichlet_partitions_are_shuffled_not_label_sorted(fresh_partitions):
     labels = torch.arange(300) % 3
     part = max((partition_indices("mnist", labels, "dirichlet", 3, i, alpha=5.0, seed=0) for i in range(3)),
@@ -381,7 +421,8 @@ def test_partitioner_errors_name_the_split(fresh_partitions):
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_partitioner_errors_outside_dirichlet_have_no_minimum_hint(fresh_partitions, monkeypatch):
+@pytest.mark.parametrize("minimum", [None, 3])
+def test_partitioner_errors_outside_dirichlet_have_no_minimum_hint(fresh_partitions, monkeypatch, minimum):
     import flwr_datasets.partitioner as fp
 
     class Refuses(fp.ShardPartitioner):
@@ -390,7 +431,7 @@ def test_partitioner_errors_outside_dirichlet_have_no_minimum_hint(fresh_partiti
 
     monkeypatch.setattr(fp, "ShardPartitioner", Refuses)
     with pytest.raises(ValueError, match=r"^cannot split 40 examples into 4 'shards' partitions \(alpha=0\.5, seed=0\): simulated$"):
-        _call(scheme="shards")
+        _call(scheme="shards", min_partition_size=minimum)
 
 
 def test_fill_empty_partitions_examples():
