@@ -467,6 +467,19 @@ def test_fill_empty_partitions_matches_a_plain_loop(sizes):
 # ------------------------------------------------------------------ partitions: the process cache
 
 
+def test_a_split_on_disk_is_read_back_not_recomputed(fresh_partitions, monkeypatch):
+    labels = torch.arange(50) % 5
+    first = [partition_indices("mnist", labels, "iid", 4, i, seed=3) for i in range(4)]
+
+    def refuse(*args):
+        raise AssertionError("recomputed although the disk cache holds the split")
+
+    monkeypatch.setattr(data, "_compute_partitions", refuse)
+    data._PARTITION_CACHE.clear()  # as in a new process
+    again = [partition_indices("mnist", labels, "iid", 4, i, seed=3) for i in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
 def test_partition_cache_keeps_the_sixteen_most_recently_used(fresh_partitions, monkeypatch):
     calls = []
     real = data._compute_partitions
