@@ -76,12 +76,12 @@ def _device(config: ConfigRecord, context: Context | None = None) -> torch.devic
     if device.type == "cuda":
         # Named here: torch's own error comes from the first tensor moved, deep in training.
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if device.index is not None and device.index >= count or count == 0:
+        if count == 0 or (device.index is not None and device.index >= count):
             raise ValueError(f"{source} device={name!r}, but this node has {count} CUDA device(s)")
-    if device.type == "cuda" and device.index is None:
-        # Tensors report their device with its index ("cuda:0"), and torch.device("cuda") compares
-        # unequal to it: local training would move the model (a walk of every module) on each message.
-        device = torch.device("cuda", torch.cuda.current_device())
+        if device.index is None:
+            # Tensors report their device with its index ("cuda:0"), and torch.device("cuda") compares
+            # unequal to it: local training would move the model (a walk of every module) on each message.
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
