@@ -497,8 +497,15 @@ def _initial_model(cfg: RunConfig):
     return build_model(cfg.model, num_classes=10, seed=cfg.seed, **_dataset_shape(cfg.dataset))
 
 
-def _train_config(cfg: RunConfig) -> ConfigRecord:
-    """The built-in ClientApp's train config (:mod:`fl_sparse.clients.app`)."""
+def _train_config(cfg: RunConfig, *, local_clients: bool = False) -> ConfigRecord:
+    """The built-in ClientApp's train config (:mod:`fl_sparse.clients.app`).
+
+    With ``local_clients`` (this process's simulation runs every client) and
+    ``cfg.num_gpus`` 0, it also says ``device='cpu'``: the clients reserved no
+    GPU, so they must not train on one they can see. Otherwise each client
+    picks its own device ("auto", or its node config's ``device``).
+    """
+    device = {"device": "cpu"} if local_clients and cfg.num_gpus == 0 else {}
     return ConfigRecord(
         {
             "dataset": cfg.dataset,
@@ -514,6 +521,7 @@ def _train_config(cfg: RunConfig) -> ConfigRecord:
             "lr": float(cfg.effective_lr),
             "momentum": float(cfg.momentum),
             "weight-decay": float(cfg.weight_decay),
+            **device,
         }
     )
 
@@ -745,8 +753,9 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
     ``strategy`` overrides the one ``cfg.strategy`` names (e.g. your own
     :class:`~fl_sparse.strategies.SparseFedAvg` subclass). ``local_clients``
     says every client runs in this process's simulation engine: the temporary
-    state folder may then go to RAM (:func:`simulation_state_dir`) and the
-    Grid polls for replies every :data:`SIMULATION_PULL_INTERVAL` seconds.
+    state folder may then go to RAM (:func:`simulation_state_dir`), the
+    Grid polls for replies every :data:`SIMULATION_PULL_INTERVAL` seconds and,
+    with ``cfg.num_gpus`` 0, the clients are told to train on the CPU.
     ``metadata`` adds keys to ``out/config.json`` (the simulation runner's
     ``ray_cluster``: the cluster it joined).
 
@@ -898,7 +907,7 @@ def run_server(grid: Grid, cfg: RunConfig, strategy=None, *, local_clients: bool
             grid=grid,
             initial_arrays=initial,
             num_rounds=cfg.rounds,
-            train_config=_train_config(cfg),
+            train_config=_train_config(cfg, local_clients=local_clients),
             evaluate_fn=evaluate_fn,
             first_round=first_round,
         )

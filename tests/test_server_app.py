@@ -286,6 +286,37 @@ def test_defaults_show_the_method_at_its_best():
     assert cfg.error_feedback is True and cfg.r_ratio is None
 
 
+def test_a_local_simulation_without_gpus_tells_its_clients_to_train_on_the_cpu():
+    """Zero GPUs per client reserves none, so a client must not train on one it can see (Ray
+    shows every GPU to a zero-GPU actor when RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0)."""
+    def devices_sent(cfg, **kw):
+        grid = InProcessGrid(builtin_app, cfg.clients)  # no node config: the train config decides
+        run_server(grid, cfg, **kw)
+        configs = [m.content["config"] for m in grid.sent if "config" in m.content]  # the identify calls have none
+        assert len(configs) == 2 * 2  # two rounds, two clients sampled in each
+        return {config.get("device") for config in configs}
+
+    cfg = RunConfig(model="logreg-784-10", clients=3, rounds=2, fraction=2 / 3, ratio=0.05, quiet=True)
+    assert devices_sent(cfg, local_clients=True) == {"cpu"}
+    # clients elsewhere (flwr run, real SuperNodes) pick their own device: "auto" or their node config's
+    assert devices_sent(cfg) == {None}
+    assert "device" not in _train_config(replace(cfg, num_gpus=0.5), local_clients=True)
+    assert _train_config(cfg, local_clients=True)["device"] == "cpu"
+
+
+def test_simulate_pins_ray_hiding_gpus_from_actors_that_reserved_none(monkeypatch):
+    from fl_sparse.simulations.runner import set_simulation_environment
+
+    for name in ("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "FLWR_TELEMETRY_ENABLED", "RAY_DEDUP_LOGS"):
+        monkeypatch.delenv(name, raising=False)
+    set_simulation_environment()
+    assert os.environ["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] == "1"  # "0" shows every GPU to every client
+    assert os.environ["FLWR_TELEMETRY_ENABLED"] == "0" and os.environ["RAY_DEDUP_LOGS"] == "0"
+    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    set_simulation_environment()
+    assert os.environ["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] == "0"  # the user's own setting is kept
+
+
 def test_lr_unset_means_the_models_own_and_reaches_the_clients():
     assert set(MODEL_LR) == set(MODEL_NAMES)  # every built-in model has one
     assert RunConfig(model="cnn-fmnist").effective_lr == MODEL_LR["cnn-fmnist"] < 0.05  # diverged at 0.05 and 0.1

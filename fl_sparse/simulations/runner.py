@@ -319,6 +319,16 @@ def join_ray_cluster(cfg: RunConfig, address: str) -> ClusterInfo:
     return info
 
 
+def set_simulation_environment() -> None:
+    """The environment :func:`simulate` runs Flower and Ray in; a variable already set is kept."""
+    # Offline by design: no telemetry, no dependency installation.
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray hides the GPUs from an actor that reserved none ("1", today's default). Its FutureWarning
+    # announces "0" as the future default: every zero-GPU client actor would then see every GPU.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
+
+
 def simulate(cfg: RunConfig, strategy=None) -> list[dict[str, Any]]:
     """Run ``cfg`` in Flower's Ray simulation; returns one metrics dict per round.
 
@@ -329,10 +339,7 @@ def simulate(cfg: RunConfig, strategy=None) -> list[dict[str, Any]]:
     run folder's config.json.
     """
     preflight(cfg)
-    # Offline by design: no telemetry, no dependency installation.
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    set_simulation_environment()
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
