@@ -778,3 +778,25 @@ def test_a_run_whose_replies_all_get_lost_says_no_reply_arrived():
     with pytest.raises(RunFailed, match=r"^run stopped after round 2: no client update was accepted in 2 rounds; "
                                         r"first client error: no reply arrived$"):
         run_server(grid, replace(RUN, rounds=2))
+
+
+def test_a_resumed_runs_progress_line_times_the_rounds_this_process_ran(tmp_path, monkeypatch, capsys):
+    """The s/round and ETA of a run resumed after round 2 count rounds from 3 on: not from round 1,
+    which would divide this process's time by rounds it never ran."""
+    import time as real_time
+    import types
+
+    out = tmp_path / "out"
+    _run(replace(RUN, rounds=2, out=str(out)))
+    clock = iter(range(1_000, 10_000, 5))  # every reading of the clock is 5 s after the one before
+    fake_time = types.SimpleNamespace(**{k: getattr(real_time, k) for k in dir(real_time) if not k.startswith("_")})
+    fake_time.perf_counter = lambda: float(next(clock))
+    monkeypatch.setattr(server_app, "time", fake_time)
+    capsys.readouterr()
+    grid = InProcessGrid(builtin_app, RUN.clients, node_config=lambda i: {"device": "cpu"})
+    run_server(grid, resume_config(out, rounds=5, quiet=False))
+    lines = [line for line in capsys.readouterr().err.splitlines() if " round " in line and "/5" in line]
+    assert [re.search(r"round (\d)/5", line).group(1) for line in lines] == ["3", "4", "5"]
+    # two clock readings a round (its row's elapsed time, then this line): 10 s a round
+    assert "10.00 s/round" in lines[1] and "ETA 10 s" in lines[1]
+    assert "10.00 s/round" in lines[2] and "ETA 0 s" in lines[2]
