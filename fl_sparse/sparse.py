@@ -116,10 +116,17 @@ class SparseTensor:
 
     @classmethod
     def gather(cls, x: torch.Tensor, indices: torch.Tensor) -> "SparseTensor":
-        """``x`` restricted to ``indices`` (which are sorted here if needed)."""
+        """``x`` restricted to ``indices``, in any order; a position named twice is kept once.
+
+        Raises ValueError for an index outside ``[0, x.numel())``: torch would read a negative one
+        from the end, and the result would name a position that does not exist.
+        """
         if x.dim() != 1:
             raise ValueError(f"expected a 1-D tensor, got shape {tuple(x.shape)}")
-        idx = torch.sort(indices.to(torch.int64)).values
+        idx = torch.unique(indices.to(torch.int64).reshape(-1), sorted=True)
+        if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= x.numel()):
+            bad = int(idx[0]) if int(idx[0]) < 0 else int(idx[-1])
+            raise ValueError(f"index {bad} is outside [0, {x.numel()})")
         return cls(idx, x[idx], x.numel())
 
     # --------------------------------------------------------------- arithmetic

@@ -172,6 +172,23 @@ def test_gather_sorts_and_widens_the_indices():
     s.validate()
 
 
+@given(st.integers(1, 30).flatmap(lambda n: st.tuples(st.just(n), st.lists(st.integers(0, n - 1), max_size=2 * n))))
+@settings(max_examples=60, deadline=None)
+def test_gather_keeps_each_named_position_once(case):
+    n, named = case
+    x = torch.arange(n, dtype=torch.float32) * 3 - 7
+    s = SparseTensor.gather(x, torch.tensor(named, dtype=torch.int64))
+    s.validate()  # sorted and unique, as every SparseTensor must be
+    assert s.indices.tolist() == sorted(set(named))
+    assert s.values.tolist() == [x[i].item() for i in sorted(set(named))] and s.numel == n
+
+
+@pytest.mark.parametrize("named, bad", [([0, -1, 2], -1), ([3, 5], 5), ([-4, 9], -4)])
+def test_gather_refuses_a_position_outside_the_vector(named, bad):
+    with pytest.raises(ValueError, match=rf"^index {bad} is outside \[0, 5\)$"):
+        SparseTensor.gather(torch.zeros(5), torch.tensor(named))
+
+
 def test_gather_refuses_a_matrix():
     with pytest.raises(ValueError, match=r"^expected a 1-D tensor, got shape \(1, 3\)$"):
         SparseTensor.gather(torch.zeros(1, 3), torch.tensor([0]))
