@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
         names = {f.name for f in fields(RunConfig)}
         try:
-            if args.resume:
+            if args.resume is not None:
                 given = vars(build_parser(_explicit_only=True).parse_args(argv))
                 overrides = {k: v for k, v in given.items() if k in names and k != "resume"}
                 cfg = resume_config(args.resume, **overrides)

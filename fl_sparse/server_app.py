@@ -173,6 +173,13 @@ class RunConfig:
             problem = _type_problem(getattr(self, f.name), _FIELD_TYPES[f.name])
             if problem:
                 raise ValueError(f"{f.name.replace('_', '-')} {problem}")
+        for optional in ("out", "state_dir", "resume", "ray_address"):
+            # An empty name is most likely an unset shell variable (--resume "$DIR"): a new run, or no run
+            # folder at all, would be the wrong answer to it.
+            value = getattr(self, optional)
+            if value is not None and not value.strip():
+                what = "an address" if optional == "ray_address" else "a folder"
+                raise ValueError(f"{optional.replace('_', '-')} must name {what}, got {value!r} (leave it out for none)")
         if self.strategy not in STRATEGY_NAMES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGY_NAMES)}")
         from fl_sparse.tasks.data import DATASETS
@@ -661,6 +668,8 @@ def resume_config(directory: str | os.PathLike, **overrides: Any) -> RunConfig:
     round). ``out`` and ``resume`` are ``directory``. Raises
     :class:`~fl_sparse.checkpoint.CheckpointError` (a ValueError) naming the problem.
     """
+    if not os.fspath(directory).strip():
+        raise CheckpointError(f"resume must name a folder, got {os.fspath(directory)!r} (leave it out for none)")
     bad = sorted(set(overrides) - set(RESUME_OVERRIDES))
     if bad:
         raise CheckpointError(
