@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -29,6 +31,18 @@ def test_model_at_sets_every_float_entry_like_load_state_dict(name):
     reference.load_state_dict(task.layout.to_state_dict(w), strict=True)
     for (k, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("shape", [(50_889,), (50_891,), (2, 50_890), ()])
+def test_model_at_refuses_a_vector_of_another_length_as_to_state_dict_does(shape):
+    """A longer vector's tail was ignored and a shorter one failed deep in a view: both are refused, naming it."""
+    task = _task("mlp-784-64-10")
+    before = task.model_vector(torch.device("cpu")).clone()
+    message = rf"^vector has shape {re.escape(str(shape))}, expected \(50890,\)$"
+    for refuse in (lambda v: task.model_at(v, torch.device("cpu")), task.layout.to_state_dict):
+        with pytest.raises(ValueError, match=message):
+            refuse(torch.ones(shape))
+    assert torch.equal(task.model_vector(torch.device("cpu")), before)  # the model is left as it was
 
 
 @pytest.mark.parametrize("name", ["mlp-784-64-10", "cnn-fmnist"])
