@@ -157,8 +157,8 @@ class CNNFashionMnist(nn.Module):
 def _resnet18(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     from torchvision.models import resnet18
 
-    if image_size < 8:
-        raise ValueError(f"resnet18 needs image_size >= 8, got {image_size}")
+    if image_size < 9:  # layer 4 on 2x2 maps at least: on 1x1 maps BatchNorm cannot train on a batch of one
+        raise ValueError(f"resnet18 needs image_size >= 9, got {image_size}")
     model = resnet18(weights=None, num_classes=num_classes)
     # CIFAR stem: 3x3 stride-1 convolution and no max-pool (He et al., Sec. 4.2).
     model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -231,7 +231,7 @@ def _build(name: str, in_channels: int, image_size: int, num_classes: int) -> nn
     if name == "resnet18":
         return _resnet18(in_channels, image_size, num_classes)
     if name == "vgg19":
-        if image_size < 17:  # five ceil-mode pools must leave >= 1 pixel before the last conv
+        if image_size < 17:  # the last block on 2x2 maps at least (four ceil-mode pools): as resnet18's bound
             raise ValueError(f"vgg19 needs image_size >= 17, got {image_size}")
         return VGG19(in_channels, image_size, num_classes)
     raise ValueError(f"unknown model {name!r}; expected one of {list(MODEL_NAMES)}")

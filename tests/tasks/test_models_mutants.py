@@ -258,7 +258,7 @@ def test_cnn_fmnist_smallest_input():
 
 @pytest.fixture(scope="module")
 def resnet():
-    return build_model("resnet18", in_channels=2, image_size=8, num_classes=7, seed=0)
+    return build_model("resnet18", in_channels=2, image_size=9, num_classes=7, seed=0)
 
 
 def test_resnet18_cifar_stem(resnet):
@@ -280,10 +280,13 @@ def test_resnet18_stem_keeps_torchvisions_fan_out_init(resnet):
 
 def test_resnet18_smallest_input(resnet):
     resnet.eval()
-    assert resnet(torch.zeros(2, 2, 8, 8)).shape == (2, 7)
-    with pytest.raises(ValueError) as info:
-        build_model("resnet18", image_size=7)
-    assert str(info.value) == "resnet18 needs image_size >= 8, got 7"
+    assert resnet(torch.zeros(2, 2, 9, 9)).shape == (2, 7)
+    resnet.train()  # a batch of one trains: layer 4 runs on 2x2 maps, so BatchNorm sees 4 values per channel
+    resnet(torch.randn(1, 2, 9, 9)).sum().backward()
+    resnet.zero_grad()
+    with pytest.raises(ValueError) as info:  # at 8 layer 4 runs on 1x1 maps, and BatchNorm refuses a batch of one
+        build_model("resnet18", image_size=8)
+    assert str(info.value) == "resnet18 needs image_size >= 9, got 8"
 
 
 # ------------------------------------------------------------ vgg19
