@@ -690,3 +690,9 @@ def test_progress_with_a_given_console_uses_it():
         assert p.console is console and p.live.console is console
     finally:
         p.close([])
+
+
+def test_progress_whose_first_line_is_a_later_round_times_it_from_the_start(monkeypatch):
+    monkeypatch.setattr(server_app.time, "perf_counter", _Clock(0.0, 5.0))
+    p = _Progress(3, stream=io.StringIO())
+    assert p.line({"round": 2}).endswith("5.00 s/round  ETA 5 s")
