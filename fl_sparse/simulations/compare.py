@@ -145,7 +145,10 @@ class Run:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    lines = path.read_text().split("\n")
+    try:
+        lines = path.read_text().split("\n")
+    except UnicodeDecodeError as exc:  # a ValueError that would not say which file
+        raise ValueError(f"{path} is not text: {exc}") from None
     rows = []
     for i, line in enumerate(lines):
         if not line.strip():
