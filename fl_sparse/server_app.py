@@ -409,13 +409,16 @@ def write_metrics(rows: list[dict[str, Any]], out: str | Path) -> None:
 def add_cumulative_bytes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Give every row ``cumulative_uplink_bytes`` / ``cumulative_downlink_bytes`` (running sums), in place.
 
-    Rows that have them keep theirs; a row without them (an older run's)
-    continues from the row before it.
+    Rows that have them keep theirs; a row without them (an older run's), or
+    with null there, continues from the row before it.
     """
     up = down = 0
     for r in rows:
-        up = r.setdefault("cumulative_uplink_bytes", up + int(r.get("uplink_bytes") or 0))
-        down = r.setdefault("cumulative_downlink_bytes", down + int(r.get("downlink_bytes") or 0))
+        if r.get("cumulative_uplink_bytes") is None:
+            r["cumulative_uplink_bytes"] = up + int(r.get("uplink_bytes") or 0)
+        if r.get("cumulative_downlink_bytes") is None:
+            r["cumulative_downlink_bytes"] = down + int(r.get("downlink_bytes") or 0)
+        up, down = r["cumulative_uplink_bytes"], r["cumulative_downlink_bytes"]
     return rows
 
 

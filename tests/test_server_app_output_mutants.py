@@ -141,6 +141,15 @@ def test_add_cumulative_bytes_running_sums_in_place_keeping_given_ones():
     assert add_cumulative_bytes([]) == []
 
 
+def test_add_cumulative_bytes_reads_a_null_sum_as_missing():
+    """A hand-edited or merged metrics file with null sums raised a bare TypeError (None + int) on the next row."""
+    rows = [{"uplink_bytes": 4, "downlink_bytes": 1},
+            {"cumulative_uplink_bytes": None, "cumulative_downlink_bytes": None, "uplink_bytes": 6, "downlink_bytes": 2},
+            {"uplink_bytes": 1, "downlink_bytes": 1}]
+    add_cumulative_bytes(rows)
+    assert [(r["cumulative_uplink_bytes"], r["cumulative_downlink_bytes"]) for r in rows] == [(4, 1), (10, 3), (11, 4)]
+
+
 # ---------------------------------------------------------------- model.pt, versions, git
 def test_save_model_writes_the_state_dict_atomically(tmp_path):
     from flwr.app import ArrayRecord
