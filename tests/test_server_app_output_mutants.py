@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import math
-import os
 import subprocess
 import sys
 from dataclasses import replace
