@@ -237,6 +237,11 @@ class FlatLayout:
             out[start:end] = nd.reshape(-1)  # one copy, widening float16 exactly
         return torch.from_numpy(out)
 
+    def check_vector(self, vector: torch.Tensor, what: str = "vector") -> None:
+        """ValueError naming ``what`` and its shape unless ``vector`` is 1-D with :attr:`numel` entries."""
+        if vector.dim() != 1 or vector.numel() != self.numel:
+            raise ValueError(f"{what} has shape {tuple(vector.shape)}, expected ({self.numel},)")
+
     def step(self, model: torch.Tensor, record: ArrayRecord) -> torch.Tensor:
         """``model - flatten(record)`` as a new float32 flat vector, in one pass (validated as :meth:`flatten`).
 
@@ -244,8 +249,7 @@ class FlatLayout:
         ``record``: one 200 kB buffer fewer per message at MLP size, on a path where every
         buffer is a cache miss.
         """
-        if model.dim() != 1 or model.numel() != self.numel:
-            raise ValueError(f"model has shape {tuple(model.shape)}, expected ({self.numel},)")
+        self.check_vector(model, "model")
         base = model.detach().to("cpu", torch.float32).contiguous().numpy()
         out = np.empty(self.numel, dtype=np.float32)
         for start, end, nd in self._flat_parts(record):
@@ -283,8 +287,7 @@ class FlatLayout:
 
     def flat_arrays(self, vector: torch.Tensor) -> dict[str, Array]:
         """The flat part of :meth:`unflatten`: each float array of this layout, filled from ``vector``."""
-        if vector.dim() != 1 or vector.numel() != self.numel:
-            raise ValueError(f"vector has shape {tuple(vector.shape)}, expected ({self.numel},)")
+        self.check_vector(vector)
         vec = vector.detach().to("cpu", torch.float32).contiguous().numpy()
         arrays: dict[str, Array] = {}
         offset = 0
@@ -313,8 +316,7 @@ class FlatLayout:
 
     def to_state_dict(self, vector: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """A torch state_dict view of ``vector`` (plus the pass-through arrays)."""
-        if vector.dim() != 1 or vector.numel() != self.numel:
-            raise ValueError(f"vector has shape {tuple(vector.shape)}, expected ({self.numel},)")
+        self.check_vector(vector)
         out: OrderedDict[str, torch.Tensor] = OrderedDict()
         offset = 0
         for name, shape in zip(self.names, self.shapes):

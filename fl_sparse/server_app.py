@@ -173,13 +173,8 @@ class RunConfig:
             problem = _type_problem(getattr(self, f.name), _FIELD_TYPES[f.name])
             if problem:
                 raise ValueError(f"{f.name.replace('_', '-')} {problem}")
-        for optional in ("out", "state_dir", "resume", "ray_address"):
-            # An empty name is most likely an unset shell variable (--resume "$DIR"): a new run, or no run
-            # folder at all, would be the wrong answer to it.
-            value = getattr(self, optional)
-            if value is not None and not value.strip():
-                what = "an address" if optional == "ray_address" else "a folder"
-                raise ValueError(f"{optional.replace('_', '-')} must name {what}, got {value!r} (leave it out for none)")
+        for field in _NAMING_FIELDS:
+            _refuse_blank(field, getattr(self, field))
         if self.strategy not in STRATEGY_NAMES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGY_NAMES)}")
         from fl_sparse.tasks.data import DATASETS
@@ -276,13 +271,24 @@ class RunConfig:
             value = values.get(unset_below_zero)
             if is_number(value) and value < 0:
                 values[unset_below_zero] = None
-        for optional in ("out", "state_dir", "ray_address", "resume"):
+        for optional in _NAMING_FIELDS:
             if values.get(optional) == "":
                 values[optional] = None
         return cls(**values).validate()
 
 
 _FIELD_TYPES = typing.get_type_hints(RunConfig)
+
+# The RunConfig fields that name a folder or an address: unset is None (``""`` in a flwr run config).
+_NAMING_FIELDS = {"out": "a folder", "state_dir": "a folder", "resume": "a folder", "ray_address": "an address"}
+
+
+def _refuse_blank(field: str, value: str | None) -> None:
+    """ValueError for an empty or blank name: most likely an unset shell variable (``--resume "$DIR"``),
+    to which a new run, or no run folder at all, would be the wrong answer."""
+    if value is not None and not value.strip():
+        raise ValueError(f"{field.replace('_', '-')} must name {_NAMING_FIELDS[field]}, got {value!r} "
+                         "(leave it out for none)")
 
 
 def _type_problem(value: Any, hint: Any) -> str | None:
@@ -671,8 +677,10 @@ def resume_config(directory: str | os.PathLike, **overrides: Any) -> RunConfig:
     round). ``out`` and ``resume`` are ``directory``. Raises
     :class:`~fl_sparse.checkpoint.CheckpointError` (a ValueError) naming the problem.
     """
-    if not os.fspath(directory).strip():
-        raise CheckpointError(f"resume must name a folder, got {os.fspath(directory)!r} (leave it out for none)")
+    try:
+        _refuse_blank("resume", os.fspath(directory))  # before any file is looked for under that name
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     bad = sorted(set(overrides) - set(RESUME_OVERRIDES))
     if bad:
         raise CheckpointError(

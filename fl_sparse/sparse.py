@@ -124,9 +124,10 @@ class SparseTensor:
         if x.dim() != 1:
             raise ValueError(f"expected a 1-D tensor, got shape {tuple(x.shape)}")
         idx = torch.unique(indices.to(torch.int64).reshape(-1), sorted=True)
-        if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= x.numel()):
-            bad = int(idx[0]) if int(idx[0]) < 0 else int(idx[-1])
-            raise ValueError(f"index {bad} is outside [0, {x.numel()})")
+        if idx.numel():
+            low, high = int(idx[0]), int(idx[-1])  # sorted: the extremes decide
+            if low < 0 or high >= x.numel():
+                raise ValueError(f"index {low if low < 0 else high} is outside [0, {x.numel()})")
         return cls(idx, x[idx], x.numel())
 
     # --------------------------------------------------------------- arithmetic

@@ -51,8 +51,10 @@ def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
                                               ("--state-dir", "state-dir", "a folder"),
                                               ("--ray-address", "ray-address", "an address")])
 @pytest.mark.parametrize("empty", ["", "  "])
-def test_an_empty_folder_or_address_is_refused_not_read_as_unset(flag, name, what, empty, capsys):
+def test_an_empty_folder_or_address_is_refused_not_read_as_unset(flag, name, what, empty, capsys, tmp_path,
+                                                                 monkeypatch):
     """``--resume "$DIR"`` with DIR unset started a new default run; ``--out ""`` wrote no run folder."""
+    monkeypatch.chdir(tmp_path)  # where a regression's run folder "  " would land
     assert main(["simulate", flag, empty]) == 2
     assert capsys.readouterr().err == (f"fl-sparse simulate: error: {name} must name {what}, got {empty!r} "
                                        "(leave it out for none)\n")

@@ -73,8 +73,7 @@ class ClientTask:
         (``Module.to`` to another device replaces buffer tensors, which the
         cached list would then miss).
         """
-        if vector.dim() != 1 or vector.numel() != self.layout.numel:  # as to_state_dict refuses it
-            raise ValueError(f"vector has shape {tuple(vector.shape)}, expected ({self.layout.numel},)")
+        self.layout.check_vector(vector)  # as to_state_dict refuses it
         tensors = _flat_tensors(self.model, self.layout, device)
         with torch.no_grad():
             offset = 0
